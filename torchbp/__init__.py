@@ -1,0 +1,7 @@
+"""torchbp: the notes' backpropagation as custom autograd Functions and drop-in torch.nn modules."""
+
+from torchbp import functional
+from torchbp.nn import MLP, CrossEntropyCost, Linear, QuadraticCost, Sigmoid, convert
+
+__all__ = ["functional", "Linear", "Sigmoid", "QuadraticCost", "CrossEntropyCost", "MLP", "convert"]
+__version__ = "0.1.0"

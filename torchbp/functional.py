@@ -1,0 +1,726 @@
+"""The notes' backpropagation as custom ``torch.autograd.Function`` subclasses.
+
+Notation follows ``notes.md``: layer ``l`` takes the activation ``a^{l-1}``,
+forms the weighted input ``z^l = W^l a^{l-1} + b^l`` and outputs
+``a^l = φ(z^l)``. The gradient of the cost with respect to ``z^l`` is
+``δ^l``. Every backward below is one of the notes' formulas:
+
+    δ^L       = ∇_a C ∘ φ'(z^L)                 (output layer)
+    δ^{l-1}   = φ'(z^{l-1}) ∘ (W^l)^T δ^l         (the recursion)
+    ∇_{W^l} C = δ^l (a^{l-1})^T
+    ∇_{b^l} C = δ^l
+    φ'(z)     = φ(z) (1 − φ(z))
+    ∇_a C     = a − y                            (quadratic cost)
+
+Batches are rows, as in ``torch.nn.functional.linear``: a batch of
+activations is ``(*, features)``, so the notes' column-vector ``W a`` is
+``a @ W.T`` here and ``(W^l)^T δ^l`` is ``δ @ W``.
+
+Each Function is written in the ``forward`` + ``setup_context`` style with
+``generate_vmap_rule = True`` (so ``torch.func.vmap`` works) and a ``jvp``
+(so forward-mode AD works). Dynamo refuses to trace a Function that defines
+``jvp``, so every public Function subclasses a ``_...`` twin without it, and
+the wrapper function picks the twin while ``torch.compile`` traces: forward
+AD in eager mode, ``fullgraph=True`` under compile, one backward for both.
+Backwards are built from differentiable torch ops, so double backward works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LinearFunction",
+    "SigmoidFunction",
+    "QuadraticCostFunction",
+    "CrossEntropyCostFunction",
+    "MLPFunction",
+    "MLPCostFunction",
+    "linear",
+    "sigmoid",
+    "quadratic_cost",
+    "cross_entropy_cost",
+    "mlp",
+    "mlp_cost",
+    "REDUCTIONS",
+    "COSTS",
+]
+
+REDUCTIONS = ("mean", "sum", "none")
+COSTS = ("quadratic", "cross_entropy")
+
+# A delta hook is called during backward as ``hook(layer_index, delta)`` with
+# δ^l of shape (*, out_features); used by the fused network to report δ.
+DeltaHook = Callable[[int, Tensor], None]
+
+
+# --------------------------------------------------------------------------
+# Boundary checks: fail before any compute, naming argument, expected, actual.
+# --------------------------------------------------------------------------
+
+
+def _check_tensor(fn: str, name: str, t: object, min_dim: int = 0) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}(): {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{fn}(): {name} must have a floating-point dtype, got {t.dtype}")
+    if t.dim() < min_dim:
+        raise ValueError(
+            f"{fn}(): {name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}"
+        )
+
+
+def _check_same(fn: str, ref_name: str, ref: Tensor, name: str, t: Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(
+            f"{fn}(): {name} must be on the same device as {ref_name} ({ref.device}), got {t.device}"
+        )
+    if t.dtype != ref.dtype:
+        raise TypeError(
+            f"{fn}(): {name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}"
+        )
+
+
+def _check_reduction(fn: str, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fn}(): reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_cost(fn: str, cost: str) -> None:
+    if cost not in COSTS:
+        raise ValueError(f"{fn}(): cost must be one of {COSTS}, got {cost!r}")
+
+
+def _check_layer(fn: str, i: int, a_features: int, weight: object, bias: object) -> None:
+    """weight^l is (out, in) with in == the previous layer's width; bias^l is (out,)."""
+    wname, bname = ("weight", "bias") if i < 0 else (f"weights[{i}]", f"biases[{i}]")
+    _check_tensor(fn, wname, weight)
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{fn}(): {wname} must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
+        )
+    if weight.shape[1] != a_features:
+        what = "input" if i <= 0 else f"weights[{i - 1}]"
+        raise ValueError(
+            f"{fn}(): {wname} must have {a_features} columns (the last dimension of {what}), "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        _check_tensor(fn, bname, bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(
+                f"{fn}(): {bname} must have shape ({weight.shape[0]},) (out_features of {wname}), "
+                f"got {tuple(bias.shape)}"
+            )
+
+
+# --------------------------------------------------------------------------
+# Autocast: cast at the boundary, run the Function with autocast off.
+# --------------------------------------------------------------------------
+# torch.amp.custom_fwd/custom_bwd assume the old ctx-in-forward style (pytorch
+# issue 132388). Instead the wrappers do what autocast does for F.linear and
+# the losses: matmuls in the autocast dtype, costs in float32. The casts are
+# ordinary differentiable ops, so gradients reach float32 parameters in float32
+# exactly as they do for torch.nn under autocast, and the Function itself sees
+# one dtype in forward and backward.
+
+
+def _autocast_dtype(t: Tensor) -> torch.dtype | None:
+    device_type = t.device.type
+    if device_type not in ("cpu", "cuda", "xpu", "mps") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
+    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
+
+
+def _no_autocast(t: Tensor) -> torch.autocast:
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _eager_or_traced(function: type, traced: type) -> type:
+    """The Function with ``jvp`` in eager mode, its jvp-free twin under Dynamo."""
+    return traced if torch.compiler.is_compiling() else function
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(*, features) -> (N, features): samples as rows for the sums over samples."""
+    return t.reshape(-1, t.shape[-1])
+
+
+# --------------------------------------------------------------------------
+# Linear: z = a W^T + b
+# --------------------------------------------------------------------------
+
+
+class _Linear(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        # z^l = W^l a^{l-1} + b^l, batched as rows: (*, in) @ (in, out) + (out,) -> (*, out)
+        return torch.nn.functional.linear(input, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias = inputs
+        # Save only what the requested gradients read: ∇_W needs a^{l-1}, ∇_a needs W.
+        ctx.save_for_backward(
+            input if ctx.needs_input_grad[1] else None,
+            weight if ctx.needs_input_grad[0] else None,
+        )
+        ctx.save_for_forward(input, weight)
+
+    @staticmethod
+    def backward(ctx, delta: Tensor):
+        input, weight = ctx.saved_tensors
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # (W^l)^T δ^l, the recursion's step back before φ': (*, out) @ (out, in) -> (*, in)
+            grad_input = delta @ weight
+        if ctx.needs_input_grad[1]:
+            # ∇_{W^l} C = δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
+            grad_weight = _rows(delta).mT @ _rows(input)
+        if ctx.needs_input_grad[2]:
+            # ∇_{b^l} C = δ^l, summed over samples: (N, out) -> (out,)
+            grad_bias = _rows(delta).sum(0)
+        return grad_input, grad_weight, grad_bias
+
+
+class LinearFunction(_Linear):
+    """``z = a W^T + b``; backward: the notes' ``(W^l)^T δ^l``, ``δ^l (a^{l-1})^T`` and ``δ^l``."""
+
+    @staticmethod
+    def jvp(ctx, input_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None) -> Tensor:
+        input, weight = ctx.saved_tensors
+        # z_t = a_t W^T + a W_t^T + b_t: the product rule on z = a W^T + b
+        z_t = torch.zeros((*input.shape[:-1], weight.shape[0]), dtype=input.dtype, device=input.device)
+        if input_t is not None:
+            z_t = z_t + input_t @ weight.mT
+        if weight_t is not None:
+            z_t = z_t + input @ weight_t.mT
+        if bias_t is not None:
+            z_t = z_t + bias_t
+        return z_t
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    r"""``z = a W^T + b`` through :class:`LinearFunction`, like :func:`torch.nn.functional.linear`.
+
+    Shape:
+        - input: ``(*, in_features)``
+        - weight: ``(out_features, in_features)``
+        - bias: ``(out_features,)`` or ``None``
+        - output: ``(*, out_features)``
+    """
+    _check_tensor("linear", "input", input, min_dim=1)
+    _check_layer("linear", -1, input.shape[-1], weight, bias)
+    dtype = _autocast_dtype(input)
+    if dtype is not None:
+        # Autocast runs F.linear in its lower precision: input, weight and bias all cast.
+        input, weight, bias = _cast(dtype, input, weight, bias)
+    _check_same("linear", "input", input, "weight", weight)
+    if bias is not None:
+        _check_same("linear", "input", input, "bias", bias)
+    function = _eager_or_traced(LinearFunction, _Linear)
+    if dtype is None:
+        return function.apply(input, weight, bias)
+    with _no_autocast(input):
+        return function.apply(input, weight, bias)
+
+
+# --------------------------------------------------------------------------
+# Sigmoid: a = φ(z) = 1 / (1 + e^{-z})
+# --------------------------------------------------------------------------
+
+
+class _Sigmoid(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor) -> Tensor:
+        # φ(z) = 1 / (1 + e^{-z})
+        return torch.sigmoid(z)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        # φ' = φ(1 − φ) needs only the output: no second exp in backward.
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, grad_a: Tensor) -> Tensor:
+        (a,) = ctx.saved_tensors
+        # δ = ∇_a C ∘ φ'(z), with φ'(z) = φ(z)(1 − φ(z))
+        return grad_a * (a * (1 - a))
+
+
+class SigmoidFunction(_Sigmoid):
+    """``a = φ(z)``; backward: ``grad ∘ φ(z)(1 − φ(z))`` from the saved output."""
+
+    @staticmethod
+    def jvp(ctx, z_t: Tensor) -> Tensor:
+        (a,) = ctx.saved_tensors
+        # a_t = φ'(z) z_t
+        return z_t * (a * (1 - a))
+
+
+def sigmoid(z: Tensor) -> Tensor:
+    r"""``φ(z) = 1 / (1 + e^{-z})`` elementwise through :class:`SigmoidFunction`.
+
+    Shape:
+        - z: ``(*)``; output: ``(*)``, same shape.
+    """
+    _check_tensor("sigmoid", "z", z)
+    return _eager_or_traced(SigmoidFunction, _Sigmoid).apply(z)
+
+
+# --------------------------------------------------------------------------
+# Costs: C per sample over the last dimension, then reduced over samples.
+# --------------------------------------------------------------------------
+
+
+def _cost(cost: str, a: Tensor, y: Tensor) -> Tensor:
+    """One cost per sample: (*, features) -> (*)."""
+    if cost == "quadratic":
+        # C = ½‖a − y‖²
+        diff = a - y
+        return 0.5 * (diff * diff).sum(-1)
+    # C = −Σ_j [y_j ln a_j + (1 − y_j) ln(1 − a_j)]
+    return -(torch.xlogy(y, a) + torch.xlogy(1 - y, 1 - a)).sum(-1)
+
+
+def _cost_grad_a(cost: str, a: Tensor, y: Tensor) -> Tensor:
+    if cost == "quadratic":
+        return a - y  # ∇_a C = a − y
+    return (a - y) / (a * (1 - a))  # ∇_a C = (a − y) / (a(1 − a))
+
+
+def _cost_grad_y(cost: str, a: Tensor, y: Tensor) -> Tensor:
+    if cost == "quadratic":
+        return y - a  # ∇_y C = −(a − y)
+    return torch.log1p(-a) - torch.log(a)  # ∇_y C = ln(1 − a) − ln a
+
+
+def _reduce(c: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return c.mean()
+    if reduction == "sum":
+        return c.sum()
+    return c
+
+
+def _sample_weight(grad_c: Tensor, a: Tensor, reduction: str) -> Tensor:
+    """dC_reduced/dC_n for every sample n, shaped to broadcast over a's last dimension."""
+    if reduction == "none":
+        return grad_c.unsqueeze(-1)  # (*) -> (*, 1)
+    if reduction == "mean":
+        # C = (1/N) Σ_n C_n: each sample enters with weight 1/N
+        return grad_c / (a.numel() // a.shape[-1])
+    return grad_c
+
+
+def _cost_tangent(cost: str, a: Tensor, y: Tensor, a_t: Tensor | None, y_t: Tensor | None) -> Tensor:
+    """Forward-mode AD of the per-sample cost: Σ_j ∂C/∂a_j a_t,j + ∂C/∂y_j y_t,j."""
+    c_t = torch.zeros_like(a)
+    if a_t is not None:
+        c_t = c_t + _cost_grad_a(cost, a, y) * a_t
+    if y_t is not None:
+        c_t = c_t + _cost_grad_y(cost, a, y) * y_t
+    return c_t.sum(-1)
+
+
+def _check_cost_args(fn: str, a: Tensor, y: Tensor, reduction: str) -> None:
+    _check_tensor(fn, "a", a, min_dim=1)
+    _check_tensor(fn, "y", y, min_dim=1)
+    if a.shape != y.shape:
+        raise ValueError(f"{fn}(): y must have the shape of a {tuple(a.shape)}, got {tuple(y.shape)}")
+    _check_reduction(fn, reduction)
+
+
+def _apply_cost(fn: str, function: type, traced: type, a: Tensor, y: Tensor, reduction: str) -> Tensor:
+    _check_cost_args(fn, a, y, reduction)
+    # Autocast computes losses in float32 (mse_loss and binary_cross_entropy are on its float32 list).
+    autocast = _autocast_dtype(a) is not None
+    if autocast:
+        a, y = _cast(torch.float32, a, y)
+    _check_same(fn, "a", a, "y", y)
+    function = _eager_or_traced(function, traced)
+    if not autocast:
+        return function.apply(a, y, reduction)
+    with _no_autocast(a):
+        return function.apply(a, y, reduction)
+
+
+class _QuadraticCost(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a: Tensor, y: Tensor, reduction: str) -> Tensor:
+        return _reduce(_cost("quadratic", a, y), reduction)  # C = ½‖a − y‖² per sample
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, y, reduction = inputs
+        ctx.save_for_backward(a, y)
+        ctx.save_for_forward(a, y)
+        ctx.reduction = reduction
+
+    @staticmethod
+    def backward(ctx, grad_c: Tensor):
+        a, y = ctx.saved_tensors
+        weight = _sample_weight(grad_c, a, ctx.reduction)
+        grad_a = grad_y = None
+        if ctx.needs_input_grad[0]:
+            grad_a = (a - y) * weight  # ∇_a C = a − y
+        if ctx.needs_input_grad[1]:
+            grad_y = (y - a) * weight  # ∇_y C = −(a − y)
+        return grad_a, grad_y, None
+
+
+class QuadraticCostFunction(_QuadraticCost):
+    """``C = ½‖a − y‖²`` per sample, reduced; backward: ``∇_a C = a − y``."""
+
+    @staticmethod
+    def jvp(ctx, a_t: Tensor | None, y_t: Tensor | None, _) -> Tensor:
+        a, y = ctx.saved_tensors
+        return _reduce(_cost_tangent("quadratic", a, y, a_t, y_t), ctx.reduction)
+
+
+def quadratic_cost(a: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    r"""The notes' cost ``C = ½‖a − y‖²`` through :class:`QuadraticCostFunction`.
+
+    The cost of one sample sums over the last dimension; ``reduction`` then
+    averages over samples (``"mean"``, the default), sums (``"sum"``) or keeps
+    one cost per sample (``"none"``). Unlike :class:`torch.nn.MSELoss`, the
+    mean is over samples only, not over elements, and the notes' ½ is kept:
+    ``quadratic_cost(a, y) == 0.5 * ((a - y) ** 2).sum(-1).mean()``.
+
+    Shape:
+        - a, y: ``(*, features)``, the same shape
+        - output: scalar, or ``(*)`` with ``reduction="none"``
+    """
+    return _apply_cost("quadratic_cost", QuadraticCostFunction, _QuadraticCost, a, y, reduction)
+
+
+class _CrossEntropyCost(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a: Tensor, y: Tensor, reduction: str) -> Tensor:
+        # C = −Σ_j [y_j ln a_j + (1 − y_j) ln(1 − a_j)] per sample
+        return _reduce(_cost("cross_entropy", a, y), reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, y, reduction = inputs
+        ctx.save_for_backward(a, y)
+        ctx.save_for_forward(a, y)
+        ctx.reduction = reduction
+
+    @staticmethod
+    def backward(ctx, grad_c: Tensor):
+        a, y = ctx.saved_tensors
+        weight = _sample_weight(grad_c, a, ctx.reduction)
+        grad_a = grad_y = None
+        if ctx.needs_input_grad[0]:
+            # ∇_a C = (a − y) / (a(1 − a)); times φ'(z^L) = a(1 − a) this makes δ^L = a − y
+            grad_a = (a - y) / (a * (1 - a)) * weight
+        if ctx.needs_input_grad[1]:
+            grad_y = (torch.log1p(-a) - torch.log(a)) * weight  # ∇_y C = ln(1 − a) − ln a
+        return grad_a, grad_y, None
+
+
+class CrossEntropyCostFunction(_CrossEntropyCost):
+    """``C = −Σ[y ln a + (1 − y) ln(1 − a)]``; backward: ``∇_a C = (a − y) / (a(1 − a))``."""
+
+    @staticmethod
+    def jvp(ctx, a_t: Tensor | None, y_t: Tensor | None, _) -> Tensor:
+        a, y = ctx.saved_tensors
+        return _reduce(_cost_tangent("cross_entropy", a, y, a_t, y_t), ctx.reduction)
+
+
+def cross_entropy_cost(a: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    r"""The cross-entropy cost ``C = −Σ_j [y_j ln a_j + (1 − y_j) ln(1 − a_j)]``.
+
+    With a sigmoid output layer its ``δ^L = a − y``: the ``φ'(z^L)`` that slows
+    the quadratic cost down cancels. Reduced like :func:`quadratic_cost` (one
+    sample's cost sums over the last dimension); ``a`` must lie in ``(0, 1)``.
+    Equal to :func:`torch.nn.functional.binary_cross_entropy` summed over
+    features and averaged over samples.
+
+    Shape:
+        - a, y: ``(*, features)``, the same shape
+        - output: scalar, or ``(*)`` with ``reduction="none"``
+    """
+    return _apply_cost("cross_entropy_cost", CrossEntropyCostFunction, _CrossEntropyCost, a, y, reduction)
+
+
+# --------------------------------------------------------------------------
+# The whole network in one node: the notes' recursion in a single backward.
+# --------------------------------------------------------------------------
+# Inputs are (x, ..., *params) with params = (W^1, b^1, ..., W^L, b^L), a b
+# possibly None. The forward returns every activation a^1..a^L: a^L is the
+# result, the hidden ones are outputs only so that setup_context can save
+# them (it sees inputs and outputs, nothing else) and are marked
+# non-differentiable. Saved: a^0..a^L and the weights, never z: φ'(z) = a(1 − a).
+
+
+def _activations(x: Tensor, params: Sequence[Tensor | None]) -> list[Tensor]:
+    """a^1..a^L, with a^l = φ(W^l a^{l-1} + b^l) and a^0 = x."""
+    activations, a = [], x
+    for weight, bias in zip(params[0::2], params[1::2]):
+        # z^l = W^l a^{l-1} + b^l: (*, in) -> (*, out); a^l = φ(z^l)
+        a = torch.sigmoid(torch.nn.functional.linear(a, weight, bias))
+        activations.append(a)
+    return activations
+
+
+def _backprop(
+    grad_a: Sequence[Tensor | None], a: Sequence[Tensor], weights: Sequence[Tensor],
+    needs: Sequence[bool], hook: DeltaHook | None, delta_L: Tensor | None = None,
+) -> list[Tensor | None]:
+    """From layer L down to layer 1: the gradients of (a^0, W^1, b^1, ..., W^L, b^L).
+
+    ``grad_a`` holds the gradients reaching a^1..a^L from outside the network
+    (None where none does: in a first backward only a^L's is set), ``delta_L``
+    the δ^L a cost already formed, ``a`` the activations a^0..a^L, ``weights``
+    W^1..W^L and ``needs`` the needs_input_grad flags of (a^0, W^1, b^1, ...).
+    Differentiable ops only, so that double backward works.
+    """
+    n_layers = len(weights)
+    grads: list[Tensor | None] = [None] * (1 + 2 * n_layers)
+    back = None  # (W^{l+1})^T δ^{l+1}, the gradient layer l+1 sends down to a^l
+    for l in range(n_layers, 0, -1):  # l = L, ..., 1
+        g = grad_a[l - 1] if back is None else back if grad_a[l - 1] is None else back + grad_a[l - 1]
+        # δ^l = ∇_{a^l} C ∘ φ'(z^l), with φ'(z^l) = a^l(1 − a^l): the output layer's
+        # formula at l = L, the recursion δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l below it
+        delta = None if g is None else g * (a[l] * (1 - a[l]))
+        if l == n_layers and delta_L is not None:
+            delta = delta_L if delta is None else delta + delta_L
+        back = None
+        if delta is None:
+            continue  # no gradient reaches layer l
+        if hook is not None:
+            hook(l - 1, delta)
+        if needs[2 * l - 1]:
+            # ∇_{W^l} C = δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
+            grads[2 * l - 1] = _rows(delta).mT @ _rows(a[l - 1])
+        if needs[2 * l]:
+            # ∇_{b^l} C = δ^l, summed over samples: (N, out) -> (out,)
+            grads[2 * l] = _rows(delta).sum(0)
+        if l == 1:
+            if needs[0]:
+                grads[0] = delta @ weights[0]  # ∇_x C = (W^1)^T δ^1: (*, out) @ (out, in) -> (*, in)
+        elif any(needs[: 2 * l - 1]):
+            back = delta @ weights[l - 1]  # (W^l)^T δ^l: (*, out) @ (out, in) -> (*, in)
+        else:
+            break  # nothing below layer l asks for a gradient
+    return grads
+
+
+def _tangents(
+    a: Sequence[Tensor], params: Sequence[Tensor | None], tangents: Sequence[Tensor | None]
+) -> list[Tensor]:
+    """Forward-mode AD through the network: a_t^1..a_t^L from (x_t, W_t^1, b_t^1, ...)."""
+    out, a_t = [], tangents[0]
+    for l in range(1, len(a)):
+        weight, weight_t, bias_t = params[2 * l - 2], tangents[2 * l - 1], tangents[2 * l]
+        # z_t = a_t W^T + a W_t^T + b_t (the product rule on z = a W^T + b), then a_t = φ'(z) z_t
+        z_t = torch.zeros_like(a[l])
+        if a_t is not None:
+            z_t = z_t + a_t @ weight.mT
+        if weight_t is not None:
+            z_t = z_t + a[l - 1] @ weight_t.mT
+        if bias_t is not None:
+            z_t = z_t + bias_t
+        a_t = z_t * (a[l] * (1 - a[l]))
+        out.append(a_t)
+    return out
+
+
+def _save_network(ctx, x: Tensor, params: Sequence[Tensor | None], a: Sequence[Tensor], *extra: Tensor) -> None:
+    """Save a^0..a^L (``a`` is a^1..a^L), W^1..W^L and ``extra`` for backward and jvp."""
+    ctx.set_materialize_grads(False)
+    ctx.n_layers = len(params) // 2
+    ctx.save_for_backward(x, *a, *params[0::2], *extra)
+    ctx.save_for_forward(x, *a, *params[0::2], *extra)
+
+
+def _saved_network(ctx) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """(a^0..a^L, W^1..W^L) from what _save_network saved."""
+    saved = ctx.saved_tensors
+    n = ctx.n_layers
+    return saved[: n + 1], saved[n + 1 : 2 * n + 1]
+
+
+class _MLP(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, hook: DeltaHook | None, *params: Tensor | None) -> tuple[Tensor, ...]:
+        activations = _activations(x, params)
+        return (activations[-1], *activations[:-1])  # a^L first: the result
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, hook, *params = inputs
+        _save_network(ctx, x, params, (*output[1:], output[0]))
+        ctx.hook = hook
+
+    @staticmethod
+    def backward(ctx, grad_a: Tensor | None, *grad_hidden: Tensor | None):
+        # The hidden activations are outputs only to be saved; a gradient reaches
+        # them only in double backward, through those saved tensors.
+        a, weights = _saved_network(ctx)
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
+        grads = _backprop((*grad_hidden, grad_a), a, weights, needs, ctx.hook)
+        return grads[0], None, *grads[1:]
+
+
+class MLPFunction(_MLP):
+    """The sigmoid network ``a^l = φ(W^l a^{l-1} + b^l)`` with the notes' whole recursion as one backward."""
+
+    @staticmethod
+    def jvp(ctx, x_t, _, *params_t):
+        a, weights = _saved_network(ctx)
+        params = [p for w in weights for p in (w, None)]
+        t = _tangents(a, params, (x_t, *params_t))
+        return (t[-1], *t[:-1])
+
+
+class _MLPCost(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: Tensor, y: Tensor, cost: str, reduction: str, hook: DeltaHook | None, *params: Tensor | None
+    ) -> tuple[Tensor, ...]:
+        activations = _activations(x, params)
+        return (_reduce(_cost(cost, activations[-1], y), reduction), *activations)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, y, cost, reduction, hook, *params = inputs
+        _save_network(ctx, x, params, output[1:], y)
+        ctx.cost, ctx.reduction, ctx.hook = cost, reduction, hook
+
+    @staticmethod
+    def backward(ctx, grad_c: Tensor | None, *grad_a: Tensor | None):
+        a, weights = _saved_network(ctx)
+        y = ctx.saved_tensors[-1]
+        delta = weight = None
+        if grad_c is not None:
+            weight = _sample_weight(grad_c, y, ctx.reduction)
+            if ctx.cost == "quadratic":
+                # δ^L = ∇_a C ∘ φ'(z^L) = (a^L − y) ∘ a^L(1 − a^L)
+                delta = (a[-1] - y) * (a[-1] * (1 - a[-1])) * weight
+            else:
+                # δ^L = (a^L − y) / (a^L(1 − a^L)) ∘ a^L(1 − a^L) = a^L − y: φ' cancels
+                delta = (a[-1] - y) * weight
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[5:])
+        grads = _backprop(grad_a, a, weights, needs, ctx.hook, delta_L=delta)
+        grad_y = None
+        if ctx.needs_input_grad[1] and weight is not None:
+            grad_y = _cost_grad_y(ctx.cost, a[-1], y) * weight
+        return grads[0], grad_y, None, None, None, *grads[1:]
+
+
+class MLPCostFunction(_MLPCost):
+    """The network and its cost in one node: the backward starts at δ^L = ∇_a C ∘ φ'(z^L)."""
+
+    @staticmethod
+    def jvp(ctx, x_t, y_t, _cost_arg, _reduction, _hook, *params_t):
+        a, weights = _saved_network(ctx)
+        y = ctx.saved_tensors[-1]
+        params = [p for w in weights for p in (w, None)]
+        t = _tangents(a, params, (x_t, *params_t))
+        c_t = _reduce(_cost_tangent(ctx.cost, a[-1], y, t[-1], y_t), ctx.reduction)
+        return (c_t, *t)
+
+
+def _check_network(fn: str, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None):
+    _check_tensor(fn, "input", x, min_dim=1)
+    if len(weights) == 0:
+        raise ValueError(f"{fn}(): weights must hold at least one layer's weight, got none")
+    if biases is None:
+        biases = [None] * len(weights)
+    if len(biases) != len(weights):
+        raise ValueError(f"{fn}(): biases must have one entry per weight ({len(weights)}), got {len(biases)}")
+    features = x.shape[-1]
+    for i, (weight, bias) in enumerate(zip(weights, biases)):
+        _check_layer(fn, i, features, weight, bias)
+        features = weight.shape[0]
+    dtype = _autocast_dtype(x)
+    params = [p for wb in zip(weights, biases) for p in wb]
+    if dtype is not None:
+        # Autocast: every linear in its lower precision, as for F.linear.
+        x, *params = _cast(dtype, x, *params)
+    for i, p in enumerate(params):
+        if p is not None:
+            _check_same(fn, "input", x, f"{('weights', 'biases')[i % 2]}[{i // 2}]", p)
+    return x, params, dtype
+
+
+def mlp(
+    input: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None = None,
+    delta_hook: DeltaHook | None = None,
+) -> Tensor:
+    r"""The notes' sigmoid network ``a^l = φ(W^l a^{l-1} + b^l)`` as one autograd node.
+
+    Equal to ``sigmoid(linear(... sigmoid(linear(input, weights[0], biases[0])) ...))``
+    with a single backward that runs the recursion
+    ``δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l`` over all layers.
+    ``delta_hook(layer_index, delta)``, if given, is called with each δ^l
+    during backward (eager mode only).
+
+    Shape:
+        - input: ``(*, in_features)``; weights[l]: ``(out_l, in_l)``; biases[l]: ``(out_l,)`` or None
+        - output: ``(*, out_features)`` of the last layer
+    """
+    x, params, dtype = _check_network("mlp", input, weights, biases)
+    function = _eager_or_traced(MLPFunction, _MLP)
+    if dtype is None:
+        return function.apply(x, delta_hook, *params)[0]
+    with _no_autocast(x):
+        return function.apply(x, delta_hook, *params)[0]
+
+
+def mlp_cost(
+    input: Tensor, target: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None = None,
+    cost: str = "quadratic", reduction: str = "mean", delta_hook: DeltaHook | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""The network and its cost as one autograd node: ``(C, a^L)``.
+
+    ``C`` equals ``quadratic_cost(mlp(input, ...), target, reduction)`` (or
+    :func:`cross_entropy_cost` with ``cost="cross_entropy"``); its backward
+    starts the recursion at ``δ^L = ∇_a C ∘ φ'(z^L)`` itself, so the cost adds
+    no autograd node of its own. ``a^L`` comes along for accuracy and the like.
+
+    Shape:
+        - input: ``(*, in_features)``; target: ``(*, out_features)``
+        - output: ``C`` scalar, or ``(*)`` with ``reduction="none"``; ``a^L``: ``(*, out_features)``
+    """
+    _check_cost("mlp_cost", cost)
+    _check_reduction("mlp_cost", reduction)
+    x, params, dtype = _check_network("mlp_cost", input, weights, biases)
+    _check_tensor("mlp_cost", "target", target, min_dim=1)
+    out_features = params[-2].shape[0]
+    expected = (*x.shape[:-1], out_features)
+    if tuple(target.shape) != expected:
+        raise ValueError(f"mlp_cost(): target must have shape {expected} (the output's), got {tuple(target.shape)}")
+    function = _eager_or_traced(MLPCostFunction, _MLPCost)
+    if dtype is None:
+        _check_same("mlp_cost", "input", x, "target", target)
+        c, *activations = function.apply(x, target, cost, reduction, delta_hook, *params)
+    else:
+        # The cost runs in float32 under autocast; here it shares the network's dtype.
+        (target,) = _cast(x.dtype, target)
+        with _no_autocast(x):
+            c, *activations = function.apply(x, target, cost, reduction, delta_hook, *params)
+    return c, activations[-1]

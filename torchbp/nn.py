@@ -1,0 +1,300 @@
+"""Drop-in ``torch.nn`` modules built on torchbp's hand-written Functions.
+
+:class:`Linear` and :class:`Sigmoid` match :class:`torch.nn.Linear` and
+:class:`torch.nn.Sigmoid` (signature, parameters, initialisation, ``repr`` and
+``state_dict`` keys), so state_dicts load both ways. :class:`MLP` is the notes'
+network; :func:`convert` swaps torchbp's modules into any existing model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+from torch.utils.hooks import RemovableHandle
+
+from torchbp import functional as F
+
+__all__ = ["Linear", "Sigmoid", "QuadraticCost", "CrossEntropyCost", "MLP", "convert"]
+
+# hook(module, delta): called in backward with δ = ∇_z C of the Linear ``module``.
+DeltaHook = Callable[["Linear", Tensor], None]
+
+
+class Linear(nn.Module):
+    r"""Applies an affine linear transformation to the incoming data: :math:`y = xA^T + b`.
+
+    The notes' ``z^l = W^l a^{l-1} + b^l`` with rows as samples. Forward and
+    parameters are those of :class:`torch.nn.Linear`; the backward is
+    :class:`torchbp.functional.LinearFunction`: ``∇_a = (W^l)^T δ^l``,
+    ``∇_W C = δ^l (a^{l-1})^T``, ``∇_b C = δ^l``.
+
+    Args:
+        in_features: size of each input sample
+        out_features: size of each output sample
+        bias: If set to ``False``, the layer will not learn an additive bias.
+            Default: ``True``
+
+    Shape:
+        - Input: :math:`(*, H_{in})` where :math:`*` means any number of
+          dimensions including none and :math:`H_{in} = \text{in\_features}`.
+        - Output: :math:`(*, H_{out})` where all but the last dimension
+          are the same shape as the input and :math:`H_{out} = \text{out\_features}`.
+
+    Attributes:
+        weight: the learnable weights of the module of shape
+            :math:`(\text{out\_features}, \text{in\_features})`, initialised from
+            :math:`\mathcal{U}(-\sqrt{k}, \sqrt{k})`, where :math:`k = \frac{1}{\text{in\_features}}`
+        bias: the learnable bias of the module of shape :math:`(\text{out\_features})`,
+            initialised from :math:`\mathcal{U}(-\sqrt{k}, \sqrt{k})` if ``bias`` is ``True``
+
+    Examples::
+
+        >>> m = torchbp.Linear(20, 30)
+        >>> m(torch.randn(128, 20)).size()
+        torch.Size([128, 30])
+    """
+
+    __constants__ = ["in_features", "out_features"]
+    in_features: int
+    out_features: int
+    weight: Tensor
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory_kwargs))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory_kwargs))
+        else:
+            self.register_parameter("bias", None)
+        self._delta_hooks: OrderedDict[int, DeltaHook] = OrderedDict()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # torch.nn.Linear's initialisation, draw for draw: the same seed gives the same weights.
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: Tensor) -> Tensor:
+        z = F.linear(input, self.weight, self.bias)
+        if self._delta_hooks and z.requires_grad:
+            # The gradient reaching z is δ^l, the grad_output of LinearFunction's backward.
+            z.register_hook(self._call_delta_hooks)
+        return z
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def register_delta_hook(self, hook: DeltaHook) -> RemovableHandle:
+        """Call ``hook(module, delta)`` in every backward pass with δ = ∇_z C, shape ``(*, out_features)``.
+
+        The hook must not modify ``delta``. Costs nothing while no hook is
+        registered. Returns a handle whose ``remove()`` unregisters it.
+        """
+        handle = RemovableHandle(self._delta_hooks)
+        self._delta_hooks[handle.id] = hook
+        return handle
+
+    def _call_delta_hooks(self, delta: Tensor) -> None:
+        for hook in tuple(self._delta_hooks.values()):
+            hook(self, delta)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_delta_hooks", OrderedDict())
+
+
+class Sigmoid(nn.Module):
+    r"""Applies the Sigmoid function element-wise: :math:`\text{Sigmoid}(x) = \sigma(x) = \frac{1}{1 + \exp(-x)}`.
+
+    The notes' ``φ``; its backward is ``φ' = φ(1 − φ)`` from the saved output
+    (:class:`torchbp.functional.SigmoidFunction`).
+
+    Shape:
+        - Input: :math:`(*)`, where :math:`*` means any number of dimensions.
+        - Output: :math:`(*)`, same shape as the input.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.sigmoid(input)
+
+
+class _Cost(nn.Module):
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        F._check_reduction(type(self).__name__, reduction)
+        self.reduction = reduction
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"
+
+
+class QuadraticCost(_Cost):
+    r"""The notes' cost :math:`C = \frac{1}{2}\|a - y\|^2` per sample, averaged over samples.
+
+    Backward: ``∇_a C = a − y`` (:class:`torchbp.functional.QuadraticCostFunction`).
+    The per-sample cost sums over the last dimension; ``reduction`` is
+    ``"mean"`` over samples (default), ``"sum"`` or ``"none"``. Note
+    ``QuadraticCost()(a, y) == 0.5 * ((a - y) ** 2).sum(-1).mean()``, which is
+    not :class:`torch.nn.MSELoss` (that one averages over every element).
+
+    Shape:
+        - Input a: :math:`(*, C)`; target y: :math:`(*, C)`, the same shape.
+        - Output: scalar; :math:`(*)` with ``reduction="none"``.
+    """
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.quadratic_cost(input, target, self.reduction)
+
+
+class CrossEntropyCost(_Cost):
+    r"""The cross-entropy cost :math:`C = -\sum_j [y_j \ln a_j + (1 - y_j) \ln(1 - a_j)]` per sample.
+
+    With a sigmoid output its δ^L is ``a − y``. Reduced like :class:`QuadraticCost`.
+
+    Shape:
+        - Input a: :math:`(*, C)` in (0, 1); target y: :math:`(*, C)`, the same shape.
+        - Output: scalar; :math:`(*)` with ``reduction="none"``.
+    """
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy_cost(input, target, self.reduction)
+
+
+class MLP(nn.Module):
+    r"""The notes' sigmoid network: :math:`a^l = \varphi(W^l a^{l-1} + b^l)` for every layer.
+
+    For ``sizes=[784, 30, 10]``: ``Linear(784, 30) → Sigmoid → Linear(30, 10) → Sigmoid``,
+    the sigmoid on the output layer too, as in the notes. Children are named
+    ``"0"``, ``"1"``, ... as in :class:`torch.nn.Sequential`, so the state_dict
+    loads into ``nn.Sequential(nn.Linear(784, 30), nn.Sigmoid(), nn.Linear(30, 10),
+    nn.Sigmoid())`` and back.
+
+    Args:
+        sizes: the width of every layer, input first: at least two positive ints
+        bias: If set to ``False``, no layer learns a bias. Default: ``True``
+        fused: If ``True``, the whole network is one autograd node
+            (:class:`torchbp.functional.MLPFunction`) whose backward runs the
+            notes' recursion over all layers in one call; same parameters and
+            gradients, less overhead. Default: ``False``
+
+    Shape:
+        - Input: :math:`(*, \text{sizes}[0])`
+        - Output: :math:`(*, \text{sizes}[-1])`
+    """
+
+    def __init__(
+        self, sizes: Sequence[int], bias: bool = True, fused: bool = False, device=None, dtype=None
+    ) -> None:
+        super().__init__()
+        sizes = tuple(sizes)
+        if len(sizes) < 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
+            raise ValueError(f"MLP: sizes must be at least two positive ints (input first), got {list(sizes)}")
+        self.sizes = sizes
+        self.fused = fused
+        for l, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            self.add_module(str(2 * l), Linear(n_in, n_out, bias=bias, device=device, dtype=dtype))
+            self.add_module(str(2 * l + 1), Sigmoid())
+
+    @property
+    def linears(self) -> list[Linear]:
+        """The Linear layers W^1..W^L, input side first."""
+        return list(self._modules.values())[0::2]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._modules.values())
+
+    def __getitem__(self, idx: int | slice) -> nn.Module:
+        modules = list(self._modules.values())
+        return nn.Sequential(*modules[idx]) if isinstance(idx, slice) else modules[idx]
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.fused:
+            for module in self._modules.values():
+                input = module(input)
+            return input
+        weights, biases, hook = self._params()
+        return F.mlp(input, weights, biases, delta_hook=hook)
+
+    def cost(self, input: Tensor, target: Tensor, cost: str = "quadratic", reduction: str = "mean") -> Tensor:
+        """The cost of the network's output against ``target``: ``quadratic_cost(self(input), target)``.
+
+        With ``fused=True`` network and cost are one autograd node whose
+        backward starts at ``δ^L = (a^L − y) ∘ φ'(z^L)``; otherwise it is the
+        per-layer composition. ``cost`` is ``"quadratic"`` (the notes) or
+        ``"cross_entropy"``; ``reduction`` as in :func:`torchbp.functional.quadratic_cost`.
+        """
+        if not self.fused:
+            F._check_cost("MLP.cost", cost)
+            fn = F.quadratic_cost if cost == "quadratic" else F.cross_entropy_cost
+            return fn(self(input), target, reduction)
+        weights, biases, hook = self._params()
+        return F.mlp_cost(input, target, weights, biases, cost, reduction, delta_hook=hook)[0]
+
+    def _params(self) -> tuple[list[Tensor], list[Tensor | None], F.DeltaHook | None]:
+        """W^1..W^L, b^1..b^L and, while any layer has a delta hook, the hook for the fused backward."""
+        linears = self.linears
+        hook = None
+        if torch.is_grad_enabled() and any(m._delta_hooks for m in linears):
+            def hook(l: int, delta: Tensor) -> None:
+                linears[l]._call_delta_hooks(delta)
+        return [m.weight for m in linears], [m.bias for m in linears], hook
+
+    def extra_repr(self) -> str:
+        return f"sizes={list(self.sizes)}, fused={self.fused}"
+
+
+def _swap(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.Linear):
+        if isinstance(module.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"convert(): {type(module).__name__} has uninitialized parameters; "
+                "run one forward pass before converting"
+            )
+        new = Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        # The same Parameter objects: an optimizer built on the old model keeps working.
+        new.weight = module.weight
+        if module.bias is not None:
+            new.bias = module.bias
+    elif isinstance(module, nn.Sigmoid):
+        new = Sigmoid()
+    else:
+        return module
+    new.train(module.training)
+    return new
+
+
+def convert(module: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every :class:`torch.nn.Linear` and :class:`torch.nn.Sigmoid` inside ``module`` by torchbp's.
+
+    Works through any nesting (Sequential, ModuleList, ModuleDict, custom
+    modules) and on ``module`` itself. Weights (the same Parameter objects, so
+    their dtype and device), training mode and everything else carry over;
+    the model then computes the same results and gradients through torchbp's
+    hand-written backward. With ``inplace=False`` (default) ``module`` is deep-copied first.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert(): module must be a torch.nn.Module, got {type(module).__name__}")
+    if not inplace:
+        module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None:
+                parent._modules[name] = _swap(child)
+    return _swap(module)
