@@ -94,25 +94,33 @@ def _check_cost(fn: str, cost: str) -> None:
         raise ValueError(f"{fn}(): cost must be one of {COSTS}, got {cost!r}")
 
 
-def _check_layer(fn: str, i: int, a_features: int, weight: object, bias: object) -> None:
-    """weight^l is (out, in) with in == the previous layer's width; bias^l is (out,)."""
+def _check_layer(fn: str, i: int, input: Tensor, a_features: int, weight: object, bias: object) -> None:
+    """Layer i's weight is (out, in) with in == the width before it; its bias is (out,).
+
+    ``i = -1`` names the arguments of linear(): ``weight``, ``bias``; otherwise
+    ``weights[i]``, ``biases[i]`` of the network functions.
+    """
     wname, bname = ("weight", "bias") if i < 0 else (f"weights[{i}]", f"biases[{i}]")
     _check_tensor(fn, wname, weight)
     if weight.dim() != 2:
         raise ValueError(
             f"{fn}(): {wname} must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
         )
-    if weight.shape[1] != a_features:
-        what = "input" if i <= 0 else f"weights[{i - 1}]"
+    if i <= 0 and weight.shape[1] != a_features:
         raise ValueError(
-            f"{fn}(): {wname} must have {a_features} columns (the last dimension of {what}), "
+            f"{fn}(): input must have last dimension {weight.shape[1]} ({wname}'s in_features), "
+            f"got shape {tuple(input.shape)}"
+        )
+    if weight.shape[1] != a_features:
+        raise ValueError(
+            f"{fn}(): {wname} must have {a_features} columns (out_features of weights[{i - 1}]), "
             f"got shape {tuple(weight.shape)}"
         )
     if bias is not None:
         _check_tensor(fn, bname, bias)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(
-                f"{fn}(): {bname} must have shape ({weight.shape[0]},) (out_features of {wname}), "
+                f"{fn}(): {bname} must have shape ({weight.shape[0]},) ({wname}'s out_features), "
                 f"got {tuple(bias.shape)}"
             )
 
@@ -219,7 +227,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         - output: ``(*, out_features)``
     """
     _check_tensor("linear", "input", input, min_dim=1)
-    _check_layer("linear", -1, input.shape[-1], weight, bias)
+    _check_layer("linear", -1, input, input.shape[-1], weight, bias)
     dtype = _autocast_dtype(input)
     if dtype is not None:
         # Autocast runs F.linear in its lower precision: input, weight and bias all cast.
@@ -654,7 +662,7 @@ def _check_network(fn: str, x: Tensor, weights: Sequence[Tensor], biases: Sequen
         raise ValueError(f"{fn}(): biases must have one entry per weight ({len(weights)}), got {len(biases)}")
     features = x.shape[-1]
     for i, (weight, bias) in enumerate(zip(weights, biases)):
-        _check_layer(fn, i, features, weight, bias)
+        _check_layer(fn, i, x, features, weight, bias)
         features = weight.shape[0]
     dtype = _autocast_dtype(x)
     params = [p for wb in zip(weights, biases) for p in wb]
