@@ -475,8 +475,10 @@ def cross_entropy_cost(a: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
 # Inputs are (x, ..., *params) with params = (W^1, b^1, ..., W^L, b^L), a b
 # possibly None. The forward returns every activation a^1..a^L: a^L is the
 # result, the hidden ones are outputs only so that setup_context can save
-# them (it sees inputs and outputs, nothing else) and are marked
-# non-differentiable. Saved: a^0..a^L and the weights, never z: φ'(z) = a(1 − a).
+# them (it sees inputs and outputs, nothing else). They stay differentiable:
+# in double backward a gradient reaches them through those saved tensors, and
+# the backward adds it in. Saved: a^0..a^L and the weights, never z, since
+# φ'(z) = a(1 − a).
 
 
 def _activations(x: Tensor, params: Sequence[Tensor | None]) -> list[Tensor]:
