@@ -1,6 +1,6 @@
 """The notes' backpropagation as custom ``torch.autograd.Function`` subclasses.
 
-Notation follows ``notes.md``: layer ``l`` takes the activation ``a^{l-1}``,
+Notation follows ``docs/notes.md``: layer ``l`` takes the activation ``a^{l-1}``,
 forms the weighted input ``z^l = W^l a^{l-1} + b^l`` and outputs
 ``a^l = φ(z^l)``. The gradient of the cost with respect to ``z^l`` is
 ``δ^l``. Every backward below is one of the notes' formulas:
