@@ -612,7 +612,8 @@ class _MLPCost(torch.autograd.Function):
         x: Tensor, y: Tensor, cost: str, reduction: str, hook: DeltaHook | None, *params: Tensor | None
     ) -> tuple[Tensor, ...]:
         activations = _activations(x, params)
-        return (_reduce(_cost(cost, activations[-1], y), reduction), *activations)
+        # The cost in the target's dtype: float32 under autocast, as for torch's losses.
+        return (_reduce(_cost(cost, activations[-1].to(y.dtype), y), reduction), *activations)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -625,19 +626,21 @@ class _MLPCost(torch.autograd.Function):
         a, weights = _saved_network(ctx)
         y = ctx.saved_tensors[-1]
         delta = weight = None
+        a_L = a[-1].to(y.dtype)  # the cost's dtype
         if grad_c is not None:
             weight = _sample_weight(grad_c, y, ctx.reduction)
             if ctx.cost == "quadratic":
                 # δ^L = ∇_a C ∘ φ'(z^L) = (a^L − y) ∘ a^L(1 − a^L)
-                delta = (a[-1] - y) * (a[-1] * (1 - a[-1])) * weight
+                delta = (a_L - y) * (a_L * (1 - a_L)) * weight
             else:
                 # δ^L = (a^L − y) / (a^L(1 − a^L)) ∘ a^L(1 − a^L) = a^L − y: φ' cancels
-                delta = (a[-1] - y) * weight
+                delta = (a_L - y) * weight
+            delta = delta.to(a[-1].dtype)  # back to the network's dtype
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[5:])
         grads = _backprop(grad_a, a, weights, needs, ctx.hook, delta_L=delta)
         grad_y = None
         if ctx.needs_input_grad[1] and weight is not None:
-            grad_y = _cost_grad_y(ctx.cost, a[-1], y) * weight
+            grad_y = _cost_grad_y(ctx.cost, a_L, y) * weight
         return grads[0], grad_y, None, None, None, *grads[1:]
 
 
@@ -650,7 +653,7 @@ class MLPCostFunction(_MLPCost):
         y = ctx.saved_tensors[-1]
         params = [p for w in weights for p in (w, None)]
         t = _tangents(a, params, (x_t, *params_t))
-        c_t = _reduce(_cost_tangent(ctx.cost, a[-1], y, t[-1], y_t), ctx.reduction)
+        c_t = _reduce(_cost_tangent(ctx.cost, a[-1].to(y.dtype), y, t[-1].to(y.dtype), y_t), ctx.reduction)
         return (c_t, *t)
 
 
@@ -729,8 +732,8 @@ def mlp_cost(
         _check_same("mlp_cost", "input", x, "target", target)
         c, *activations = function.apply(x, target, cost, reduction, delta_hook, *params)
     else:
-        # The cost runs in float32 under autocast; here it shares the network's dtype.
-        (target,) = _cast(x.dtype, target)
+        # The cost runs in float32 under autocast, as torch's losses do; the network in x.dtype.
+        (target,) = _cast(torch.float32, target)
         with _no_autocast(x):
             c, *activations = function.apply(x, target, cost, reduction, delta_hook, *params)
     return c, activations[-1]

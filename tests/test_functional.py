@@ -1,0 +1,449 @@
+"""torchbp.functional against independent oracles.
+
+* finite differences: gradcheck / gradgradcheck (float64) of every Function,
+  forward AD, batched (vmap) gradients and forward-over-reverse included;
+* torch's own ops (F.linear, torch.sigmoid, the cost formulas written with
+  torch ops, F.binary_cross_entropy): outputs and every gradient equal;
+* needs_input_grad: the backward does no work for inputs that need no gradient;
+* every bad input fails at the boundary with a message naming the argument,
+  the expected and the actual value.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch.autograd import gradcheck, gradgradcheck
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+import torchbp.functional as F
+
+IN, HIDDEN, OUT = 3, 4, 2  # a two-layer network 3 -> 4 -> 2; small so finite differences stay quick
+
+# Leading (sample) dimensions of the inputs: a batch of one, a batch of seven, 3-D and 4-D inputs.
+BATCHES = {"batch1": (1,), "batch7": (7,), "3d": (2, 3), "4d": (2, 1, 2)}
+
+# float64: the hand-written backward must equal torch's up to rounding; float32: up to float32 rounding.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+# --------------------------------------------------------------------------
+# The Functions under test, each with its oracle written with torch's own ops.
+# --------------------------------------------------------------------------
+
+
+def _reduce(c: torch.Tensor, reduction: str) -> torch.Tensor:
+    return {"mean": c.mean, "sum": c.sum, "none": lambda: c}[reduction]()
+
+
+def _oracle_quadratic(a, y, reduction="mean"):
+    # The notes' C = ½‖a − y‖² per sample (over the last dimension), then reduced over samples.
+    return _reduce(0.5 * ((a - y) ** 2).sum(-1), reduction)
+
+
+def _oracle_cross_entropy(a, y, reduction="mean"):
+    return _reduce(TF.binary_cross_entropy(a, y, reduction="none").sum(-1), reduction)
+
+
+ORACLE_COSTS = {"quadratic": _oracle_quadratic, "cross_entropy": _oracle_cross_entropy}
+
+
+def _oracle_mlp(x, weights, biases):
+    a = x
+    for weight, bias in zip(weights, biases):
+        a = torch.sigmoid(TF.linear(a, weight, bias))
+    return a
+
+
+def _split(params, bias: bool):
+    """(W1, b1, W2, b2) -> ([W1, W2], [b1, b2]); without bias (W1, W2) -> ([W1, W2], None)."""
+    if bias:
+        return list(params[0::2]), list(params[1::2])
+    return list(params), None
+
+
+def _case(name: str):
+    """(torchbp function, torch oracle, kinds of its tensor arguments) for a case name.
+
+    Kinds: "x" input (*, IN); "a"/"y" activation and target (*, OUT) in (0, 1);
+    "z" weighted input (*, OUT); "w1" (HIDDEN, IN), "b1" (HIDDEN,), "w2" (OUT, HIDDEN),
+    "b2" (OUT,), "w" (OUT, IN), "b" (OUT,).
+    """
+    if name == "linear":
+        return F.linear, TF.linear, ("x", "w", "b")
+    if name == "linear_nobias":
+        return (lambda x, w: F.linear(x, w)), (lambda x, w: TF.linear(x, w)), ("x", "w")
+    if name == "sigmoid":
+        return F.sigmoid, torch.sigmoid, ("z",)
+    kind, _, reduction = name.rpartition("_")
+    if kind in ("quadratic_cost", "cross_entropy_cost"):
+        fn = F.quadratic_cost if kind == "quadratic_cost" else F.cross_entropy_cost
+        oracle = ORACLE_COSTS[kind.removesuffix("_cost")]
+        return (lambda a, y: fn(a, y, reduction)), (lambda a, y: oracle(a, y, reduction)), ("a", "y")
+    if name in ("mlp", "mlp_nobias"):
+        bias = name == "mlp"
+
+        def mlp(x, *params):
+            return F.mlp(x, *_split(params, bias))
+
+        def oracle(x, *params):
+            weights, biases = _split(params, bias)
+            return _oracle_mlp(x, weights, biases or [None] * len(weights))
+
+        return mlp, oracle, ("x", "w1", "b1", "w2", "b2") if bias else ("x", "w1", "w2")
+    if name.startswith("mlp_cost_"):
+        # mlp_cost_<cost>_<reduction>, or mlp_cost_nobias (quadratic, mean)
+        bias = name != "mlp_cost_nobias"
+        cost, reduction = ("quadratic", "mean") if not bias else (kind.removeprefix("mlp_cost_"), reduction)
+
+        def mlp_cost(x, y, *params):
+            return F.mlp_cost(x, y, *_split(params, bias), cost=cost, reduction=reduction)
+
+        def oracle(x, y, *params):
+            weights, biases = _split(params, bias)
+            a = _oracle_mlp(x, weights, biases or [None] * len(weights))
+            return ORACLE_COSTS[cost](a, y, reduction), a
+
+        return mlp_cost, oracle, ("x", "y", "w1", "b1", "w2", "b2") if bias else ("x", "y", "w1", "w2")
+    raise AssertionError(name)
+
+
+def _shape(kind: str, batch: tuple[int, ...]) -> tuple[int, ...]:
+    return {
+        "x": (*batch, IN), "a": (*batch, OUT), "y": (*batch, OUT), "z": (*batch, OUT),
+        "w": (OUT, IN), "b": (OUT,), "w1": (HIDDEN, IN), "b1": (HIDDEN,), "w2": (OUT, HIDDEN), "b2": (OUT,),
+    }[kind]
+
+
+def _inputs(kinds, batch, gen, dtype=torch.float64, device="cpu", noncontiguous=False, requires_grad=True):
+    """Random arguments; activations and targets in (0.2, 0.8) so the cross entropy stays finite."""
+    tensors = []
+    for kind in kinds:
+        shape = _shape(kind, batch)
+        t = torch.rand(shape, generator=gen, dtype=torch.float64)
+        t = 0.2 + 0.6 * t if kind in ("a", "y") else 2 * t - 1
+        t = t.to(dtype=dtype, device=device)
+        if noncontiguous:
+            # The same values at stride 2 in the last dimension: a view, not contiguous.
+            wide = torch.zeros((*shape[:-1], 2 * shape[-1]), dtype=dtype, device=device)
+            wide[..., ::2] = t
+            t = wide[..., ::2]
+            assert not t.is_contiguous()
+        tensors.append(t.requires_grad_(requires_grad))
+    return tensors
+
+
+# Every Function over every batch layout; the variants (reductions, no bias) over one layout.
+MAIN = ["linear", "sigmoid", "quadratic_cost_mean", "cross_entropy_cost_mean", "mlp",
+        "mlp_cost_quadratic_mean", "mlp_cost_cross_entropy_mean"]
+VARIANTS = ["linear_nobias", "quadratic_cost_sum", "quadratic_cost_none", "cross_entropy_cost_sum",
+            "cross_entropy_cost_none", "mlp_nobias", "mlp_cost_quadratic_sum", "mlp_cost_quadratic_none",
+            "mlp_cost_cross_entropy_sum", "mlp_cost_cross_entropy_none", "mlp_cost_nobias"]
+ALL = MAIN + VARIANTS
+GRADCHECK_CASES = (
+    [(name, layout) for name in MAIN for layout in [*BATCHES, "noncontiguous"]]
+    # reduction "none" keeps the sample dimensions, so it runs on a 3-D input
+    + [(name, "3d" if name.endswith("_none") else "batch7") for name in VARIANTS]
+)
+
+
+# --------------------------------------------------------------------------
+# Finite differences
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, layout", GRADCHECK_CASES)
+def test_gradcheck_and_gradgradcheck(name, layout):
+    """Backward, forward AD, batched gradients and double backward all agree with finite differences (float64)."""
+    fn, _, kinds = _case(name)
+    batch = BATCHES.get(layout, (5,))
+    inputs = _inputs(kinds, batch, torch.Generator().manual_seed(0), noncontiguous=layout == "noncontiguous")
+    assert gradcheck(fn, inputs, check_batched_grad=True, check_forward_ad=True, check_batched_forward_grad=True)
+    assert gradgradcheck(fn, inputs, check_batched_grad=True, gen_non_contig_grad_outputs=True)
+    # Forward-over-reverse (the forward AD of the backward) costs one jvp per element: checked along
+    # random directions (fast_mode) to keep the suite quick; still fails on any wrong tangent.
+    assert gradgradcheck(
+        fn, inputs, check_fwd_over_rev=True, check_rev_over_rev=False, check_undefined_grad=False, fast_mode=True
+    )
+
+
+# --------------------------------------------------------------------------
+# torch's own ops as the oracle
+# --------------------------------------------------------------------------
+
+
+def _outputs(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+def _grad_outputs(outputs, gen, noncontiguous=False):
+    """A random grad_output per output; non-contiguous ones are transposed views of a contiguous tensor."""
+    grads = []
+    for out in outputs:
+        if noncontiguous and out.dim() >= 2:
+            g = torch.randn(out.shape[::-1], generator=gen, dtype=torch.float64).to(out.dtype).permute(
+                *reversed(range(out.dim()))
+            )
+            assert not g.is_contiguous()
+        else:
+            g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+        grads.append(g.to(out.device))
+    return grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("layout", ["batch7", "3d"])
+@pytest.mark.parametrize("name", ALL)
+def test_matches_torch_ops(name, layout, dtype, device):
+    """Output and the gradient of every argument equal torch's ops on the same tensors (tolerance 1e-12 / 1e-5)."""
+    fn, oracle, kinds = _case(name)
+    gen = torch.Generator().manual_seed(1)
+    inputs = _inputs(kinds, BATCHES[layout], gen, dtype=dtype, device=device)
+    outputs, expected = _outputs(fn(*inputs)), _outputs(oracle(*inputs))
+    tol = TOL[dtype]
+    assert len(outputs) == len(expected)
+    for out, exp in zip(outputs, expected):
+        assert out.dtype == exp.dtype and out.device == exp.device
+        torch.testing.assert_close(out, exp, rtol=tol, atol=tol)
+    grad_outputs = _grad_outputs(expected, gen)
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_outputs)
+    for kind, g, e in zip(kinds, grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol, msg=lambda m, kind=kind: f"gradient of {kind}: {m}")
+
+
+@pytest.mark.parametrize(
+    "name", ["linear", "sigmoid", "quadratic_cost_none", "cross_entropy_cost_none", "mlp",
+             "mlp_cost_quadratic_none", "mlp_cost_cross_entropy_none", "mlp_cost_quadratic_mean"]
+)
+def test_noncontiguous_grad_output(name):
+    """A transposed (non-contiguous) grad_output gives the gradients of its contiguous copy and of torch's ops."""
+    fn, oracle, kinds = _case(name)
+    gen = torch.Generator().manual_seed(2)
+    inputs = _inputs(kinds, (3, 4), gen)
+    outputs = _outputs(fn(*inputs))
+    g_noncontiguous = _grad_outputs(outputs, gen, noncontiguous=True)
+    assert any(not g.is_contiguous() for g in g_noncontiguous)
+    g_contiguous = [g.contiguous() for g in g_noncontiguous]
+    grads = torch.autograd.grad(outputs, inputs, g_noncontiguous, retain_graph=True)
+    grads_contiguous = torch.autograd.grad(outputs, inputs, g_contiguous)
+    expected = torch.autograd.grad(_outputs(oracle(*inputs)), inputs, g_contiguous)
+    for g, c, e in zip(grads, grads_contiguous, expected):
+        torch.testing.assert_close(g, c, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_quadratic_cost_is_not_mse_loss():
+    """The notes' cost keeps the ½ and averages over samples only: it differs from F.mse_loss by features / 2."""
+    gen = torch.Generator().manual_seed(3)
+    a, y = _inputs(("a", "y"), (7,), gen, requires_grad=False)
+    torch.testing.assert_close(F.quadratic_cost(a, y), TF.mse_loss(a, y) * OUT / 2, rtol=1e-12, atol=1e-12)
+
+
+def test_cross_entropy_delta_is_a_minus_y():
+    """Through a sigmoid output the cross entropy's δ^L = ∇_z C is a − y (per sample, reduction sum): φ' cancels."""
+    gen = torch.Generator().manual_seed(4)
+    (z,) = _inputs(("z",), (7,), gen)
+    (y,) = _inputs(("y",), (7,), gen, requires_grad=False)
+    a = F.sigmoid(z)
+    (delta,) = torch.autograd.grad(F.cross_entropy_cost(a, y, "sum"), z)
+    torch.testing.assert_close(delta, (torch.sigmoid(z) - y).detach(), rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# needs_input_grad: no backward work for what needs no gradient
+# --------------------------------------------------------------------------
+
+
+def _backward_flops(output: torch.Tensor, grad_output: torch.Tensor | None = None) -> int:
+    """Matmul FLOPs of one backward pass, counted by torch's FlopCounterMode."""
+    with FlopCounterMode(display=False) as counter:
+        output.backward(grad_output)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (False, True, True), (True, False, False), (False, True, False)])
+def test_linear_backward_skips_unneeded_gradients(needs):
+    """Each of ∇_a = δW (2·N·out·in FLOPs) and ∇_W = δ^T a (the same) is computed only when asked for."""
+    n = 5
+    gen = torch.Generator().manual_seed(5)
+    x, weight, bias = _inputs(("x", "w", "b"), (n,), gen)
+    for t, need in zip((x, weight, bias), needs):
+        t.requires_grad_(need)
+    z = F.linear(x, weight, bias)
+    expected = 2 * n * OUT * IN * (needs[0] + needs[1])
+    assert _backward_flops(z, torch.ones_like(z)) == expected
+    for t, need in zip((x, weight, bias), needs):
+        assert (t.grad is not None) == need
+
+
+@pytest.mark.parametrize("fused_cost", [False, True], ids=["mlp", "mlp_cost"])
+def test_mlp_backward_stops_where_no_gradient_is_needed(fused_cost):
+    """Input and first layer frozen: only ∇_{W^2} is computed, the recursion stops before layer 1."""
+    n = 5
+    gen = torch.Generator().manual_seed(6)
+    x, y, w1, b1, w2, b2 = _inputs(("x", "y", "w1", "b1", "w2", "b2"), (n,), gen)
+    for t in (x, y, w1, b1):
+        t.requires_grad_(False)
+    if fused_cost:
+        c, _ = F.mlp_cost(x, y, [w1, w2], [b1, b2])
+    else:
+        c = F.mlp(x, [w1, w2], [b1, b2]).sum()
+    # ∇_{W^2} C = δ^2 (a^1)^T: (OUT, N) @ (N, HIDDEN), 2·N·OUT·HIDDEN FLOPs and nothing else.
+    assert _backward_flops(c) == 2 * n * OUT * HIDDEN
+    assert w1.grad is None and b1.grad is None and x.grad is None
+    assert w2.grad is not None and b2.grad is not None
+    # Unfrozen, the same backward also runs (W^2)^T δ^2, ∇_{W^1} and ∇_x: the count above can fail.
+    x.requires_grad_(True)
+    w1.requires_grad_(True)
+    c = F.mlp_cost(x, y, [w1, w2], [b1, b2])[0] if fused_cost else F.mlp(x, [w1, w2], [b1, b2]).sum()
+    assert _backward_flops(c) == 2 * n * (OUT * HIDDEN + OUT * HIDDEN + HIDDEN * IN + HIDDEN * IN)
+
+
+class _OpLog(TorchDispatchMode):
+    """Records the name of every aten op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("target_needs_grad", [False, True])
+def test_cross_entropy_backward_computes_target_gradient_only_when_needed(target_needs_grad):
+    """∇_y C = ln(1 − a) − ln a costs two logarithms; they run in backward only if y requires grad."""
+    gen = torch.Generator().manual_seed(7)
+    a, y = _inputs(("a", "y"), (7,), gen)
+    y.requires_grad_(target_needs_grad)
+    c = F.cross_entropy_cost(a, y)
+    with _OpLog() as log:
+        c.backward()
+    assert ("log" in log.ops) == target_needs_grad
+    assert (y.grad is not None) == target_needs_grad
+    assert a.grad is not None
+
+
+# --------------------------------------------------------------------------
+# Bad input: fail fast, naming the argument, the expected and the actual value
+# --------------------------------------------------------------------------
+
+
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+w32, b32 = _t(2, 3), _t(2)  # a layer 3 -> 2
+ws, bs = [_t(4, 3), _t(2, 4)], [_t(4), _t(2)]  # a network 3 -> 4 -> 2
+
+BAD_INPUTS = {
+    # linear: shapes
+    "linear input features": (lambda: F.linear(_t(5, 4), w32, b32), ValueError,
+                              "linear(): input must have last dimension 3 (weight's in_features), got shape (5, 4)"),
+    "linear scalar input": (lambda: F.linear(_t(), w32), ValueError,
+                            "linear(): input must have at least 1 dimension(s), got shape ()"),
+    "linear weight 3-D": (lambda: F.linear(_t(5, 3), _t(2, 3, 1)), ValueError,
+                          "linear(): weight must be 2-D (out_features, in_features), got shape (2, 3, 1)"),
+    "linear weight 1-D": (lambda: F.linear(_t(5, 3), _t(3)), ValueError,
+                          "linear(): weight must be 2-D (out_features, in_features), got shape (3,)"),
+    "linear bias length": (lambda: F.linear(_t(5, 3), w32, _t(3)), ValueError,
+                           "linear(): bias must have shape (2,) (weight's out_features), got (3,)"),
+    # linear: types and dtypes
+    "linear input not a tensor": (lambda: F.linear([[0.0, 0.0, 0.0]], w32), TypeError,
+                                  "linear(): input must be a torch.Tensor, got list"),
+    "linear integer input": (lambda: F.linear(_t(5, 3, dtype=torch.int64), w32), TypeError,
+                             "linear(): input must have a floating-point dtype, got torch.int64"),
+    "linear boolean weight": (lambda: F.linear(_t(5, 3), _t(2, 3, dtype=torch.bool)), TypeError,
+                              "linear(): weight must have a floating-point dtype, got torch.bool"),
+    "linear integer bias": (lambda: F.linear(_t(5, 3), w32, _t(2, dtype=torch.int32)), TypeError,
+                            "linear(): bias must have a floating-point dtype, got torch.int32"),
+    "linear weight dtype": (lambda: F.linear(_t(5, 3), _t(2, 3, dtype=torch.float64)), TypeError,
+                            "linear(): weight must have the same dtype as input (torch.float32), got torch.float64"),
+    "linear bias dtype": (lambda: F.linear(_t(5, 3), w32, _t(2, dtype=torch.float16)), TypeError,
+                          "linear(): bias must have the same dtype as input (torch.float32), got torch.float16"),
+    # sigmoid
+    "sigmoid integer": (lambda: F.sigmoid(_t(3, dtype=torch.int64)), TypeError,
+                        "sigmoid(): z must have a floating-point dtype, got torch.int64"),
+    "sigmoid not a tensor": (lambda: F.sigmoid(0.5), TypeError, "sigmoid(): z must be a torch.Tensor, got float"),
+    # costs
+    "quadratic shapes": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 2)), ValueError,
+                         "quadratic_cost(): y must have the shape of a (4, 3), got (4, 2)"),
+    "cross entropy shapes": (lambda: F.cross_entropy_cost(_t(4, 3), _t(3)), ValueError,
+                             "cross_entropy_cost(): y must have the shape of a (4, 3), got (3,)"),
+    "quadratic scalar": (lambda: F.quadratic_cost(_t(), _t()), ValueError,
+                         "quadratic_cost(): a must have at least 1 dimension(s), got shape ()"),
+    "quadratic reduction": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 3), "avg"), ValueError,
+                            "quadratic_cost(): reduction must be one of ('mean', 'sum', 'none'), got 'avg'"),
+    "cross entropy reduction": (lambda: F.cross_entropy_cost(_t(4, 3), _t(4, 3), "batchmean"), ValueError,
+                                "cross_entropy_cost(): reduction must be one of ('mean', 'sum', 'none'), "
+                                "got 'batchmean'"),
+    "quadratic integer target": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 3, dtype=torch.int64)), TypeError,
+                                 "quadratic_cost(): y must have a floating-point dtype, got torch.int64"),
+    "cross entropy boolean a": (lambda: F.cross_entropy_cost(_t(4, 3, dtype=torch.bool), _t(4, 3)), TypeError,
+                                "cross_entropy_cost(): a must have a floating-point dtype, got torch.bool"),
+    "quadratic dtypes": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 3, dtype=torch.float64)), TypeError,
+                         "quadratic_cost(): y must have the same dtype as a (torch.float32), got torch.float64"),
+    # mlp
+    "mlp no layers": (lambda: F.mlp(_t(5, 3), []), ValueError,
+                      "mlp(): weights must hold at least one layer's weight, got none"),
+    "mlp biases count": (lambda: F.mlp(_t(5, 3), ws, bs[:1]), ValueError,
+                         "mlp(): biases must have one entry per weight (2), got 1"),
+    "mlp input features": (lambda: F.mlp(_t(5, 4), ws, bs), ValueError,
+                           "mlp(): input must have last dimension 3 (weights[0]'s in_features), got shape (5, 4)"),
+    "mlp layer widths": (lambda: F.mlp(_t(5, 3), [_t(4, 3), _t(2, 5)]), ValueError,
+                         "mlp(): weights[1] must have 4 columns (out_features of weights[0]), got shape (2, 5)"),
+    "mlp weight 1-D": (lambda: F.mlp(_t(5, 3), [_t(4, 3), _t(4)]), ValueError,
+                       "mlp(): weights[1] must be 2-D (out_features, in_features), got shape (4,)"),
+    "mlp bias length": (lambda: F.mlp(_t(5, 3), ws, [_t(4), _t(4)]), ValueError,
+                        "mlp(): biases[1] must have shape (2,) (weights[1]'s out_features), got (4,)"),
+    "mlp integer input": (lambda: F.mlp(_t(5, 3, dtype=torch.int64), ws, bs), TypeError,
+                          "mlp(): input must have a floating-point dtype, got torch.int64"),
+    "mlp weight dtype": (lambda: F.mlp(_t(5, 3), [ws[0], _t(2, 4, dtype=torch.float64)], bs), TypeError,
+                         "mlp(): weights[1] must have the same dtype as input (torch.float32), got torch.float64"),
+    "mlp bias dtype": (lambda: F.mlp(_t(5, 3), ws, [_t(4, dtype=torch.float64), bs[1]]), TypeError,
+                       "mlp(): biases[0] must have the same dtype as input (torch.float32), got torch.float64"),
+    # mlp_cost
+    "mlp_cost cost": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2), ws, bs, cost="hinge"), ValueError,
+                      "mlp_cost(): cost must be one of ('quadratic', 'cross_entropy'), got 'hinge'"),
+    "mlp_cost reduction": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2), ws, bs, reduction="avg"), ValueError,
+                           "mlp_cost(): reduction must be one of ('mean', 'sum', 'none'), got 'avg'"),
+    "mlp_cost target shape": (lambda: F.mlp_cost(_t(5, 3), _t(5, 3), ws, bs), ValueError,
+                              "mlp_cost(): target must have shape (5, 2) (the output's), got (5, 3)"),
+    "mlp_cost integer target": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2, dtype=torch.int64), ws, bs), TypeError,
+                                "mlp_cost(): target must have a floating-point dtype, got torch.int64"),
+    "mlp_cost target dtype": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2, dtype=torch.float64), ws, bs), TypeError,
+                              "mlp_cost(): target must have the same dtype as input (torch.float32), "
+                              "got torch.float64"),
+    "mlp_cost input features": (lambda: F.mlp_cost(_t(5, 4), _t(5, 2), ws, bs), ValueError,
+                                "mlp_cost(): input must have last dimension 3 (weights[0]'s in_features), "
+                                "got shape (5, 4)"),
+    # devices: "meta" against "cpu" needs no GPU; the message names both devices
+    "linear weight device": (lambda: F.linear(_t(5, 3), _t(2, 3, device="meta")), ValueError,
+                             "linear(): weight must be on the same device as input (cpu), got meta"),
+    "linear bias device": (lambda: F.linear(_t(5, 3), w32, _t(2, device="meta")), ValueError,
+                           "linear(): bias must be on the same device as input (cpu), got meta"),
+    "linear input device": (lambda: F.linear(_t(5, 3, device="meta"), w32), ValueError,
+                            "linear(): weight must be on the same device as input (meta), got cpu"),
+    "quadratic device": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 3, device="meta")), ValueError,
+                         "quadratic_cost(): y must be on the same device as a (cpu), got meta"),
+    "cross entropy device": (lambda: F.cross_entropy_cost(_t(4, 3, device="meta"), _t(4, 3)), ValueError,
+                             "cross_entropy_cost(): y must be on the same device as a (meta), got cpu"),
+    "mlp weight device": (lambda: F.mlp(_t(5, 3), [ws[0], _t(2, 4, device="meta")], bs), ValueError,
+                          "mlp(): weights[1] must be on the same device as input (cpu), got meta"),
+    "mlp_cost target device": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2, device="meta"), ws, bs), ValueError,
+                               "mlp_cost(): target must be on the same device as input (cpu), got meta"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_is_rejected_with_a_message(name):
+    """Each bad argument raises the stated error whose message names the argument, expected and actual value."""
+    call, error, message = BAD_INPUTS[name]
+    with pytest.raises(error, match=re.escape(message)):
+        call()

@@ -1,0 +1,567 @@
+"""torchbp.nn against torch.nn and the notes by hand.
+
+Linear / Sigmoid / MLP are checked against torch.nn.Linear / nn.Sigmoid /
+nn.Sequential with the same weights (outputs and gradients, float64 to 1e-12),
+the notes' recursion is written out with column vectors for one sample,
+state_dicts load both ways, convert() swaps modules anywhere, and delta hooks
+receive δ = ∂C/∂z as torch.autograd.grad computes it on the nn model.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import torchbp
+from torchbp import functional as F
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5}  # same operations, only rounding may differ
+SIZES = [6, 5, 4, 3]  # a three-layer network, as in the notes' examples
+
+
+def _close(actual, expected, tol=1e-12, what=""):
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}" if what else m)
+
+
+def _sequential_like(model: torchbp.MLP) -> nn.Sequential:
+    """The torch.nn network with the same layers, loaded from ``model``'s state_dict (strict)."""
+    layers = []
+    for n_in, n_out in zip(model.sizes[:-1], model.sizes[1:]):
+        layers += [nn.Linear(n_in, n_out, bias=model.linears[0].bias is not None), nn.Sigmoid()]
+    reference = nn.Sequential(*layers).to(dtype=model.linears[0].weight.dtype, device=model.linears[0].weight.device)
+    reference.load_state_dict(model.state_dict(), strict=True)
+    return reference
+
+
+def _oracle_cost(a, y, cost="quadratic", reduction="mean"):
+    """The notes' C = ½‖a − y‖² (or the cross entropy) per sample, reduced over samples, with torch ops."""
+    if cost == "quadratic":
+        c = 0.5 * ((a - y) ** 2).sum(-1)
+    else:
+        c = nn.functional.binary_cross_entropy(a, y, reduction="none").sum(-1)
+    return {"mean": c.mean, "sum": c.sum, "none": lambda: c}[reduction]()
+
+
+def _grads(outputs, inputs):
+    outputs = [o.sum() if o.dim() else o for o in outputs]
+    return torch.autograd.grad(outputs, inputs, allow_unused=False)
+
+
+# --------------------------------------------------------------------------
+# Linear, Sigmoid, costs: drop-in for torch.nn
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_linear_matches_nn_linear(bias, dtype, device):
+    """Output and the gradients of input, weight and bias equal nn.Linear's with the same state_dict."""
+    torch.manual_seed(0)
+    reference = nn.Linear(4, 3, bias=bias, device=device, dtype=dtype)
+    layer = torchbp.Linear(4, 3, bias=bias, device=device, dtype=dtype)
+    layer.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 5, 4, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, 5, 3, device=device, dtype=dtype)
+    z, z_ref = layer(x), reference(x)
+    _close(z, z_ref, TOL[dtype], "output")
+    params, params_ref = list(layer.parameters()), list(reference.parameters())
+    for got, expected in zip(torch.autograd.grad(z, [x, *params], g), torch.autograd.grad(z_ref, [x, *params_ref], g)):
+        _close(got, expected, TOL[dtype], "gradient")
+
+
+def test_sigmoid_matches_nn_sigmoid(device):
+    """torchbp.Sigmoid's output and input gradient equal nn.Sigmoid's (float64, 1e-12)."""
+    z = torch.randn(3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    a, a_ref = torchbp.Sigmoid()(z), nn.Sigmoid()(z)
+    _close(a, a_ref)
+    g = torch.randn_like(a)
+    _close(torch.autograd.grad(a, z, g)[0], torch.autograd.grad(a_ref, z, g)[0])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("cost", ["quadratic", "cross_entropy"])
+def test_cost_modules_match_formula(cost, reduction):
+    """QuadraticCost / CrossEntropyCost equal the formulas with torch ops; gradients too (float64)."""
+    module = (torchbp.QuadraticCost if cost == "quadratic" else torchbp.CrossEntropyCost)(reduction)
+    a = (0.1 + 0.8 * torch.rand(3, 4, 5, dtype=torch.float64)).requires_grad_()
+    y = torch.rand(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    c, c_ref = module(a, y), _oracle_cost(a, y, cost, reduction)
+    _close(c, c_ref)
+    for got, expected in zip(_grads([c], [a, y]), _grads([c_ref], [a, y])):
+        _close(got, expected)
+    assert repr(module) == f"{type(module).__name__}(reduction={reduction!r})"
+
+
+@pytest.mark.parametrize("module", [torchbp.QuadraticCost, torchbp.CrossEntropyCost])
+def test_cost_module_rejects_bad_reduction(module):
+    """A bad reduction fails at construction, naming the choices and the value given."""
+    with pytest.raises(ValueError, match=re.escape("reduction must be one of ('mean', 'sum', 'none'), got 'avg'")):
+        module("avg")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_same_seed_same_init_as_nn_linear(bias):
+    """The same seed gives torchbp.Linear exactly nn.Linear's initial weight and bias."""
+    torch.manual_seed(123)
+    reference = nn.Linear(7, 5, bias=bias)
+    torch.manual_seed(123)
+    layer = torchbp.Linear(7, 5, bias=bias)
+    assert torch.equal(layer.weight, reference.weight)
+    assert (layer.bias is None) == (reference.bias is None)
+    if bias:
+        assert torch.equal(layer.bias, reference.bias)
+    # The draw advanced the generator by the same amount: the next number is the same for both.
+    torch.manual_seed(123)
+    nn.Linear(7, 5, bias=bias)
+    after_reference = torch.rand(1)
+    torch.manual_seed(123)
+    torchbp.Linear(7, 5, bias=bias)
+    assert torch.equal(torch.rand(1), after_reference)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_repr_equals_nn_linear(bias):
+    """repr and extra_repr read exactly like nn.Linear's."""
+    assert repr(torchbp.Linear(7, 5, bias=bias)) == repr(nn.Linear(7, 5, bias=bias))
+    assert torchbp.Linear(7, 5, bias=bias).extra_repr() == nn.Linear(7, 5, bias=bias).extra_repr()
+
+
+def test_linear_without_bias_registers_none_like_nn_linear():
+    """bias=False: bias is None, registered as a parameter slot, absent from the state_dict, as for nn.Linear."""
+    layer, reference = torchbp.Linear(4, 3, bias=False), nn.Linear(4, 3, bias=False)
+    assert layer.bias is None and "bias" in layer._parameters
+    assert list(layer.state_dict()) == list(reference.state_dict()) == ["weight"]
+    assert [name for name, _ in layer.named_parameters()] == ["weight"]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_state_dict_round_trip_with_nn_linear(bias):
+    """torchbp.Linear's state_dict loads strictly into nn.Linear and back; the values arrive unchanged."""
+    source = torchbp.Linear(4, 3, bias=bias)
+    reference = nn.Linear(4, 3, bias=bias)
+    reference.load_state_dict(source.state_dict(), strict=True)
+    back = torchbp.Linear(4, 3, bias=bias)
+    back.load_state_dict(reference.state_dict(), strict=True)
+    for key, value in source.state_dict().items():
+        assert torch.equal(reference.state_dict()[key], value)
+        assert torch.equal(back.state_dict()[key], value)
+
+
+def test_linear_accepts_factory_kwargs():
+    """device and dtype are passed to the parameters as nn.Linear does."""
+    layer = torchbp.Linear(4, 3, device="meta", dtype=torch.float64)
+    assert layer.weight.device.type == "meta" and layer.weight.dtype == torch.float64
+    assert layer.bias.device.type == "meta" and layer.bias.dtype == torch.float64
+
+
+# --------------------------------------------------------------------------
+# MLP: the same network as nn.Sequential(Linear, Sigmoid, ...)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_mlp_state_dict_round_trip_with_sequential(bias):
+    """MLP's state_dict loads strictly into the equivalent nn.Sequential and back, with the same keys."""
+    model = torchbp.MLP(SIZES, bias=bias)
+    reference = _sequential_like(model)  # loads model -> Sequential strictly
+    assert list(model.state_dict()) == list(reference.state_dict())
+    for p in reference.parameters():
+        nn.init.normal_(p)
+    model.load_state_dict(reference.state_dict(), strict=True)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+    assert [type(m) for m in model] == [torchbp.Linear, torchbp.Sigmoid] * (len(SIZES) - 1)
+    assert model.linears == [model[0], model[2], model[4]]
+    assert len(model) == 2 * (len(SIZES) - 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_mlp_matches_sequential(fused, dtype, device):
+    """Output and gradients (input and every parameter) equal nn.Sequential's; 3-D input."""
+    torch.manual_seed(0)
+    model = torchbp.MLP(SIZES, fused=fused, device=device, dtype=dtype)
+    reference = _sequential_like(model)
+    x = torch.randn(2, 7, SIZES[0], dtype=dtype, device=device, requires_grad=True)
+    a, a_ref = model(x), reference(x)
+    _close(a, a_ref, TOL[dtype], "output")
+    g = torch.randn_like(a)
+    got = torch.autograd.grad(a, [x, *model.parameters()], g)
+    expected = torch.autograd.grad(a_ref, [x, *reference.parameters()], g)
+    for name, gg, ee in zip(["input", *dict(model.named_parameters())], got, expected):
+        _close(gg, ee, TOL[dtype], name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("cost", ["quadratic", "cross_entropy"])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_mlp_cost_matches_sequential(fused, cost, reduction):
+    """MLP.cost equals the cost of nn.Sequential's output; gradients of input, target and parameters too."""
+    torch.manual_seed(1)
+    model = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    reference = _sequential_like(model)
+    x = torch.randn(7, SIZES[0], dtype=torch.float64, requires_grad=True)
+    y = torch.rand(7, SIZES[-1], dtype=torch.float64, requires_grad=True)
+    c, c_ref = model.cost(x, y, cost, reduction), _oracle_cost(reference(x), y, cost, reduction)
+    _close(c, c_ref, what="cost")
+    for gg, ee in zip(_grads([c], [x, y, *model.parameters()]), _grads([c_ref], [x, y, *reference.parameters()])):
+        _close(gg, ee, what="gradient")
+
+
+def test_fused_and_unfused_mlp_agree():
+    """The fused path (one autograd node) and the per-layer path give the same cost and .grad (float64)."""
+    torch.manual_seed(2)
+    unfused = torchbp.MLP(SIZES, dtype=torch.float64)
+    fused = copy.deepcopy(unfused)
+    fused.fused = True
+    x = torch.randn(7, SIZES[0], dtype=torch.float64)
+    y = torch.rand(7, SIZES[-1], dtype=torch.float64)
+    c_unfused, c_fused = unfused.cost(x, y), fused.cost(x, y)
+    _close(c_fused, c_unfused)
+    c_unfused.backward()
+    c_fused.backward()
+    for p_unfused, p_fused in zip(unfused.parameters(), fused.parameters()):
+        _close(p_fused.grad, p_unfused.grad)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_mlp_cost_rejects_bad_cost(fused):
+    """MLP.cost names the allowed costs and the value given."""
+    model = torchbp.MLP([3, 2], fused=fused)
+    with pytest.raises(ValueError, match=re.escape("cost must be one of ('quadratic', 'cross_entropy'), got 'l1'")):
+        model.cost(torch.zeros(4, 3), torch.zeros(4, 2), cost="l1")
+
+
+@pytest.mark.parametrize("sizes", [[3], [], [3, 0], [3, -2], [3, 2.0], [True, 2], [3, "2"]], ids=str)
+def test_mlp_rejects_bad_sizes(sizes):
+    """sizes must be at least two positive ints; the message shows what was given."""
+    with pytest.raises(ValueError, match=re.escape(f"MLP: sizes must be at least two positive ints (input first), got {sizes}")):
+        torchbp.MLP(sizes)
+
+
+def test_mlp_repr_names_sizes_and_path():
+    """repr shows the layers like nn.Sequential plus sizes and whether the network is fused."""
+    text = repr(torchbp.MLP([3, 2], fused=True))
+    assert text.startswith("MLP(\n  sizes=[3, 2], fused=True\n")
+    assert "(0): Linear(in_features=3, out_features=2, bias=True)" in text and "(1): Sigmoid()" in text
+
+
+# --------------------------------------------------------------------------
+# The notes' recursion by hand, one sample, column vectors
+# --------------------------------------------------------------------------
+
+
+def _phi(z):
+    return 1 / (1 + torch.exp(-z))  # the notes' φ, written out rather than torch.sigmoid
+
+
+def _by_hand(model: torchbp.MLP, x: torch.Tensor, y: torch.Tensor, cost: str):
+    """The notes' backpropagation for one sample: x (n_0, 1), y (n_L, 1) column vectors.
+
+    Returns (∇_x C, [∇_{W^l} C], [∇_{b^l} C]) for C = ½‖a^L − y‖² (or the cross entropy).
+    """
+    weights = [m.weight.detach() for m in model.linears]
+    biases = [m.bias.detach().reshape(-1, 1) for m in model.linears]  # b^l as a column vector
+    a, z = [x], []
+    for W, b in zip(weights, biases):
+        z.append(W @ a[-1] + b)  # z^l = W^l a^{l-1} + b^l
+        a.append(_phi(z[-1]))  # a^l = φ(z^l)
+    dphi = [_phi(zl) * (1 - _phi(zl)) for zl in z]  # φ'(z) = φ(z)(1 − φ(z))
+    L = len(weights)
+    delta = [None] * L
+    if cost == "quadratic":
+        delta[L - 1] = (a[L] - y) * dphi[L - 1]  # δ^L = ∇_a C ∘ φ'(z^L), ∇_a C = a − y
+    else:
+        delta[L - 1] = a[L] - y  # cross entropy: δ^L = a^L − y
+    for l in range(L - 1, 0, -1):
+        delta[l - 1] = dphi[l - 1] * (weights[l].T @ delta[l])  # δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l
+    grad_w = [delta[l] @ a[l].T for l in range(L)]  # ∇_{W^l} C = δ^l (a^{l-1})^T
+    grad_b = [delta[l] for l in range(L)]  # ∇_{b^l} C = δ^l
+    grad_x = weights[0].T @ delta[0]  # the input as one more layer: (W^1)^T δ^1
+    return grad_x, grad_w, grad_b
+
+
+@pytest.mark.parametrize(
+    "path", ["MLP.cost-sum", "MLP.cost-mean", "QuadraticCost-sum", "MLP.cost-cross_entropy"]
+)
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_gradients_equal_the_notes_recursion_by_hand(fused, path):
+    """Every .grad (and ∇_x C) equals δ^l (a^{l-1})^T and δ^l from the notes' recursion for one sample."""
+    torch.manual_seed(3)
+    model = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    x = torch.randn(SIZES[0], 1, dtype=torch.float64)  # one sample as a column vector
+    y = torch.rand(SIZES[-1], 1, dtype=torch.float64)
+    cost = "cross_entropy" if path.endswith("cross_entropy") else "quadratic"
+    x_row = x.T.clone().requires_grad_()  # the module takes samples as rows: (1, n_0)
+    if path.startswith("MLP.cost"):
+        c = model.cost(x_row, y.T, cost, reduction="mean" if path.endswith("mean") else "sum")
+    else:
+        c = torchbp.QuadraticCost("sum")(model(x_row), y.T)
+    c.backward()
+    grad_x, grad_w, grad_b = _by_hand(model, x, y, cost)
+    _close(x_row.grad, grad_x.T, what="∇_x C")
+    for l, layer in enumerate(model.linears):
+        _close(layer.weight.grad, grad_w[l], what=f"∇_W C of layer {l + 1}")
+        _close(layer.bias.grad, grad_b[l].reshape(-1), what=f"∇_b C of layer {l + 1}")
+
+
+# --------------------------------------------------------------------------
+# needs_input_grad: frozen parameters and inputs get no gradient
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_frozen_parameters_get_no_grad(fused):
+    """A frozen weight and an input without requires_grad get no .grad; the others equal nn.Sequential's."""
+    torch.manual_seed(4)
+    model = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    reference = _sequential_like(model)
+    for m in (model, reference):
+        m[2].weight.requires_grad_(False)  # layer 2's weight frozen
+    x = torch.randn(5, SIZES[0], dtype=torch.float64)  # no requires_grad
+    y = torch.rand(5, SIZES[-1], dtype=torch.float64)
+    model.cost(x, y).backward()
+    _oracle_cost(reference(x), y).backward()
+    assert model[2].weight.grad is None and x.grad is None
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            _close(p.grad, p_ref.grad, what=name)
+
+
+def test_linear_without_any_gradient_needed_builds_no_graph():
+    """Input and parameters all frozen: the output needs no gradient, as with nn.Linear."""
+    layer = torchbp.Linear(4, 3).requires_grad_(False)
+    assert not layer(torch.randn(2, 4)).requires_grad
+    with torch.no_grad():
+        assert not torchbp.MLP([4, 3], fused=True)(torch.randn(2, 4)).requires_grad
+
+
+# --------------------------------------------------------------------------
+# convert(): swap Linear and Sigmoid anywhere, nothing else
+# --------------------------------------------------------------------------
+
+
+class _Net(nn.Module):
+    """Sequential inside a ModuleList inside a ModuleDict inside a custom module, plus ReLU and LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleDict({
+            "body": nn.ModuleList([nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.LayerNorm(5)), nn.ReLU()]),
+        })
+        self.head = nn.Linear(5, 3, bias=False)
+        self.out = nn.Sigmoid()
+
+    def forward(self, x):
+        block, relu = self.blocks["body"]
+        return self.out(self.head(relu(block(x))))
+
+
+def _count(model, cls):
+    return sum(type(m) is cls for m in model.modules())
+
+
+def _net(dtype=torch.float64):
+    torch.manual_seed(5)
+    return _Net().to(dtype)
+
+
+def test_convert_swaps_every_linear_and_sigmoid_only():
+    """All nn.Linear / nn.Sigmoid in nested containers become torchbp's; ReLU and LayerNorm stay."""
+    original = _net()
+    model = torchbp.convert(original)
+    assert _count(model, nn.Linear) == 0 and _count(model, nn.Sigmoid) == 0
+    assert _count(model, torchbp.Linear) == 2 and _count(model, torchbp.Sigmoid) == 2
+    assert _count(model, nn.LayerNorm) == 1 and _count(model, nn.ReLU) == 1
+    assert model.head.bias is None and model.head.extra_repr() == original.head.extra_repr()
+    assert list(model.state_dict()) == list(original.state_dict())
+    for key, value in original.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+        assert model.state_dict()[key].dtype == torch.float64  # dtype carried
+
+
+def test_convert_keeps_outputs_and_gradients():
+    """The converted model computes the same output and gradients (input and parameters) as the original."""
+    original = _net()
+    model = torchbp.convert(original)
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    a, a_ref = model(x), original(x)
+    _close(a, a_ref)
+    g = torch.randn_like(a)
+    for gg, ee in zip(torch.autograd.grad(a, [x, *model.parameters()], g),
+                      torch.autograd.grad(a_ref, [x, *original.parameters()], g)):
+        _close(gg, ee)
+
+
+def test_convert_copy_leaves_original_untouched():
+    """inplace=False: the original keeps its nn modules and Parameters; the copy's parameters are new tensors."""
+    original = _net()
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    model = torchbp.convert(original, inplace=False)
+    assert model is not original
+    assert _count(original, nn.Linear) == 2 and _count(original, nn.Sigmoid) == 2
+    assert all(p is not q for p, q in zip(model.parameters(), original.parameters()))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for key, value in original.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_convert_inplace_shares_parameters_and_optimizer_keeps_working():
+    """inplace=True: the same Parameter objects, so an optimizer built before converting updates the model."""
+    original = _net()
+    params = list(original.parameters())
+    layer_norm = original.blocks["body"][0][2]
+    optimizer = torch.optim.SGD(original.parameters(), lr=0.5)
+    model = torchbp.convert(original, inplace=True)
+    assert model is original and model.blocks["body"][0][2] is layer_norm  # untouched module kept as is
+    assert all(p is q for p, q in zip(model.parameters(), params))
+    x = torch.randn(6, 4, dtype=torch.float64)
+    model(x).square().sum().backward()
+    expected = [(p - 0.5 * p.grad).detach() for p in params]  # plain SGD: W ← W − η ∇_W C
+    optimizer.step()
+    for p, e in zip(model.parameters(), expected):
+        _close(p.detach(), e)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_convert_carries_training_mode(inplace):
+    """An eval model converts to an eval model, a training one to a training one, module by module."""
+    original = _net()
+    original.eval()
+    original.head.train()  # mixed modes are carried one by one
+    modes = [m.training for m in original.modules()]
+    model = torchbp.convert(original, inplace=inplace)
+    assert [m.training for m in model.modules()] == modes
+
+
+def test_convert_a_bare_module_and_bad_argument():
+    """convert() swaps the module itself; a non-module is a TypeError naming the type."""
+    layer = nn.Linear(3, 2)
+    converted = torchbp.convert(layer, inplace=True)
+    assert type(converted) is torchbp.Linear and converted.weight is layer.weight
+    assert type(torchbp.convert(nn.Sigmoid())) is torchbp.Sigmoid
+    relu = nn.ReLU()
+    assert torchbp.convert(relu, inplace=True) is relu
+    with pytest.raises(TypeError, match="convert\\(\\): module must be a torch.nn.Module, got list"):
+        torchbp.convert([nn.Linear(3, 2)])
+
+
+def test_convert_rejects_uninitialized_lazy_linear():
+    """A LazyLinear has no shape yet: convert() says to run a forward pass first."""
+    with pytest.raises(ValueError, match="LazyLinear has uninitialized parameters"):
+        torchbp.convert(nn.Sequential(nn.LazyLinear(3)))
+
+
+# --------------------------------------------------------------------------
+# Delta hooks: δ^l = ∂C/∂z^l during backward
+# --------------------------------------------------------------------------
+
+
+def _reference_deltas(model: torchbp.MLP, x, y, cost="quadratic"):
+    """δ^l = torch.autograd.grad(C, z^l) on the equivalent nn.Sequential, z^l caught by forward hooks."""
+    reference = _sequential_like(model)
+    zs = []
+    for m in reference:
+        if isinstance(m, nn.Linear):
+            m.register_forward_hook(lambda module, inputs, z: zs.append(z))
+    c = _oracle_cost(reference(x), y, cost)
+    return torch.autograd.grad(c, zs)
+
+
+def _record(model: torchbp.MLP):
+    calls, handles = [], []
+    for layer in model.linears:
+        handles.append(layer.register_delta_hook(lambda module, delta: calls.append((module, delta.detach().clone()))))
+    return calls, handles
+
+
+@pytest.mark.parametrize("cost", ["quadratic", "cross_entropy"])
+@pytest.mark.parametrize("via", ["forward+cost", "MLP.cost"])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_delta_hooks_receive_dC_dz(fused, via, cost):
+    """Each Linear's hook gets (module, δ^l) with δ^l = ∂C/∂z^l of the nn model, once, from layer L down."""
+    torch.manual_seed(6)
+    model = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    x = torch.randn(2, 3, SIZES[0], dtype=torch.float64)  # 3-D: δ has shape (*, out_features)
+    y = torch.rand(2, 3, SIZES[-1], dtype=torch.float64)
+    calls, _ = _record(model)
+    if via == "MLP.cost":
+        c = model.cost(x, y, cost)
+    else:
+        c = (torchbp.QuadraticCost() if cost == "quadratic" else torchbp.CrossEntropyCost())(model(x), y)
+    assert calls == []  # nothing in forward
+    c.backward()
+    expected = _reference_deltas(model, x, y, cost)
+    assert [module for module, _ in calls] == model.linears[::-1]  # backward runs from the output layer down
+    for (module, delta), l in zip(calls, range(len(expected) - 1, -1, -1)):
+        assert delta.shape == (2, 3, SIZES[l + 1])
+        _close(delta, expected[l], what=f"δ of layer {l + 1}")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_delta_hook_removed_by_handle(fused):
+    """handle.remove() stops that hook; another hook on the same layer keeps being called."""
+    model = torchbp.MLP([4, 3, 2], fused=fused)
+    layer = model.linears[1]
+    first, second = [], []
+    handle = layer.register_delta_hook(lambda module, delta: first.append(delta))
+    layer.register_delta_hook(lambda module, delta: second.append(delta))
+    x = torch.randn(5, 4)
+    model(x).sum().backward()
+    assert len(first) == 1 and len(second) == 1
+    handle.remove()
+    model(x).sum().backward()
+    assert len(first) == 1 and len(second) == 2
+
+
+def test_delta_hook_of_a_single_linear():
+    """On a lone torchbp.Linear the hook's δ is the grad_output: ∂(Σ g∘z)/∂z = g."""
+    layer = torchbp.Linear(4, 3, dtype=torch.float64)
+    seen = []
+    handle = layer.register_delta_hook(lambda module, delta: seen.append((module, delta)))
+    z = layer(torch.randn(5, 4, dtype=torch.float64))
+    g = torch.randn_like(z)
+    z.backward(g)
+    assert len(seen) == 1 and seen[0][0] is layer
+    _close(seen[0][1], g)
+    handle.remove()
+    layer(torch.randn(5, 4, dtype=torch.float64)).sum().backward()
+    assert len(seen) == 1
+
+
+def test_fused_and_unfused_hooks_see_the_same_deltas():
+    """The fused backward calls the Linear layers' hooks with the δ^l of the per-layer path."""
+    torch.manual_seed(7)
+    unfused = torchbp.MLP(SIZES, dtype=torch.float64)
+    fused = copy.deepcopy(unfused)
+    fused.fused = True
+    x, y = torch.randn(5, SIZES[0], dtype=torch.float64), torch.rand(5, SIZES[-1], dtype=torch.float64)
+    calls_unfused, _ = _record(unfused)
+    calls_fused, _ = _record(fused)
+    unfused.cost(x, y).backward()
+    fused.cost(x, y).backward()
+    assert [fused.linears.index(m) for m, _ in calls_fused] == [unfused.linears.index(m) for m, _ in calls_unfused]
+    for (_, d_fused), (_, d_unfused) in zip(calls_fused, calls_unfused):
+        _close(d_fused, d_unfused)
+
+
+def test_functional_mlp_delta_hook_gets_layer_index():
+    """F.mlp's delta_hook(layer_index, δ) is called for layers L-1 .. 0 with δ^l = ∂C/∂z^l."""
+    torch.manual_seed(8)
+    model = torchbp.MLP(SIZES, dtype=torch.float64)
+    x, y = torch.randn(5, SIZES[0], dtype=torch.float64), torch.rand(5, SIZES[-1], dtype=torch.float64)
+    seen = []
+    weights = [m.weight for m in model.linears]
+    biases = [m.bias for m in model.linears]
+    c, _ = F.mlp_cost(x, y, weights, biases, delta_hook=lambda l, delta: seen.append((l, delta)))
+    c.backward()
+    expected = _reference_deltas(model, x, y)
+    assert [l for l, _ in seen] == [2, 1, 0]
+    for l, delta in seen:
+        _close(delta, expected[l])

@@ -1,0 +1,295 @@
+"""torchbp under torch's transforms: torch.func, torch.compile and autocast.
+
+* torch.func: per-sample gradients (vmap over grad with functional_call)
+  equal a Python loop of single-sample backward passes; vmap, jacrev, jvp and
+  hessian of the Functions equal those of torch's own ops (float64, 1e-12).
+* torch.compile(fullgraph=True): forward and gradients equal eager mode.
+* autocast: torchbp's MLP and costs against the same torch.nn network under
+  torch.autocast: same output dtypes, outputs and float32 gradients within
+  the lower precision's rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch import nn
+from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
+
+import torchbp
+from torchbp import functional as F
+
+SIZES = [6, 5, 3]
+N = 4
+
+
+def _close(actual, expected, tol=1e-12, what=""):
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}" if what else m)
+
+
+def _sequential_like(model: torchbp.MLP) -> nn.Sequential:
+    """The torch.nn network with the same layers, loaded from ``model``'s state_dict (strict)."""
+    layers = []
+    for n_in, n_out in zip(model.sizes[:-1], model.sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), nn.Sigmoid()]
+    p = model.linears[0].weight
+    reference = nn.Sequential(*layers).to(dtype=p.dtype, device=p.device)
+    reference.load_state_dict(model.state_dict(), strict=True)
+    return reference
+
+
+def _oracle_cost(a, y, cost="quadratic"):
+    """The notes' C = ½‖a − y‖² (or the cross entropy) per sample, averaged over samples, with torch ops."""
+    if cost == "quadratic":
+        return (0.5 * (a - y) ** 2).sum(-1).mean()
+    return -(y * torch.log(a) + (1 - y) * torch.log(1 - a)).sum(-1).mean()
+
+
+def _oracle_mlp(x, w1, b1, w2, b2):
+    return torch.sigmoid(TF.linear(torch.sigmoid(TF.linear(x, w1, b1)), w2, b2))
+
+
+# torchbp function, the same function with torch's ops, and the shapes of its arguments.
+# Activations and targets ("a", "y") lie in (0.2, 0.8) so the cross entropy is smooth.
+FUNCTIONS = {
+    "linear": (F.linear, TF.linear, [("x", (N, 6)), ("w", (5, 6)), ("b", (5,))]),
+    "sigmoid": (F.sigmoid, torch.sigmoid, [("z", (N, 5))]),
+    "quadratic_cost": (F.quadratic_cost, _oracle_cost, [("a", (N, 3)), ("y", (N, 3))]),
+    "cross_entropy_cost": (
+        lambda a, y: F.cross_entropy_cost(a, y, "none"),
+        lambda a, y: TF.binary_cross_entropy(a, y, reduction="none").sum(-1),
+        [("a", (N, 3)), ("y", (N, 3))],
+    ),
+    "mlp": (
+        lambda x, w1, b1, w2, b2: F.mlp(x, [w1, w2], [b1, b2]),
+        _oracle_mlp,
+        [("x", (N, 6)), ("w1", (5, 6)), ("b1", (5,)), ("w2", (3, 5)), ("b2", (3,))],
+    ),
+    "mlp_cost": (
+        lambda x, y, w1, b1, w2, b2: F.mlp_cost(x, y, [w1, w2], [b1, b2], cost="cross_entropy"),
+        lambda x, y, w1, b1, w2, b2: (_oracle_cost(a := _oracle_mlp(x, w1, b1, w2, b2), y, "cross_entropy"), a),
+        [("x", (N, 6)), ("y", (N, 3)), ("w1", (5, 6)), ("b1", (5,)), ("w2", (3, 5)), ("b2", (3,))],
+    ),
+}
+
+
+def _args(spec, gen, batch=()):
+    out = []
+    for kind, shape in spec:
+        t = torch.rand((*batch, *shape), generator=gen, dtype=torch.float64)
+        out.append(0.2 + 0.6 * t if kind in ("a", "y") else 2 * t - 1)
+    return out
+
+
+# --------------------------------------------------------------------------
+# torch.func
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_jacrev_matches_torch_ops(name):
+    """The full Jacobian (reverse mode, every argument) equals that of torch's ops."""
+    fn, oracle, spec = FUNCTIONS[name]
+    args = _args(spec, torch.Generator().manual_seed(0))
+    argnums = tuple(range(len(args)))
+    got, expected = jacrev(fn, argnums=argnums)(*args), jacrev(oracle, argnums=argnums)(*args)
+    for g, e in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected), strict=True):
+        _close(g, e)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_jvp_matches_torch_ops(name):
+    """Forward mode (torch.func.jvp, tangents for every argument) equals that of torch's ops."""
+    fn, oracle, spec = FUNCTIONS[name]
+    gen = torch.Generator().manual_seed(1)
+    args = tuple(_args(spec, gen))
+    tangents = tuple(torch.randn(a.shape, generator=gen, dtype=a.dtype) for a in args)
+    (out, out_t), (exp, exp_t) = jvp(fn, args, tangents), jvp(oracle, args, tangents)
+    for g, e in zip(torch.utils._pytree.tree_leaves((out, out_t)), torch.utils._pytree.tree_leaves((exp, exp_t)),
+                    strict=True):
+        _close(g, e)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_vmap_matches_loop(name):
+    """vmap over a leading dimension of every argument (weights included) equals a loop over it."""
+    fn, _, spec = FUNCTIONS[name]
+    args = _args(spec, torch.Generator().manual_seed(2), batch=(3,))
+    got = vmap(fn)(*args)
+    loop = [fn(*(a[i] for a in args)) for i in range(3)]
+    expected = torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *loop)
+    for g, e in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected), strict=True):
+        _close(g, e)
+
+
+def test_hessian_of_fused_cost_matches_torch_ops():
+    """hessian (forward over reverse) of the fused network-and-cost wrt the input equals torch's."""
+    fn, oracle, spec = FUNCTIONS["mlp_cost"]
+    x, *rest = _args(spec, torch.Generator().manual_seed(3))
+    got = hessian(lambda x: fn(x, *rest)[0])(x)
+    expected = hessian(lambda x: oracle(x, *rest)[0])(x)
+    _close(got, expected)
+
+
+class _CostOf(nn.Module):
+    """``mlp.cost(x, y, cost)`` as a module's forward, so functional_call can drive it."""
+
+    def __init__(self, mlp: torchbp.MLP, cost: str):
+        super().__init__()
+        self.mlp, self.cost = mlp, cost
+
+    def forward(self, x, y):
+        return self.mlp.cost(x, y, self.cost)
+
+
+@pytest.mark.parametrize("path", ["forward+QuadraticCost", "MLP.cost-quadratic", "MLP.cost-cross_entropy"])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_per_sample_gradients_equal_a_loop(fused, path):
+    """vmap(grad(C)) with functional_call gives each sample's gradients, equal to one backward per sample."""
+    torch.manual_seed(4)
+    mlp = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    if path == "forward+QuadraticCost":
+        def sample_cost(params, x, y):
+            return torchbp.QuadraticCost()(functional_call(mlp, params, (x,)), y)
+        module = mlp
+    else:
+        module = _CostOf(mlp, path.removeprefix("MLP.cost-"))
+
+        def sample_cost(params, x, y):
+            return functional_call(module, params, (x, y))
+
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    x = torch.randn(N, SIZES[0], dtype=torch.float64)
+    y = torch.rand(N, SIZES[-1], dtype=torch.float64)
+    per_sample = vmap(grad(sample_cost), in_dims=(None, 0, 0))(params, x, y)
+    for n in range(N):
+        module.zero_grad()
+        if path == "forward+QuadraticCost":
+            torchbp.QuadraticCost()(mlp(x[n]), y[n]).backward()
+        else:
+            module(x[n], y[n]).backward()
+        for name, p in module.named_parameters():
+            _close(per_sample[name][n], p.grad, what=f"sample {n}, {name}")
+
+
+# --------------------------------------------------------------------------
+# torch.compile(fullgraph=True)
+# --------------------------------------------------------------------------
+
+COMPILE_TOL = 1e-10  # float64; the compiler may fuse and reorder arithmetic, so not bit-exact
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("path", ["unfused", "fused", "fused-cost"])
+def test_compile_fullgraph_matches_eager(path, fresh_dynamo):
+    """torch.compile(fullgraph=True) traces without graph breaks; output and every gradient equal eager mode."""
+    torch.manual_seed(5)
+    model = torchbp.MLP(SIZES, fused=path != "unfused", dtype=torch.float64)
+    x = torch.randn(N, SIZES[0], dtype=torch.float64, requires_grad=True)
+    y = torch.rand(N, SIZES[-1], dtype=torch.float64)
+    if path == "fused-cost":
+        def run(x):
+            return model.cost(x, y)
+    else:
+        def run(x):
+            return model(x).square().sum()
+    compiled = torch.compile(run, fullgraph=True)
+    c_compiled = compiled(x)
+    grads_compiled = torch.autograd.grad(c_compiled, [x, *model.parameters()])
+    c_eager = run(x)
+    grads_eager = torch.autograd.grad(c_eager, [x, *model.parameters()])
+    _close(c_compiled, c_eager, COMPILE_TOL, "output")
+    for name, g, e in zip(["input", *dict(model.named_parameters())], grads_compiled, grads_eager):
+        _close(g, e, COMPILE_TOL, name)
+    # And eager mode is right: the same as torch.nn's network.
+    reference = _sequential_like(model)
+    expected = _oracle_cost(reference(x), y) if path == "fused-cost" else reference(x).square().sum()
+    _close(c_eager, expected, 1e-12, "eager vs torch.nn")
+
+
+# --------------------------------------------------------------------------
+# Autocast
+# --------------------------------------------------------------------------
+
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+AUTOCAST = [
+    pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16"),
+    pytest.param("cuda", torch.float16, id="cuda-float16", marks=_needs_cuda),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bfloat16", marks=_needs_cuda),
+]
+# Relative to the largest value compared. Unit roundoff is 2^-8 ≈ 3.9e-3 (bfloat16) and
+# 2^-11 ≈ 4.9e-4 (float16); the hand-written backward rounds in a different order than
+# torch's (measured: up to 2 units on the CPU), so allow about 5 units.
+AUTOCAST_TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def _close_relative_to_max(actual, expected, tol, what):
+    """|actual − expected| ≤ tol · max|expected| elementwise: rounding error scales with the largest value."""
+    atol = tol * expected.detach().abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _autocast_models(device, fused):
+    torch.manual_seed(6)
+    model = torchbp.MLP([20, 16, 10], fused=fused, device=device)  # float32 parameters
+    return model, _sequential_like(model)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("device, dtype", AUTOCAST)
+def test_autocast_forward_matches_torch_nn(device, dtype, fused):
+    """Under autocast the network runs in the lower dtype as nn.Sequential does; float32 gradients agree."""
+    model, reference = _autocast_models(device, fused)
+    x = torch.randn(8, 20, device=device)
+    g = torch.randn(8, 10, device=device)
+    with torch.autocast(device, dtype=dtype):
+        a, a_ref = model(x), reference(x)
+    assert a.dtype == a_ref.dtype == dtype
+    tol = AUTOCAST_TOL[dtype]
+    _close_relative_to_max(a.float(), a_ref.float(), tol, "output")
+    a.backward(g.to(a.dtype))
+    a_ref.backward(g.to(a_ref.dtype))
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        assert p.grad.dtype == p_ref.grad.dtype == torch.float32
+        _close_relative_to_max(p.grad, p_ref.grad, tol, name)
+
+
+@pytest.mark.parametrize("cost", ["quadratic", "cross_entropy"])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("device, dtype", AUTOCAST)
+def test_autocast_cost_matches_torch_nn(device, dtype, fused, cost):
+    """MLP.cost under autocast: float32 cost like torch's losses, close to nn.Sequential's; float32 gradients agree."""
+    model, reference = _autocast_models(device, fused)
+    x = torch.randn(8, 20, device=device)
+    y = torch.rand(8, 10, device=device)
+    with torch.autocast(device, dtype=dtype):
+        c = model.cost(x, y, cost)
+        # torch's losses run in float32 under autocast (mse_loss, binary_cross_entropy are on its float32 list)
+        c_ref = _oracle_cost(reference(x).float(), y, cost)
+    assert c.dtype == c_ref.dtype == torch.float32
+    tol = AUTOCAST_TOL[dtype]
+    _close_relative_to_max(c, c_ref, tol, "cost")
+    c.backward()
+    c_ref.backward()
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        assert p.grad.dtype == torch.float32
+        _close_relative_to_max(p.grad, p_ref.grad, tol, name)
+
+
+@pytest.mark.parametrize("device, dtype", AUTOCAST)
+def test_autocast_functional_costs_run_in_float32(device, dtype):
+    """The costs alone cast a lower-precision a to float32, as autocast does for torch's losses."""
+    a = (0.2 + 0.6 * torch.rand(8, 10, device=device)).to(dtype)
+    y = torch.rand(8, 10, device=device)
+    with torch.autocast(device, dtype=dtype):
+        for fn, cost in ((F.quadratic_cost, "quadratic"), (F.cross_entropy_cost, "cross_entropy")):
+            c = fn(a, y)
+            assert c.dtype == torch.float32
+            _close(c, _oracle_cost(a.float(), y, cost), 1e-5, cost)
