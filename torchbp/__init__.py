@@ -2,6 +2,7 @@
 
 from torchbp import functional
 from torchbp.nn import MLP, CrossEntropyCost, Linear, QuadraticCost, Sigmoid, convert
+from torchbp.monitor import DeltaMonitor
 
-__all__ = ["functional", "Linear", "Sigmoid", "QuadraticCost", "CrossEntropyCost", "MLP", "convert"]
+__all__ = ["functional", "Linear", "Sigmoid", "QuadraticCost", "CrossEntropyCost", "MLP", "convert", "DeltaMonitor"]
 __version__ = "0.1.0"

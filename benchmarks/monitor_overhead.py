@@ -1,0 +1,93 @@
+"""Time per training step with a DeltaMonitor attached vs without, MLP [784, 100, 10], batch 64, CPU.
+
+One step is zero_grad, the quadratic cost (``model.cost``), backward and an
+SGD step; with the monitor on, the monitor is popped once per repeat as a
+training loop would at a logging step. Off and on alternate (A B A B ...)
+so that load from other processes hits both alike; the ratio of the medians
+is reported, unfused and fused. Target: at most 1.05. Times are the CPU time
+of the calling thread (``time.thread_time``, one torch thread by default), which
+other processes' load disturbs less than wall time. The monitor's own work is
+also timed alone: its hooks called directly with δ of the step's shapes.
+
+    python -m benchmarks.monitor_overhead [--repeats 9] [--steps 200] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import torchbp
+
+
+def _steps(model: torchbp.MLP, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, n: int) -> None:
+    for _ in range(n):
+        opt.zero_grad()
+        model.cost(x, y, cost="quadratic").backward()
+        opt.step()
+
+
+def measure(fused: bool, repeats: int = 9, steps: int = 200, batch: int = 64, seed: int = 0) -> dict:
+    """Median seconds per step with the monitor off and on, and their ratio (on / off)."""
+    torch.manual_seed(seed)
+    model = torchbp.MLP([784, 100, 10], fused=fused)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.rand(batch, 784), torch.rand(batch, 10)
+    _steps(model, opt, x, y, steps)  # warm-up
+    times: dict[str, list[float]] = {"off": [], "on": [], "empty": []}
+    for _ in range(repeats):
+        for mode in times:
+            monitor = torchbp.DeltaMonitor(model) if mode == "on" else None
+            # "empty": do-nothing delta hooks, the cost of torchbp's hook mechanism alone
+            handles = [m.register_delta_hook(lambda module, delta: None) for m in model.linears] if mode == "empty" else []
+            start = time.thread_time()
+            _steps(model, opt, x, y, steps)
+            if monitor is not None:
+                monitor.pop()
+            times[mode].append((time.thread_time() - start) / steps)
+            if monitor is not None:
+                monitor.close()
+            for handle in handles:
+                handle.remove()
+    off, on, empty = (statistics.median(times[mode]) for mode in ("off", "on", "empty"))
+    return {"fused": fused, "off_s": off, "on_s": on, "empty_s": empty, "ratio": on / off, "empty_ratio": empty / off}
+
+
+def hook_cost(passes: int = 3200, batch: int = 64) -> float:
+    """CPU seconds of the monitor's own work per backward pass, all layers of the MLP, pop included."""
+    model = torchbp.MLP([784, 100, 10])
+    deltas = [torch.rand(batch, m.out_features) for m in model.linears]  # δ^l: (N, out)
+    monitor = torchbp.DeltaMonitor(model)
+    hooks = [next(iter(m._delta_hooks.values())) for m in model.linears]
+    start = time.thread_time()
+    for _ in range(passes):
+        for m, hook, delta in zip(model.linears, hooks, deltas):
+            hook(m, delta)
+    monitor.pop()
+    seconds = (time.thread_time() - start) / passes
+    monitor.close()
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9, help="off/on pairs, interleaved (default: 9)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps per timing (default: 200)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"MLP [784, 100, 10], batch 64, CPU, {args.threads} thread(s), {args.repeats} x {args.steps} steps")
+    print("| model | step, monitor off | step, monitor on | ratio on/off (medians) | do-nothing hooks / off |")
+    print("|---|---|---|---|---|")
+    for fused in (False, True):
+        r = measure(fused, args.repeats, args.steps)
+        name = "fused" if fused else "unfused"
+        print(f"| {name} | {r['off_s'] * 1e6:.0f} µs | {r['on_s'] * 1e6:.0f} µs | {r['ratio']:.3f} | {r['empty_ratio']:.3f} |")
+    print(f"monitor's own work per backward pass (2 layers, hooks called directly): {hook_cost() * 1e6:.1f} µs")
+
+
+if __name__ == "__main__":
+    main()

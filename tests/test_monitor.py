@@ -1,0 +1,221 @@
+"""DeltaMonitor against an independent oracle: δ = ∂C/∂z from torch.autograd.grad on the equivalent torch.nn model.
+
+The oracle captures every nn.Linear output z with forward hooks and asks
+torch.autograd for ∂C/∂z; from it the statistics are formed by hand. All in
+float64, tolerance 1e-6 (relative and absolute).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import torchbp
+
+TOL = dict(rtol=1e-6, atol=1e-6)
+DT = torch.float64
+
+
+def nn_mlp(sizes):
+    layers = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out, dtype=DT), nn.Sigmoid()]
+    return nn.Sequential(*layers)
+
+
+def oracle_stats(model: nn.Module, x, y, reduction="mean"):
+    """{name: (norm, sample_norm, max_abs)} of one backward pass of the quadratic cost, from torch's own autograd."""
+    zs = {}
+    handles = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: zs.__setitem__(name, out))
+        for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    ]
+    a = model(x)
+    per_sample = 0.5 * ((a - y) ** 2).sum(-1)
+    c = per_sample.mean() if reduction == "mean" else per_sample.sum()
+    deltas = torch.autograd.grad(c, list(zs.values()))
+    for h in handles:
+        h.remove()
+    n = per_sample.numel()
+    stats = {}
+    for name, delta in zip(zs, deltas):
+        rows = delta.reshape(-1, delta.shape[-1])  # (*, out) -> (N, out)
+        factor = n if reduction == "mean" else 1
+        stats[name] = (
+            rows.sum(0).norm().item(),
+            (rows.norm(dim=1) * factor).mean().item(),
+            rows.abs().max().item(),
+        )
+    return stats
+
+
+def assert_close(popped, expected):
+    assert set(popped) == set(expected)
+    for name, (norm, sample_norm, max_abs) in expected.items():
+        got = popped[name]
+        torch.testing.assert_close(got["norm"], norm, **TOL)
+        torch.testing.assert_close(got["sample_norm"], sample_norm, **TOL)
+        torch.testing.assert_close(got["max_abs"], max_abs, **TOL)
+
+
+def mean_stats(per_pass):
+    return {k: tuple(sum(p[k][i] for p in per_pass) / len(per_pass) for i in range(3)) for k in per_pass[0]}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("flush_every", [1, 2, 32])
+def test_mlp_stats_match_autograd_averaged_over_passes(fused, flush_every):
+    """Three backward passes (different batches, one smaller) then one pop: the mean of the oracle's per-pass stats."""
+    torch.manual_seed(0)
+    ref = nn_mlp([6, 5, 4, 3])
+    model = torchbp.MLP([6, 5, 4, 3], fused=fused, dtype=DT)
+    model.load_state_dict(ref.state_dict())
+    batches = [(torch.randn(n, 6, dtype=DT), torch.rand(n, 3, dtype=DT)) for n in (7, 7, 4)]
+    with torchbp.DeltaMonitor(model, flush_every=flush_every) as monitor:
+        for x, y in batches:
+            model.cost(x, y).backward()
+        popped = monitor.pop()
+    assert_close(popped, mean_stats([oracle_stats(ref, x, y) for x, y in batches]))
+
+
+def test_sum_reduction_has_no_batch_factor():
+    """reduction="sum": sample_norm is the plain mean of ‖δ_n‖ of a summed cost."""
+    torch.manual_seed(1)
+    ref = nn_mlp([4, 3, 2])
+    model = torchbp.MLP([4, 3, 2], dtype=DT)
+    model.load_state_dict(ref.state_dict())
+    x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)
+    with torchbp.DeltaMonitor(model, reduction="sum") as monitor:
+        model.cost(x, y, reduction="sum").backward()
+        assert_close(monitor.pop(), oracle_stats(ref, x, y, reduction="sum"))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.ModuleDict({"proj": nn.Linear(5, 4, dtype=DT), "act": nn.Sigmoid()})
+        self.skip = nn.Linear(5, 4, dtype=DT)
+
+    def forward(self, a):
+        return self.inner["act"](self.inner["proj"](a)) + self.skip(a)
+
+
+def test_converted_nested_model_with_leading_dims():
+    """convert()-ed nested model, input (2, 3, 6): names are nn's qualified names, samples are all leading dims."""
+    torch.manual_seed(2)
+    ref = nn.Sequential(nn.Linear(6, 5, dtype=DT), nn.Sigmoid(), Block(), nn.Sequential(nn.Linear(4, 3, dtype=DT)))
+    model = torchbp.convert(ref)
+    x, y = torch.randn(2, 3, 6, dtype=DT), torch.rand(2, 3, 3, dtype=DT)
+    with torchbp.DeltaMonitor(model) as monitor:
+        assert monitor.layer_names == ("0", "2.inner.proj", "2.skip", "3.0")
+        torchbp.QuadraticCost()(model(x), y).backward()
+        assert_close(monitor.pop(), oracle_stats(ref, x, y))
+
+
+def test_pop_resets_and_leaves_out_layers_without_a_pass():
+    torch.manual_seed(3)
+    model = torchbp.MLP([4, 3, 2], dtype=DT)
+    x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)
+    monitor = torchbp.DeltaMonitor(model)
+    model.cost(x, y).backward()
+    first = monitor.pop()
+    assert set(first) == {"0", "2"}
+    assert monitor.pop() == {}
+    # Only the output layer gets δ when the input-side Linear's output needs no gradient.
+    model[0].requires_grad_(False)
+    model.cost(x, y).backward()
+    assert set(monitor.pop()) == {"2"}
+    model[0].requires_grad_(True)
+    # After a reset one pass again equals the first pass alone: nothing carried over.
+    model.zero_grad()
+    model.cost(x, y).backward()
+    again = monitor.pop()
+    for name in first:
+        assert again[name] == pytest.approx(first[name], rel=1e-12)
+    monitor.close()
+
+
+def test_close_removes_hooks():
+    model = torchbp.MLP([4, 3, 2], dtype=DT)
+    x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)
+    monitor = torchbp.DeltaMonitor(model)
+    monitor.close()
+    assert all(not m._delta_hooks for m in model.linears)
+    model.cost(x, y).backward()
+    assert monitor.pop() == {}
+    with torchbp.DeltaMonitor(model) as monitor:
+        assert all(len(m._delta_hooks) == 1 for m in model.linears)
+    assert all(not m._delta_hooks for m in model.linears)
+
+
+def test_paused_skips_gradcheck_and_keep_last_holds_delta():
+    """Passes inside paused() are not recorded; keep_last holds the last recorded δ, detached."""
+    torch.manual_seed(4)
+    ref = nn_mlp([4, 3, 2])
+    model = torchbp.MLP([4, 3, 2], dtype=DT)
+    model.load_state_dict(ref.state_dict())
+    x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)
+    with torchbp.DeltaMonitor(model, keep_last=True) as monitor:
+        # create_graph: δ arrives with a graph of its own, which the monitor must detach
+        torch.autograd.grad(model.cost(x, y), list(model.parameters()), create_graph=True)
+        with monitor.paused():
+            assert torch.autograd.gradcheck(lambda w: model[0](x) @ w, torch.randn(3, 2, dtype=DT, requires_grad=True))
+        assert_close(monitor.pop(), oracle_stats(ref, x, y))
+        assert not monitor.last_delta["0"].requires_grad
+        zs = {}
+        handles = [m.register_forward_hook(lambda mod, i, o, n=n: zs.__setitem__(n, o)) for n, m in ref.named_children()
+                   if isinstance(m, nn.Linear)]
+        c = 0.5 * ((ref(x) - y) ** 2).sum(-1).mean()
+        deltas = dict(zip(zs, torch.autograd.grad(c, list(zs.values()))))
+        for h in handles:
+            h.remove()
+        for name in ("0", "2"):
+            torch.testing.assert_close(monitor.last_delta[name], deltas[name], **TOL)
+
+
+def test_torch_func_passes_are_skipped():
+    """Under torch.func.grad the hooks see wrapped tensors: no error, nothing recorded."""
+    model = torchbp.MLP([4, 3, 2], dtype=DT)
+    params = dict(model.named_parameters())
+    x = torch.randn(5, 4, dtype=DT)
+    with torchbp.DeltaMonitor(model) as monitor:
+        grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(params)
+        assert set(grads) == set(params)
+        assert monitor.pop() == {}
+
+
+def test_bad_arguments_fail_fast():
+    model = torchbp.MLP([4, 3, 2])
+    with pytest.raises(ValueError, match="reduction"):
+        torchbp.DeltaMonitor(model, reduction="none")
+    with pytest.raises(ValueError, match="no torchbp.Linear"):
+        torchbp.DeltaMonitor(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(TypeError, match="model"):
+        torchbp.DeltaMonitor("model")
+
+
+def test_ddp_keeps_inner_names(tmp_path):
+    """A DistributedDataParallel-wrapped model (gloo, world size 1) is monitored under the inner model's names."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    torch.manual_seed(5)
+    ref = nn_mlp([4, 3, 2])
+    model = torchbp.MLP([4, 3, 2], dtype=DT)
+    model.load_state_dict(ref.state_dict())
+    store = dist.FileStore(os.fspath(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)
+        with torchbp.DeltaMonitor(ddp) as monitor:
+            assert monitor.layer_names == ("0", "2")
+            torchbp.QuadraticCost()(ddp(x), y).backward()
+            assert_close(monitor.pop(), oracle_stats(ref, x, y))
+    finally:
+        dist.destroy_process_group()
+

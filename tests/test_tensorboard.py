@@ -1,0 +1,167 @@
+"""log_deltas writes what TensorBoard reads back: tags, steps, values, histograms, the custom-scalars layout, one run.
+
+Checked twice: offline with tensorboard's EventAccumulator, and live against a
+real ``tensorboard`` server's HTTP API. Expected values come from an
+independent computation (torch.autograd.grad on the equivalent torch.nn model,
+``weight.grad`` norms by torch); float32 in the event files, so rel 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+import torch
+from torch import nn
+
+import torchbp
+
+pytest.importorskip("tensorboard")
+from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
+from tensorboard.plugins.custom_scalar import layout_pb2  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+from torchbp.tensorboard import log_deltas  # noqa: E402
+
+DT = torch.float64
+SIZES = [6, 5, 4, 3]
+LAYERS = ("0", "2", "4")
+STATS = ("norm", "sample_norm", "max_abs")
+
+
+def expected_deltas(ref: nn.Sequential, x, y) -> dict[str, torch.Tensor]:
+    """δ of every nn.Linear of ``ref`` for the mean quadratic cost, from torch's autograd."""
+    zs = {}
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: zs.__setitem__(n, o))
+               for n, m in ref.named_children() if isinstance(m, nn.Linear)]
+    c = 0.5 * ((ref(x) - y) ** 2).sum(-1).mean()
+    deltas = dict(zip(zs, torch.autograd.grad(c, list(zs.values()))))
+    for h in handles:
+        h.remove()
+    return deltas
+
+
+def write_run(logdir, steps=(0, 1, 2, 3), hist_every=2):
+    """Train-like loop: one backward per step, log_deltas at every step; returns the expected scalars."""
+    torch.manual_seed(0)
+    layers = []
+    for n_in, n_out in zip(SIZES[:-1], SIZES[1:]):
+        layers += [nn.Linear(n_in, n_out, dtype=DT), nn.Sigmoid()]
+    ref = nn.Sequential(*layers)
+    model = torchbp.MLP(SIZES, dtype=DT)
+    model.load_state_dict(ref.state_dict())
+    expected = {}
+    writer = SummaryWriter(os.fspath(logdir))
+    with torchbp.DeltaMonitor(model, keep_last=True) as monitor:
+        for step in steps:
+            x, y = torch.randn(8, 6, dtype=DT), torch.rand(8, 3, dtype=DT)
+            deltas = expected_deltas(ref, x, y)
+            model.zero_grad()
+            model.cost(x, y).backward()
+            for name, delta in deltas.items():
+                expected[f"delta/norm/{name}", step] = delta.sum(0).norm().item()
+                expected[f"delta/sample_norm/{name}", step] = (delta.norm(dim=1) * len(x)).mean().item()
+                expected[f"delta/max_abs/{name}", step] = delta.abs().max().item()
+                expected[f"grad/weight_norm/{name}", step] = model.get_submodule(name).weight.grad.norm().item()
+            log_deltas(writer, monitor, step, model=model, hist_every=hist_every)
+    writer.close()
+    return expected
+
+
+def test_event_files_hold_tags_steps_values_histograms_layout_in_one_run(tmp_path):
+    expected = write_run(tmp_path)
+    runs = {os.path.dirname(os.path.relpath(p, tmp_path)) for p in map(str, tmp_path.rglob("events.out.tfevents.*"))}
+    assert runs == {""}, f"expected one run folder (the logdir itself), got {runs}"
+
+    acc = event_accumulator.EventAccumulator(os.fspath(tmp_path), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert set(tags["scalars"]) == {tag for tag, _ in expected}
+    for (tag, step), value in expected.items():
+        (event,) = [e for e in acc.Scalars(tag) if e.step == step]
+        assert event.value == pytest.approx(value, rel=1e-5, abs=1e-12), (tag, step)
+
+    # Histograms at steps 0 and 2 (hist_every=2), of the last δ: its count is N · out.
+    assert set(tags["histograms"]) == {f"delta/hist/{n}" for n in LAYERS}
+    for name, out in zip(LAYERS, SIZES[1:]):
+        hists = acc.Histograms(f"delta/hist/{name}")
+        assert [h.step for h in hists] == [0, 2]
+        assert all(h.histogram_value.num == 8 * out for h in hists)
+
+    # The layout, once: one category, a multiline "δ norm by layer" chart naming every layer's tag.
+    (layout_event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(layout_event.tensor_proto.string_val[0])
+    (category,) = layout.category
+    charts = {chart.title: list(chart.multiline.tag) for chart in category.chart}
+    assert charts["δ norm by layer"] == [f"^delta/norm/{n}$" for n in LAYERS]
+    assert charts["max |δ| by layer"] == [f"^delta/max_abs/{n}$" for n in LAYERS]
+
+
+def test_histograms_need_keep_last(tmp_path):
+    model = torchbp.MLP([3, 2])
+    with torchbp.DeltaMonitor(model) as monitor, SummaryWriter(os.fspath(tmp_path)) as writer:
+        with pytest.raises(ValueError, match="keep_last=True"):
+            log_deltas(writer, monitor, 0, hist_every=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def test_live_tensorboard_serves_the_delta_tags(tmp_path):
+    """A real `tensorboard` process serves the δ tags, their values and the custom-scalars layout."""
+    run = tmp_path / "mlp"
+    expected = write_run(run, steps=(0, 1), hist_every=0)
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", os.fspath(tmp_path), "--host", "127.0.0.1",
+         "--port", str(port), "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        tags, deadline = {}, time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert server.poll() is None, f"tensorboard exited: {server.stderr.read().decode()[-2000:]}"
+            try:
+                tags = _get(f"{base}/data/plugin/scalars/tags")
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                tags = {}
+            if "delta/norm/4" in tags.get("mlp", {}):
+                break
+            time.sleep(0.5)
+        assert "mlp" in tags, f"no run 'mlp' served within 60 s: {tags}"
+        assert set(tags["mlp"]) == {tag for tag, _ in expected}
+
+        query = urllib.parse.urlencode({"tag": "delta/norm/0", "run": "mlp"})
+        points = _get(f"{base}/data/plugin/scalars/scalars?{query}")  # [[wall_time, step, value], ...]
+        assert [p[1] for p in points] == [0, 1]
+        for _, step, value in points:
+            assert value == pytest.approx(expected["delta/norm/0", step], rel=1e-5)
+
+        layout = _get(f"{base}/data/plugin/custom_scalars/layout")
+        (category,) = layout["category"]
+        chart = next(c for c in category["chart"] if c["title"] == "δ norm by layer")
+        assert chart["multiline"]["tag"] == [f"^delta/norm/{n}$" for n in LAYERS]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -1,0 +1,98 @@
+"""The vanishing-gradient experiment (train.vanishing): its norms against torch's autograd, and the book's shape on MNIST."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from train import vanishing
+
+
+def oracle_bias_grad_norms(sizes, images, targets, seed, init):
+    """‖∇_{b^l} C‖ of every hidden layer from torch.nn + torch.autograd, seeded and initialised like the experiment."""
+    torch.manual_seed(seed)
+    layers = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out, dtype=torch.float64), nn.Sigmoid()]
+    model = nn.Sequential(*layers)
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    if init == "gaussian-scaled":
+        with torch.no_grad():
+            for m in linears:
+                m.weight.normal_(0.0, 1.0 / math.sqrt(m.in_features))
+                m.bias.normal_(0.0, 1.0)
+    a = model(images)
+    # The book's cross-entropy, summed over outputs, mean over samples.
+    c = -(targets * torch.log(a) + (1 - targets) * torch.log(1 - a)).sum(-1).mean()
+    grads = torch.autograd.grad(c, [m.bias for m in linears[:-1]])
+    return [g.norm().item() for g in grads]
+
+
+@pytest.mark.parametrize("init", vanishing.INITS)
+def test_norms_on_synthetic_data_match_autograd(init):
+    """No MNIST needed: random 'images' in [0, 1], one-hot targets; the experiment's norms equal torch's, rel 1e-9."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(50, 20, generator=gen, dtype=torch.float64)
+    targets = nn.functional.one_hot(torch.randint(0, 4, (50,), generator=gen), 4).to(torch.float64)
+    sizes = [20, 6, 6, 6, 4]
+    got = vanishing.hidden_delta_norms(sizes, images, targets, seed=3, cost="cross_entropy", init=init)
+    expected = oracle_bias_grad_norms(sizes, images, targets, seed=3, init=init)
+    assert len(got) == 3
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_summary_and_table():
+    """summarise: mean/std/min/max over seeds per layer; the table has one row per network."""
+    results = {"784-30-30-10": [[1.0, 4.0], [3.0, 8.0]]}
+    summary = vanishing.summarise(results)
+    assert summary["784-30-30-10"] == {"mean": [2.0, 6.0], "std": [math.sqrt(2), math.sqrt(8)], "min": [1.0, 4.0], "max": [3.0, 8.0]}
+    table = vanishing.markdown_table(summary, seeds=2)
+    assert "| [784, 30, 30, 10] | 2 ± 1.4, 6 ± 2.8 |" in table
+    assert "0.07, 0.31" in table
+
+
+def test_missing_mnist_exits_2_with_one_message(tmp_path, capsys):
+    assert vanishing.main(["--data-dir", os.fspath(tmp_path), "--seeds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert os.fspath(tmp_path / "MNIST" / "raw") in err and "train-images-idx3-ubyte" in err and "--download" in err
+
+
+@pytest.fixture
+def data_dir():
+    path = os.environ.get("TORCHBP_DATA_DIR")
+    if not path:
+        pytest.skip("TORCHBP_DATA_DIR is not set")
+    return path
+
+
+@pytest.mark.slow
+def test_book_setting_on_mnist_reproduces_the_vanishing_gradient(data_dir, tmp_path):
+    """200 MNIST images, 2 seeds, cross-entropy + gaussian-scaled init: each hidden layer learns slower than the next.
+
+    The book's ratios between consecutive hidden layers are ~4-6 (0.07/0.31,
+    0.012/0.060/0.283, 0.003/0.017/0.070/0.285); we accept 2-12 per step and
+    the first hidden layer of the deepest net 30-300 times slower than its last.
+    """
+    out = tmp_path / "norms.json"
+    code = vanishing.main([
+        "--data-dir", data_dir, "--samples", "200", "--seeds", "2", "--cost", "cross-entropy",
+        "--init", "gaussian-scaled", "--json", os.fspath(out), "--logdir", os.fspath(tmp_path / "run"),
+    ])
+    assert code == 0
+    norms = json.loads(out.read_text())
+    assert set(norms) == set(vanishing.BOOK)
+    for arch, book in vanishing.BOOK.items():
+        got = norms[arch]
+        assert len(got) == len(book)
+        for earlier, later in zip(got, got[1:]):
+            assert 2 < later / earlier < 12, (arch, got)
+        assert got[-1] == pytest.approx(book[-1], rel=0.5), (arch, got)
+    deepest = norms["784-30-30-30-30-10"]
+    assert 30 < deepest[-1] / deepest[0] < 300
+    assert list((tmp_path / "run").glob("events.out.tfevents.*"))

@@ -1,0 +1,246 @@
+"""Per-layer δ statistics, recorded in backward through :meth:`torchbp.Linear.register_delta_hook`.
+
+δ^l = ∇_{z^l} C is what the notes' recursion carries from layer to layer; its
+size per layer shows whether early layers learn as fast as late ones (the
+vanishing gradient of Nielsen's *Neural Networks and Deep Learning*, ch. 5).
+
+Usage::
+
+    monitor = torchbp.DeltaMonitor(model)          # hooks every torchbp Linear
+    for step, (x, y) in enumerate(loader):
+        opt.zero_grad()
+        model.cost(x, y).backward()                # δ statistics recorded here
+        opt.step()
+        if step % 100 == 0:
+            stats = monitor.pop()                  # {"0": {"norm": ..., ...}, "2": {...}}
+    monitor.close()                                # or: with torchbp.DeltaMonitor(model) as monitor:
+
+Cost while attached: no host-device synchronisation per step. The hook only
+keeps a reference to δ; every ``flush_every`` backward passes (or once the
+held δ reach ``max_held_bytes``) the statistics of all held passes are computed
+in a handful of batched ops and added to one small device accumulator per
+layer; :meth:`DeltaMonitor.pop` reads them with one copy per device. Without a
+monitor no hook exists and torchbp does no extra work.
+
+What is recorded where:
+
+- ``torch.no_grad()``: no backward pass, nothing recorded.
+- ``torch.func`` transforms (``grad``, ``vjp``, ``vmap`` over them): the hooks
+  do run, on functorch's wrapped tensors; the monitor skips those passes
+  (recording from inside a transform would mutate a captured tensor, which
+  functorch refuses).
+- ``torch.autograd.gradcheck`` / ``gradgradcheck``: their backward passes are
+  real and are recorded; wrap them in ``with monitor.paused():`` to skip them.
+- ``backward(create_graph=True)``: recorded; δ is detached first.
+- A Linear applied k times in one forward gets k δ per backward pass; each
+  counts as one pass in the averages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch._C._functorch import is_functorch_wrapped_tensor
+
+from torchbp.nn import Linear
+
+__all__ = ["DeltaMonitor"]
+
+REDUCTIONS = ("mean", "sum")
+STATS = ("norm", "sample_norm", "max_abs")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers.
+
+    Layer names then match between a rank's log and a single-process run.
+    """
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def named_linears(model: nn.Module) -> dict[str, Linear]:
+    """Every torchbp Linear inside ``model`` by qualified name, wrappers (DDP, compile) unwrapped."""
+    return {name: m for name, m in _unwrap(model).named_modules() if isinstance(m, Linear)}
+
+
+class DeltaMonitor:
+    r"""Records ‖δ^l‖ statistics of every torchbp :class:`~torchbp.Linear` in ``model`` on every backward pass.
+
+    Per layer (named by its qualified module name, as ``model.named_modules()``
+    gives it; DistributedDataParallel, DataParallel and ``torch.compile``
+    wrappers are looked through, so names are those of the inner model) and per
+    backward pass, with δ of shape ``(*, out_features)`` read as ``N`` samples
+    (all leading dimensions flattened) of ``out_features`` each:
+
+    - ``norm``: :math:`\|\sum_n \delta^l_n\|_2 = \|\nabla_{b^l} C\|_2`, the norm of the
+      bias gradient (the "speed of learning" Nielsen plots per layer, ch. 5);
+    - ``sample_norm``: the mean over samples of :math:`\|\delta^l_n\|_2`, with the
+      batch-size factor of a mean-reduced cost removed: for ``reduction="mean"``
+      each δ_n carries a factor 1/N, so the mean is multiplied by N (i.e. it is
+      :math:`\sum_n \|\delta^l_n\|_2`); for ``reduction="sum"`` no factor;
+      either way it is the per-sample δ of the notes;
+    - ``max_abs``: :math:`\max |\delta^l|` over all entries.
+
+    :meth:`pop` returns each statistic averaged over the passes since the last
+    pop (``max_abs`` too: the mean of the per-pass maxima).
+
+    Args:
+        model: any module holding torchbp Linear layers (an :class:`~torchbp.MLP`,
+            fused or not, a :func:`torchbp.convert`-ed model, nested containers,
+            a DistributedDataParallel-wrapped model)
+        reduction: the reduction of the cost that is backpropagated, ``"mean"``
+            (default) or ``"sum"``; only ``sample_norm`` depends on it
+        keep_last: keep the last δ of every layer (detached) in
+            :attr:`last_delta`, e.g. for histograms. Default: ``False``
+        flush_every: how many passes' δ are held before their statistics are
+            computed together (fewer, larger ops; 1 computes them every pass).
+            Default: 32
+        max_held_bytes: compute earlier once a layer's held δ take this many
+            bytes. Default: 32 MiB
+
+    Use as a context manager, or call :meth:`close`, to remove the hooks.
+    """
+
+    def __init__(
+        self, model: nn.Module, reduction: str = "mean", keep_last: bool = False,
+        flush_every: int = 32, max_held_bytes: int = 32 * 2**20,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"DeltaMonitor: model must be a torch.nn.Module, got {type(model).__name__}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"DeltaMonitor: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        for name, value in (("flush_every", flush_every), ("max_held_bytes", max_held_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DeltaMonitor: {name} must be a positive int, got {value!r}")
+        linears = named_linears(model)
+        if not linears:
+            raise ValueError(
+                f"DeltaMonitor: model ({type(model).__name__}) holds no torchbp.Linear; "
+                "build it from torchbp modules or pass it through torchbp.convert() first"
+            )
+        self.reduction = reduction
+        self.keep_last = keep_last
+        self.flush_every = flush_every
+        self.max_held_bytes = max_held_bytes
+        self.layer_names: tuple[str, ...] = tuple(linears)
+        #: The last δ of every layer (detached), filled while ``keep_last`` is True.
+        self.last_delta: dict[str, Tensor] = {}
+        self._paused = False
+        self._held: dict[str, list[Tensor]] = {name: [] for name in linears}
+        self._held_bytes: dict[str, int] = dict.fromkeys(linears, 0)
+        # Per layer: sums of (norm, sample_norm, max_abs) over passes, on δ's device; passes as ints.
+        self._sums: dict[str, Tensor] = {}
+        self._passes: dict[str, int] = dict.fromkeys(linears, 0)
+        self._handles = [m.register_delta_hook(self._hook(name)) for name, m in linears.items()]
+
+    # ---------------------------------------------------------------- backward
+
+    def _hook(self, name: str):
+        held = self._held[name]
+
+        def hook(module: Linear, delta: Tensor) -> None:
+            if self._paused or is_functorch_wrapped_tensor(delta):
+                return
+            if delta.requires_grad:  # backward(create_graph=True): keep no graph alive
+                delta = delta.detach()
+            if self.keep_last:
+                self.last_delta[name] = delta
+            # Only a reference here, no op: the statistics are computed for many passes at once.
+            held.append(delta)
+            self._held_bytes[name] += delta.numel() * delta.element_size()
+            if len(held) >= self.flush_every or self._held_bytes[name] >= self.max_held_bytes:
+                self._flush(name)
+
+        return hook
+
+    def _flush(self, name: str) -> None:
+        """Add the statistics of the held passes of layer ``name`` to its accumulator."""
+        held = self._held[name]
+        if not held:
+            return
+        # Passes of the same shape are stacked and reduced together: (K, N, out).
+        groups: dict[tuple[int, ...], list[Tensor]] = {}
+        for delta in held:
+            groups.setdefault(tuple(delta.shape), []).append(delta)
+        for deltas in groups.values():
+            out = deltas[0].shape[-1]
+            delta = torch.stack(deltas).reshape(len(deltas), -1, out)  # (K, *, out) -> (K, N, out)
+            n = delta.shape[1]
+            acc = self._sums.get(name)
+            if acc is None:
+                dtype = torch.promote_types(delta.dtype, torch.float32)
+                acc = self._sums[name] = torch.zeros(3, dtype=dtype, device=delta.device)
+            # ∇_b C = Σ_n δ_n per pass: (K, N, out) -> (K, out) -> (K,) norms, summed over passes
+            norm = torch.linalg.vector_norm(delta.sum(1), dim=1).sum()
+            # Σ_n ‖δ_n‖: (K, N, out) -> (K, N) -> summed; with a mean-reduced cost that is N · mean_n ‖δ_n‖
+            sample_norm = torch.linalg.vector_norm(delta, dim=2).sum()
+            if self.reduction == "sum":
+                sample_norm = sample_norm / n
+            # max |δ| per pass: (K, N·out) -> (K,), summed over passes (max(max, −min): much
+            # faster on CPU than the inf-norm)
+            flat = delta.reshape(len(deltas), -1)
+            max_abs = torch.maximum(flat.amax(1), flat.amin(1).neg()).sum()
+            acc.add_(torch.stack([norm, sample_norm, max_abs]))
+        self._passes[name] += len(held)
+        held.clear()
+        self._held_bytes[name] = 0
+
+    # ---------------------------------------------------------------- public
+
+    def pop(self) -> dict[str, dict[str, float]]:
+        """``{layer: {"norm", "sample_norm", "max_abs"}}`` averaged over the passes since the last pop; resets.
+
+        Layers without a backward pass since the last pop are left out. The
+        only host-device synchronisation of the monitor: one copy per device.
+        """
+        for name in self.layer_names:
+            self._flush(name)
+        names = [name for name in self.layer_names if self._passes[name]]
+        by_device: dict[torch.device, list[str]] = {}
+        for name in names:
+            by_device.setdefault(self._sums[name].device, []).append(name)
+        result: dict[str, dict[str, float]] = {}
+        for group in by_device.values():
+            sums = torch.stack([self._sums[name] for name in group]).double().tolist()  # (layers, 3)
+            for name, row in zip(group, sums):
+                result[name] = {stat: value / self._passes[name] for stat, value in zip(STATS, row)}
+        for name in names:
+            self._sums[name].zero_()
+            self._passes[name] = 0
+        return {name: result[name] for name in names}
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[DeltaMonitor]:
+        """Within this block backward passes are not recorded (e.g. around ``gradcheck``)."""
+        was_paused, self._paused = self._paused, True
+        try:
+            yield self
+        finally:
+            self._paused = was_paused
+
+    def close(self) -> None:
+        """Remove the hooks. What was recorded so far can still be popped."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> DeltaMonitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"DeltaMonitor(layers={list(self.layer_names)}, reduction={self.reduction!r}, "
+            f"keep_last={self.keep_last}, attached={bool(self._handles)})"
+        )

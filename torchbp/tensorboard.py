@@ -1,0 +1,118 @@
+"""δ dashboards in TensorBoard: per-layer scalars, δ histograms and one "δ norm by layer" chart.
+
+The only torchbp module that needs the ``tensorboard`` package; import it
+explicitly (``import torchbp.tensorboard``), ``import torchbp`` never does.
+One call per logging step writes everything a :class:`~torchbp.DeltaMonitor`
+recorded since the last one, into the writer's own run folder (never
+``add_scalars``, which makes one run folder per key)::
+
+    from torch.utils.tensorboard import SummaryWriter
+    import torchbp
+    from torchbp.tensorboard import log_deltas
+
+    model = torchbp.MLP([784, 30, 30, 10])
+    writer = SummaryWriter("runs/mlp")
+    with torchbp.DeltaMonitor(model, keep_last=True) as monitor:
+        for step, (x, y) in enumerate(batches):
+            opt.zero_grad(); model.cost(x, y).backward(); opt.step()
+            if step % 100 == 0:
+                log_deltas(writer, monitor, step, model=model, hist_every=1000)
+    writer.close()   # then: tensorboard --logdir runs  (CUSTOM SCALARS tab: δ norm by layer)
+
+Tags, per layer name ``<layer>`` (the qualified module name):
+``delta/norm/<layer>``, ``delta/sample_norm/<layer>``, ``delta/max_abs/<layer>``
+(see :class:`~torchbp.DeltaMonitor`), ``grad/weight_norm/<layer>`` (‖∇_W C‖ of
+the weight's ``.grad`` at the logging step) and ``delta/hist/<layer>``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from torchbp.monitor import STATS, DeltaMonitor, named_linears
+
+__all__ = ["log_deltas", "delta_layout", "write_layout"]
+
+# Set on a writer once its custom-scalars layout is written: once per run.
+_LAYOUT_WRITTEN = "_torchbp_delta_layout_written"
+
+_CHARTS = (
+    ("δ norm by layer", "delta/norm"),
+    ("mean per-sample ‖δ‖ by layer", "delta/sample_norm"),
+    ("max |δ| by layer", "delta/max_abs"),
+    ("weight gradient norm by layer", "grad/weight_norm"),
+)
+
+
+def _tag(prefix: str, layer: str) -> str:
+    return f"{prefix}/{layer or 'model'}"  # the model itself may be the Linear: its name is ""
+
+
+def delta_layout(layer_names: list[str] | tuple[str, ...]) -> dict:
+    """The custom-scalars layout: one category, one multiline chart per statistic listing every layer.
+
+    Chart tags are regular expressions in TensorBoard; each is anchored and
+    escaped so that layer ``"1"`` does not also match ``"10"``.
+    """
+    return {
+        "torchbp δ by layer": {
+            title: ["Multiline", [f"^{re.escape(_tag(prefix, name))}$" for name in layer_names]]
+            for title, prefix in _CHARTS
+        }
+    }
+
+
+def write_layout(writer, layer_names: list[str] | tuple[str, ...]) -> None:
+    """Write :func:`delta_layout` to ``writer`` (``log_deltas`` does this the first time by itself)."""
+    writer.add_custom_scalars(delta_layout(layer_names))
+    setattr(writer, _LAYOUT_WRITTEN, True)
+
+
+def log_deltas(writer, monitor: DeltaMonitor, step: int, model: nn.Module | None = None, hist_every: int = 0) -> dict:
+    """Write what ``monitor`` recorded since the last call at ``step``; returns the popped statistics.
+
+    Writes ``delta/{norm,sample_norm,max_abs}/<layer>`` from :meth:`DeltaMonitor.pop`;
+    with ``model``, ``grad/weight_norm/<layer>`` of every torchbp Linear's
+    ``weight.grad``; when ``hist_every > 0`` and ``step % hist_every == 0``,
+    histograms ``delta/hist/<layer>`` of the last δ (needs
+    ``DeltaMonitor(..., keep_last=True)``); and, the first time for this
+    writer, the custom-scalars layout (:func:`delta_layout`).
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter``
+        monitor: the :class:`~torchbp.DeltaMonitor` attached to the model
+        step: the global step for every value written
+        model: the monitored model, for the weight-gradient norms (optional)
+        hist_every: write histograms every this many steps; 0 (default) never
+    """
+    if not isinstance(monitor, DeltaMonitor):
+        raise TypeError(f"log_deltas(): monitor must be a torchbp.DeltaMonitor, got {type(monitor).__name__}")
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise TypeError(f"log_deltas(): step must be an int, got {type(step).__name__}")
+    if not isinstance(hist_every, int) or isinstance(hist_every, bool) or hist_every < 0:
+        raise ValueError(f"log_deltas(): hist_every must be an int >= 0, got {hist_every!r}")
+    if hist_every and not monitor.keep_last:
+        raise ValueError("log_deltas(): hist_every > 0 needs DeltaMonitor(..., keep_last=True), got keep_last=False")
+    if not getattr(writer, _LAYOUT_WRITTEN, False):
+        write_layout(writer, monitor.layer_names)
+
+    stats = monitor.pop()
+    for layer, values in stats.items():
+        for stat in STATS:
+            writer.add_scalar(_tag(f"delta/{stat}", layer), values[stat], step)
+
+    if model is not None:
+        grads = {name: m.weight.grad for name, m in named_linears(model).items() if m.weight.grad is not None}
+        if grads:
+            # ‖∇_W C‖ per layer; a read per layer, at logging steps only.
+            norms = [torch.linalg.vector_norm(g).double().cpu().tolist() for g in grads.values()]
+            for name, norm in zip(grads, norms):
+                writer.add_scalar(_tag("grad/weight_norm", name), norm, step)
+
+    if hist_every and step % hist_every == 0:
+        for layer, delta in monitor.last_delta.items():
+            writer.add_histogram(_tag("delta/hist", layer), delta.float().cpu(), step)
+    return stats
