@@ -1,0 +1,182 @@
+"""train/data.py: loading MNIST through torchvision, the 50,000/10,000/10,000 split, batches, bad files."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.data import Batches, DataError, Split, load_mnist, one_hot
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = os.environ.get("TORCHBP_DATA_DIR")
+needs_data = pytest.mark.skipif(not DATA_DIR, reason="TORCHBP_DATA_DIR is not set")
+
+# Published label counts (LeCun, Cortes and Burges), digits 0..9.
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+# ------------------------------------------------------------------ real files
+
+
+@needs_data
+def test_split_sizes_and_label_counts_match_the_published_ones():
+    data = load_mnist(DATA_DIR)
+    assert (len(data.train), len(data.val), len(data.test)) == (50_000, 10_000, 10_000)
+    assert data.train.x.shape == (50_000, 784) and data.train.x.dtype == torch.float32
+    train_labels = torch.cat([data.train.y, data.val.y])
+    assert torch.bincount(train_labels, minlength=10).tolist() == TRAIN_COUNTS
+    assert torch.bincount(data.test.y, minlength=10).tolist() == TEST_COUNTS
+
+
+@needs_data
+def test_validation_is_the_last_10000_training_images_as_torchvision_reads_them():
+    """Oracle: torchvision's own per-sample path (PIL image -> ToTensor) at indices 0, 49,999, 50,000, 59,999."""
+    from torchvision import datasets, transforms
+
+    data = load_mnist(DATA_DIR)
+    train = datasets.MNIST(DATA_DIR, train=True, transform=transforms.ToTensor())
+    test = datasets.MNIST(DATA_DIR, train=False, transform=transforms.ToTensor())
+    for ours, (image, label) in [
+        ((data.train, 0), train[0]), ((data.train, 49_999), train[49_999]),
+        ((data.val, 0), train[50_000]), ((data.val, 9_999), train[59_999]), ((data.test, 123), test[123]),
+    ]:
+        split, i = ours
+        assert torch.equal(split.x[i], image.reshape(784)), "pixels in [0, 1] exactly as ToTensor gives them"
+        assert split.y[i].item() == label
+
+
+@needs_data
+def test_standard_normalization_has_zero_mean_unit_std_on_the_training_images():
+    data = load_mnist(DATA_DIR, normalization="standard")
+    assert abs(data.train.x.mean().item()) < 1e-4
+    assert abs(data.train.x.std().item() - 1) < 1e-4
+    # and it is invertible back to the [0, 1] pixels (used for the misclassified-digit images)
+    unit = load_mnist(DATA_DIR)
+    torch.testing.assert_close(data.test.x * data.std + data.mean, unit.test.x, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ batches
+
+
+def test_batches_are_a_permutation_drawn_from_the_generator_dropping_the_last_incomplete_batch():
+    """Oracle: torch.randperm with the same seed, applied by hand."""
+    n, b = 103, 10
+    split = Split(torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 3), torch.arange(n))
+    batches = Batches(split, b)
+    got = list(batches.epoch(torch.Generator().manual_seed(7)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(7))
+    assert len(got) == len(batches) == 10
+    for k, (x, y) in enumerate(got):
+        assert torch.equal(y, perm[k * b : (k + 1) * b])
+        assert torch.equal(x, split.x[perm[k * b : (k + 1) * b]])
+
+
+def test_batches_resume_mid_epoch_and_shard_across_ranks():
+    n, b = 64, 8
+    split = Split(torch.randn(n, 5), torch.arange(n))
+    gen_state = torch.Generator().manual_seed(3).get_state()
+
+    def epoch(start=0, rank=0, world=1):
+        g = torch.Generator()
+        g.set_state(gen_state)
+        return [y.clone() for _, y in Batches(split, b, rank, world).epoch(g, start)]
+
+    full = epoch()
+    assert [torch.equal(a, c) for a, c in zip(epoch(start=3), full[3:])] == [True] * 5
+    rank0, rank1 = epoch(rank=0, world=2), epoch(rank=1, world=2)
+    for global_batch, r0, r1 in zip(full, rank0, rank1):
+        assert torch.equal(torch.cat([r0, r1]), global_batch)
+
+
+def test_batches_reject_a_batch_size_the_ranks_cannot_share():
+    split = Split(torch.randn(10, 2), torch.arange(10))
+    with pytest.raises(ValueError, match="divisible"):
+        Batches(split, 5, world_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        Batches(split, 11)
+
+
+def test_one_hot_targets_put_high_at_the_label_and_low_elsewhere():
+    y = one_hot(torch.tensor([2, 0]), 0.05, 0.95)
+    expected = torch.full((2, 10), 0.05)
+    expected[0, 2] = expected[1, 0] = 0.95
+    assert torch.equal(y, expected)
+
+
+# ------------------------------------------------------------------ bad files
+
+
+def _idx(path: Path, magic: int, dims: list[int], payload: bytes) -> None:
+    """An IDX file as LeCun describes it: big-endian magic (0x08 = ubyte, then rank), dims, data."""
+    path.write_bytes(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in dims) + payload)
+
+
+def _write_mnist(root: Path, n_train: int = 60_000, n_test: int = 10_000) -> Path:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        _idx(raw / f"{prefix}-images-idx3-ubyte", 0x0803, [n, 28, 28], bytes(n * 784))
+        _idx(raw / f"{prefix}-labels-idx1-ubyte", 0x0801, [n], bytes(i % 10 for i in range(n)))
+    return raw
+
+
+def test_well_formed_small_files_load(tmp_path):
+    """The control for the cases below: files written by _write_mnist are valid."""
+    _write_mnist(tmp_path)
+    data = load_mnist(str(tmp_path))
+    assert len(data.train) == 50_000 and data.test.y[:3].tolist() == [0, 1, 2]
+
+
+def _truncate(raw: Path) -> None:
+    path = raw / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[: 16 + 1000 * 784])  # header says 60,000 images, 1,000 follow
+
+
+def _bad_magic(raw: Path) -> None:
+    path = raw / "t10k-labels-idx1-ubyte"
+    path.write_bytes(b"\x00\x00\x00\x00" + path.read_bytes()[4:])
+
+
+def _missing(raw: Path) -> None:
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [(_truncate, "corrupt or truncated"), (_bad_magic, "corrupt or truncated"), (_missing, "t10k-labels-idx1-ubyte")],
+    ids=["truncated", "wrong-magic", "missing"],
+)
+def test_bad_files_raise_data_error_naming_the_folder(tmp_path, damage, says):
+    raw = _write_mnist(tmp_path)
+    damage(raw)
+    with pytest.raises(DataError) as info:
+        load_mnist(str(tmp_path))
+    message = str(info.value)
+    assert says in message and str(raw) in message and "--download" in message
+
+
+def test_wrong_image_count_is_refused(tmp_path):
+    """A well-formed IDX file with 100 training images is not MNIST."""
+    _write_mnist(tmp_path, n_train=100)
+    with pytest.raises(DataError, match=r"\(100, 28, 28\).*expected \(60000, 28, 28\)"):
+        load_mnist(str(tmp_path))
+
+
+def test_cli_exits_2_with_one_message_and_no_traceback(tmp_path):
+    """The script's boundary: DataError (tested above for each case) becomes exit 2 and one line."""
+    _missing(_write_mnist(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "train.mnist", "--data-dir", str(tmp_path), "--logdir", str(tmp_path / "run")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("error:") == 1 and str(tmp_path / "MNIST" / "raw") in result.stderr
+    assert not (tmp_path / "run").exists()

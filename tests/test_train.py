@@ -1,0 +1,244 @@
+"""python -m train.mnist end to end on the real MNIST files: runs, resume, signals, checkpoints, DDP.
+
+Every run is a subprocess (``sys.executable -m train.mnist``, cwd = the
+repository root) on a small ``--limit-train`` subset with a tiny hidden layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = os.environ.get("TORCHBP_DATA_DIR")
+pytestmark = pytest.mark.skipif(not DATA_DIR, reason="TORCHBP_DATA_DIR is not set")
+
+# Adam + one-cycle (the fast recipe's optimizer and schedule, whose state a resume must restore),
+# a tiny network, batches of 10: 300 steps per epoch, long enough to interrupt mid-run.
+RESUME_RUN = ["--recipe", "fast", "--hidden", "16", "--batch-size", "10", "--limit-train", "3000",
+              "--epochs", "3", "--log-every", "50", "--seed", "3"]
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "train.mnist", "--data-dir", DATA_DIR, *args]
+
+
+def run(*args: str, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cli(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {path.name} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.01)
+
+
+def sequential(state: dict) -> nn.Sequential:
+    """The checkpoint's weights in a plain torch.nn network (Linear, Sigmoid, ...)."""
+    sizes = state["args"]["sizes"]
+    layers = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), nn.Sigmoid()]
+    net = nn.Sequential(*layers)
+    net.load_state_dict(state["model"])
+    return net
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """Run A: RESUME_RUN from start to end, the reference of the resume tests."""
+    logdir = tmp_path_factory.mktemp("uninterrupted")
+    result = run(*RESUME_RUN, "--logdir", str(logdir))
+    assert result.returncode == 0, result.stderr
+    return logdir
+
+
+def test_dry_run_trains_one_batch_and_writes_the_run_folder(tmp_path):
+    result = run("--dry-run", "--hidden", "8", "--logdir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 1 and metrics["epochs"] == 1
+    assert load(tmp_path / "checkpoint.pt")["step"] == 1
+
+
+def test_short_run_metrics_checkpoint_and_tensorboard(tmp_path):
+    """2 epochs of the nielsen recipe on 2,000 images; the oracle for accuracy is plain torch.nn."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torchvision import datasets
+
+    result = run("--recipe", "nielsen", "--limit-train", "2000", "--epochs", "2", "--log-every", "20",
+                 "--delta-hist-every", "100", "--logdir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    # stdout is not a terminal: one plain line per epoch, no progress bar
+    lines = [l for l in result.stdout.splitlines() if l.startswith("epoch")]
+    assert len(lines) == 2 and all("train loss" in l and "val acc" in l and "test acc" in l for l in lines)
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("test_accuracy", "best_val_accuracy", "epochs", "train_seconds", "steps_per_second", "args"):
+        assert key in metrics
+    assert metrics["epochs"] == 2 and metrics["steps"] == 2 * 200
+    assert metrics["args"]["lr"] == 3.0 and metrics["args"]["sizes"] == [784, 30, 10]
+    assert metrics["best_val_accuracy"] == max(h["val_accuracy"] for h in metrics["history"])
+
+    # The checkpoint's weights in torch.nn.Sequential give the reported test accuracy (pixels in [0, 1]).
+    state = load(tmp_path / "checkpoint.pt")
+    test = datasets.MNIST(DATA_DIR, train=False)
+    with torch.no_grad():
+        out = sequential(state)(test.data.reshape(-1, 784).float() / 255)
+    accuracy = (out.argmax(1) == test.targets).double().mean().item()
+    assert metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert accuracy > 0.3, "it learns: chance is 10% (this run measured 57%)"
+
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/lr", "accuracy/val", "accuracy/test", "epoch/train_loss",
+                "delta/norm/0", "delta/norm/2", "delta/sample_norm/0", "grad/weight_norm/2", "hparam/test_accuracy"):
+        assert tag in tags["scalars"], tag
+    assert "test/misclassified" in tags["images"]
+    assert "delta/hist/0" in tags["histograms"]
+    assert "custom_scalars__config__" in tags["tensors"]
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(20, 401, 20))
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()], "hparams stay in the run folder"
+
+    evaluation = subprocess.run(
+        [sys.executable, "-m", "train.evaluate", str(tmp_path / "checkpoint.pt"), "--data-dir", DATA_DIR],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert f"({round(accuracy * 10000)}/10000)" in evaluation.stdout
+    rows = [l.split() for l in evaluation.stdout.splitlines()[-10:]]
+    matrix = torch.tensor([[int(v) for v in row[1:]] for row in rows])
+    expected = torch.zeros(10, 10, dtype=torch.long)
+    for t, p in zip(test.targets.tolist(), out.argmax(1).tolist()):
+        expected[t, p] += 1
+    assert torch.equal(matrix, expected)
+
+
+def test_resume_after_sigkill_gives_bitwise_equal_weights(tmp_path, uninterrupted):
+    proc = subprocess.Popen(cli(*RESUME_RUN, "--logdir", str(tmp_path)), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "checkpoint.pt"
+    wait_for(ckpt, proc)
+    proc.kill()
+    proc.wait()
+    killed_at = load(ckpt)["epoch"]
+    assert killed_at < 3, "the run finished before it could be killed: make its epochs longer"
+
+    result = run("--resume", str(ckpt), "--data-dir", DATA_DIR)
+    assert result.returncode == 0, result.stderr
+    final, reference = load(ckpt), load(uninterrupted / "checkpoint.pt")
+    assert_same_weights(final["model"], reference["model"])
+    assert final["step"] == reference["step"] == 900
+    # same seed, same machine: the same metrics, epoch by epoch
+    strip = lambda h: [(e["epoch"], e["train_loss"], e["val_accuracy"], e["test_accuracy"]) for e in h]
+    assert strip(final["history"]) == strip(reference["history"])
+    assert final["train_seconds"] >= final["history"][killed_at - 1]["train_seconds"]
+
+
+def test_sigint_writes_a_mid_epoch_checkpoint_exits_130_and_resumes_bitwise(tmp_path, uninterrupted):
+    proc = subprocess.Popen(cli(*RESUME_RUN, "--logdir", str(tmp_path)), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "checkpoint.pt"
+    wait_for(ckpt, proc)
+    time.sleep(0.1)
+    assert proc.poll() is None, "the run finished before the signal: make its epochs longer"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stdout
+    state = load(ckpt)
+    assert state["step"] == state["epoch"] * 300 + state["batch_in_epoch"] < 900
+
+    result = run("--resume", str(ckpt), "--data-dir", DATA_DIR)
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(load(ckpt)["model"], load(uninterrupted / "checkpoint.pt")["model"])
+
+
+class Payload:
+    """A class that a plain-data checkpoint must never contain."""
+
+
+def test_a_checkpoint_with_pickled_code_is_refused(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "args": {}, "epoch": 0, "payload": Payload(), "hook": print}, bad)
+    for command in (cli("--resume", str(bad)), [sys.executable, "-m", "train.evaluate", str(bad)]):
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and "refusing to load" in result.stderr
+
+
+def test_a_non_finite_loss_stops_the_run_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """In-process: the cost turns NaN from the second epoch on (20 steps per epoch here)."""
+    import torchbp
+    import train.mnist
+
+    real_cost, calls = torchbp.MLP.cost, []
+
+    def cost(self, x, y, *args, **kwargs):
+        calls.append(None)
+        c = real_cost(self, x, y, *args, **kwargs)
+        return c * float("nan") if len(calls) > 20 else c
+
+    monkeypatch.setattr(torchbp.MLP, "cost", cost)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as info:
+            train.mnist.main(["--data-dir", DATA_DIR, "--recipe", "nielsen", "--hidden", "8", "--limit-train", "200",
+                              "--epochs", "3", "--log-every", "5", "--logdir", str(tmp_path)])
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert info.value.code == 1
+    assert "training loss is nan at step 25 (epoch 2)" in capsys.readouterr().err
+    state = load(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_two_process_ddp_matches_the_single_process_run(tmp_path):
+    """torchrun, 2 CPU processes (gloo), global batch 20: the same optimisation as one process with batch 20.
+
+    Oracle: the single-process run of the same arguments; weights agree to float rounding
+    (the ranks sum the batch in two halves), the ranks' weights are identical.
+    """
+    args = ["--recipe", "nielsen", "--hidden", "16", "--batch-size", "20", "--limit-train", "2000",
+            "--epochs", "2", "--log-every", "25"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "train.mnist", "--data-dir", DATA_DIR, *args, "--logdir", str(tmp_path / "ddp")],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = run(*args, "--logdir", str(tmp_path / "single"), env=env)
+    assert single.returncode == 0, single.stderr
+
+    ddp_metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert ddp_metrics["world_size"] == 2 and ddp_metrics["ranks_identical_weights"] is True
+    assert ddp_metrics["steps"] == 2 * 100
+    a, b = load(tmp_path / "ddp" / "checkpoint.pt")["model"], load(tmp_path / "single" / "checkpoint.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-3, rtol=0)
+    single_metrics = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert ddp_metrics["test_accuracy"] == pytest.approx(single_metrics["test_accuracy"], abs=0.005)
+    assert [p.name for p in (tmp_path / "ddp").iterdir()].count("checkpoint.pt") == 1

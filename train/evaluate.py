@@ -1,0 +1,67 @@
+"""Test accuracy and confusion matrix of a ``train.mnist`` checkpoint.
+
+    python -m train.evaluate runs/fast-20250101-120000/checkpoint.pt --data-dir /path/to/data
+
+The model is rebuilt from the checkpoint's arguments, its inputs normalised
+as in training; the checkpoint is read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import torchbp
+from train import checkpoint
+from train.data import N_CLASSES, DataError, load_mnist
+
+
+def confusion_matrix(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(10, 10) counts: row = true digit, column = predicted digit."""
+    return torch.bincount(target * N_CLASSES + predicted, minlength=N_CLASSES**2).reshape(N_CLASSES, N_CLASSES)
+
+
+def format_confusion(matrix: torch.Tensor) -> str:
+    width = max(5, len(str(int(matrix.max()))) + 1)
+    lines = ["true\\pred" + "".join(f"{j:>{width}}" for j in range(N_CLASSES))]
+    for i, row in enumerate(matrix.tolist()):
+        lines.append(f"{i:>9}" + "".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.evaluate",
+        description="Print the MNIST test accuracy and confusion matrix of a train.mnist checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="path to checkpoint.pt")
+    parser.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    try:
+        state = checkpoint.load(args.checkpoint, map_location=device)
+        data = load_mnist(args.data_dir, device, state["args"]["normalization"])
+    except (checkpoint.CheckpointError, DataError) as e:
+        print(f"train.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    model = torchbp.MLP(state["args"]["sizes"], fused=True, device=device)
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        predicted = model(data.test.x).argmax(1)  # (10000, 784) -> (10000, 10) -> (10000,)
+    matrix = confusion_matrix(predicted, data.test.y).cpu()
+    correct = int(matrix.trace())
+    print(f"checkpoint {args.checkpoint}: epoch {state['epoch']}, sizes {state['args']['sizes']}")
+    print(f"test accuracy {correct / len(data.test):.2%} ({correct}/{len(data.test)})")
+    print("confusion matrix (rows: true digit, columns: predicted digit)")
+    print(format_confusion(matrix))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
