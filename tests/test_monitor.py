@@ -219,3 +219,18 @@ def test_ddp_keeps_inner_names(tmp_path):
     finally:
         dist.destroy_process_group()
 
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_compiled_forward_installs_no_hook_and_keeps_one_graph(fused):
+    """Under torch.compile(fullgraph=True) a monitored model still compiles; only eager passes are recorded."""
+    torch._dynamo.reset()
+    model = torchbp.MLP([5, 4, 3], fused=fused, dtype=torch.float64)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.rand(6, 3, dtype=torch.float64)
+    with torchbp.DeltaMonitor(model) as monitor:
+        compiled = torch.compile(lambda x, y: model.cost(x, y), fullgraph=True)
+        compiled(x, y).backward()
+        assert monitor.pop() == {}
+        model.cost(x, y).backward()
+        assert sorted(monitor.pop()) == ["0", "2"]
+    torch._dynamo.reset()

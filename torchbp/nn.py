@@ -90,7 +90,7 @@ class Linear(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         z = F.linear(input, self.weight, self.bias)
-        if self._delta_hooks and z.requires_grad:
+        if self._delta_hooks and z.requires_grad and not torch.compiler.is_compiling():
             # The gradient reaching z is δ^l, the grad_output of LinearFunction's backward.
             z.register_hook(self._call_delta_hooks)
         return z
@@ -251,7 +251,8 @@ class MLP(nn.Module):
         """W^1..W^L, b^1..b^L and, while any layer has a delta hook, the hook for the fused backward."""
         linears = self.linears
         hook = None
-        if torch.is_grad_enabled() and any(m._delta_hooks for m in linears):
+        hooked = any(m._delta_hooks for m in linears)
+        if hooked and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             def hook(l: int, delta: Tensor) -> None:
                 linears[l]._call_delta_hooks(delta)
         return [m.weight for m in linears], [m.bias for m in linears], hook
