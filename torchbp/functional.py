@@ -22,6 +22,9 @@ Each Function is written in the ``forward`` + ``setup_context`` style with
 ``jvp``, so every public Function subclasses a ``_...`` twin without it, and
 the wrapper function picks the twin while ``torch.compile`` traces: forward
 AD in eager mode, ``fullgraph=True`` under compile, one backward for both.
+Plain eager calls go to a third twin, ``_...Classic``, the same Function
+with the classic ``forward(ctx, ...)``: ``apply`` then skips the argument
+binding it does for the setup_context style (see :func:`_classic`).
 Backwards are built from differentiable torch ops, so double backward works.
 """
 
@@ -151,14 +154,43 @@ def _no_autocast(t: Tensor) -> torch.autocast:
     return torch.autocast(t.device.type, enabled=False)
 
 
-def _eager_or_traced(function: type, traced: type) -> type:
-    """The Function with ``jvp`` in eager mode, its jvp-free twin under Dynamo."""
-    return traced if torch.compiler.is_compiling() else function
+def _classic(function: type) -> type:
+    """``function`` with the classic ``forward(ctx, *inputs)``: its forward, saving, backward and jvp.
+
+    ``apply`` on a Function that defines ``setup_context`` binds its arguments
+    against ``inspect.signature(forward)`` at every call, which costs more
+    than a small layer's matmul on CPU; the classic style skips that.
+    functorch transforms (vmap, grad, jvp) accept only the setup_context
+    style, so :func:`_pick` gives them ``function`` itself.
+    """
+
+    def forward(ctx, *inputs):
+        output = function.forward(*inputs)
+        function.setup_context(ctx, inputs, output)
+        return output
+
+    # Inheriting the base class's setup_context is what marks the classic style.
+    namespace = {"forward": staticmethod(forward), "setup_context": torch.autograd.Function.setup_context}
+    return type(function.__name__, (function,), namespace)
+
+
+def _pick(function: type, classic: type, traced: type) -> type:
+    """The twin for this call: jvp-free under Dynamo, setup_context style under functorch, else classic."""
+    if torch.compiler.is_compiling():
+        return traced  # Dynamo refuses Functions that define jvp
+    if torch._C._are_functorch_transforms_active():
+        return function
+    return classic
+
+
+# grad * a * (1 − a): φ'(z) = φ(z)(1 − φ(z)) times the incoming gradient, from the
+# saved output a = φ(z), as one differentiable aten op (torch.sigmoid's own backward).
+_sigmoid_backward = torch.ops.aten.sigmoid_backward
 
 
 def _rows(t: Tensor) -> Tensor:
     """(*, features) -> (N, features): samples as rows for the sums over samples."""
-    return t.reshape(-1, t.shape[-1])
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])  # a 2-D batch already is
 
 
 # --------------------------------------------------------------------------
@@ -217,6 +249,9 @@ class LinearFunction(_Linear):
         return z_t
 
 
+_LinearClassic = _classic(LinearFunction)
+
+
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     r"""``z = a W^T + b`` through :class:`LinearFunction`, like :func:`torch.nn.functional.linear`.
 
@@ -235,7 +270,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     _check_same("linear", "input", input, "weight", weight)
     if bias is not None:
         _check_same("linear", "input", input, "bias", bias)
-    function = _eager_or_traced(LinearFunction, _Linear)
+    function = _pick(LinearFunction, _LinearClassic, _Linear)
     if dtype is None:
         return function.apply(input, weight, bias)
     with _no_autocast(input):
@@ -264,8 +299,9 @@ class _Sigmoid(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_a: Tensor) -> Tensor:
         (a,) = ctx.saved_tensors
-        # δ = ∇_a C ∘ φ'(z), with φ'(z) = φ(z)(1 − φ(z))
-        return grad_a * (a * (1 - a))
+        # δ = ∇_a C ∘ φ'(z), with φ'(z) = φ(z)(1 − φ(z)): aten's sigmoid_backward is
+        # exactly grad_a * a * (1 − a), in one kernel instead of three
+        return _sigmoid_backward(grad_a, a)
 
 
 class SigmoidFunction(_Sigmoid):
@@ -274,8 +310,11 @@ class SigmoidFunction(_Sigmoid):
     @staticmethod
     def jvp(ctx, z_t: Tensor) -> Tensor:
         (a,) = ctx.saved_tensors
-        # a_t = φ'(z) z_t
-        return z_t * (a * (1 - a))
+        # a_t = φ'(z) z_t = z_t ∘ a(1 − a)
+        return _sigmoid_backward(z_t, a)
+
+
+_SigmoidClassic = _classic(SigmoidFunction)
 
 
 def sigmoid(z: Tensor) -> Tensor:
@@ -285,7 +324,7 @@ def sigmoid(z: Tensor) -> Tensor:
         - z: ``(*)``; output: ``(*)``, same shape.
     """
     _check_tensor("sigmoid", "z", z)
-    return _eager_or_traced(SigmoidFunction, _Sigmoid).apply(z)
+    return _pick(SigmoidFunction, _SigmoidClassic, _Sigmoid).apply(z)
 
 
 # --------------------------------------------------------------------------
@@ -351,14 +390,16 @@ def _check_cost_args(fn: str, a: Tensor, y: Tensor, reduction: str) -> None:
     _check_reduction(fn, reduction)
 
 
-def _apply_cost(fn: str, function: type, traced: type, a: Tensor, y: Tensor, reduction: str) -> Tensor:
+def _apply_cost(
+    fn: str, function: type, classic: type, traced: type, a: Tensor, y: Tensor, reduction: str
+) -> Tensor:
     _check_cost_args(fn, a, y, reduction)
     # Autocast computes losses in float32 (mse_loss and binary_cross_entropy are on its float32 list).
     autocast = _autocast_dtype(a) is not None
     if autocast:
         a, y = _cast(torch.float32, a, y)
     _check_same(fn, "a", a, "y", y)
-    function = _eager_or_traced(function, traced)
+    function = _pick(function, classic, traced)
     if not autocast:
         return function.apply(a, y, reduction)
     with _no_autocast(a):
@@ -400,6 +441,9 @@ class QuadraticCostFunction(_QuadraticCost):
         return _reduce(_cost_tangent("quadratic", a, y, a_t, y_t), ctx.reduction)
 
 
+_QuadraticCostClassic = _classic(QuadraticCostFunction)
+
+
 def quadratic_cost(a: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
     r"""The notes' cost ``C = ½‖a − y‖²`` through :class:`QuadraticCostFunction`.
 
@@ -413,7 +457,9 @@ def quadratic_cost(a: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
         - a, y: ``(*, features)``, the same shape
         - output: scalar, or ``(*)`` with ``reduction="none"``
     """
-    return _apply_cost("quadratic_cost", QuadraticCostFunction, _QuadraticCost, a, y, reduction)
+    return _apply_cost(
+        "quadratic_cost", QuadraticCostFunction, _QuadraticCostClassic, _QuadraticCost, a, y, reduction
+    )
 
 
 class _CrossEntropyCost(torch.autograd.Function):
@@ -453,6 +499,9 @@ class CrossEntropyCostFunction(_CrossEntropyCost):
         return _reduce(_cost_tangent("cross_entropy", a, y, a_t, y_t), ctx.reduction)
 
 
+_CrossEntropyCostClassic = _classic(CrossEntropyCostFunction)
+
+
 def cross_entropy_cost(a: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
     r"""The cross-entropy cost ``C = −Σ_j [y_j ln a_j + (1 − y_j) ln(1 − a_j)]``.
 
@@ -466,7 +515,10 @@ def cross_entropy_cost(a: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
         - a, y: ``(*, features)``, the same shape
         - output: scalar, or ``(*)`` with ``reduction="none"``
     """
-    return _apply_cost("cross_entropy_cost", CrossEntropyCostFunction, _CrossEntropyCost, a, y, reduction)
+    return _apply_cost(
+        "cross_entropy_cost", CrossEntropyCostFunction, _CrossEntropyCostClassic, _CrossEntropyCost,
+        a, y, reduction,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -510,10 +562,10 @@ def _backprop(
         g = grad_a[l - 1] if back is None else back if grad_a[l - 1] is None else back + grad_a[l - 1]
         # δ^l = ∇_{a^l} C ∘ φ'(z^l), with φ'(z^l) = a^l(1 − a^l): the output layer's
         # formula at l = L, the recursion δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l below it
-        delta = None if g is None else g * (a[l] * (1 - a[l]))
+        delta = None if g is None else _sigmoid_backward(g, a[l])
         if l == n_layers and delta_L is not None:
             delta = delta_L if delta is None else delta + delta_L
-        back = None
+        g = back = None  # only δ^l is needed from here on: free ∇_{a^l} C before the next matmul
         if delta is None:
             continue  # no gradient reaches layer l
         if hook is not None:
@@ -531,6 +583,7 @@ def _backprop(
             back = delta @ weights[l - 1]  # (W^l)^T δ^l: (*, out) @ (out, in) -> (*, in)
         else:
             break  # nothing below layer l asks for a gradient
+        delta = None  # free δ^l before δ^{l-1} is formed: two (N, width) buffers at a time, as autograd
     return grads
 
 
@@ -549,7 +602,7 @@ def _tangents(
             z_t = z_t + a[l - 1] @ weight_t.mT
         if bias_t is not None:
             z_t = z_t + bias_t
-        a_t = z_t * (a[l] * (1 - a[l]))
+        a_t = _sigmoid_backward(z_t, a[l])  # a_t = φ'(z) z_t = z_t ∘ a(1 − a)
         out.append(a_t)
     return out
 
@@ -604,6 +657,9 @@ class MLPFunction(_MLP):
         return (t[-1], *t[:-1])
 
 
+_MLPClassic = _classic(MLPFunction)
+
+
 class _MLPCost(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -631,7 +687,7 @@ class _MLPCost(torch.autograd.Function):
             weight = _sample_weight(grad_c, y, ctx.reduction)
             if ctx.cost == "quadratic":
                 # δ^L = ∇_a C ∘ φ'(z^L) = (a^L − y) ∘ a^L(1 − a^L)
-                delta = (a_L - y) * (a_L * (1 - a_L)) * weight
+                delta = _sigmoid_backward((a_L - y) * weight, a_L)
             else:
                 # δ^L = (a^L − y) / (a^L(1 − a^L)) ∘ a^L(1 − a^L) = a^L − y: φ' cancels
                 delta = (a_L - y) * weight
@@ -655,6 +711,9 @@ class MLPCostFunction(_MLPCost):
         t = _tangents(a, params, (x_t, *params_t))
         c_t = _reduce(_cost_tangent(ctx.cost, a[-1].to(y.dtype), y, t[-1].to(y.dtype), y_t), ctx.reduction)
         return (c_t, *t)
+
+
+_MLPCostClassic = _classic(MLPCostFunction)
 
 
 def _check_network(fn: str, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None):
@@ -697,7 +756,7 @@ def mlp(
         - output: ``(*, out_features)`` of the last layer
     """
     x, params, dtype = _check_network("mlp", input, weights, biases)
-    function = _eager_or_traced(MLPFunction, _MLP)
+    function = _pick(MLPFunction, _MLPClassic, _MLP)
     if dtype is None:
         return function.apply(x, delta_hook, *params)[0]
     with _no_autocast(x):
@@ -727,7 +786,7 @@ def mlp_cost(
     expected = (*x.shape[:-1], out_features)
     if tuple(target.shape) != expected:
         raise ValueError(f"mlp_cost(): target must have shape {expected} (the output's), got {tuple(target.shape)}")
-    function = _eager_or_traced(MLPCostFunction, _MLPCost)
+    function = _pick(MLPCostFunction, _MLPCostClassic, _MLPCost)
     if dtype is None:
         _check_same("mlp_cost", "input", x, "target", target)
         c, *activations = function.apply(x, target, cost, reduction, delta_hook, *params)
