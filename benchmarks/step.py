@@ -1,0 +1,286 @@
+"""Time one training step of the notes' sigmoid network: torch.nn eager against torchbp.
+
+One step is forward, quadratic cost, backward and an SGD update, on tensors
+already in memory. Variants:
+
+    nn          nn.Sequential(nn.Linear, nn.Sigmoid, ...), cost 0.5 * ((a - y) ** 2).sum(-1).mean()
+    bp          torchbp.MLP(sizes) + torchbp.QuadraticCost(): one autograd node per layer
+    fused       torchbp.MLP(sizes, fused=True) + QuadraticCost(): the network is one node
+    fused_cost  torchbp.MLP(sizes, fused=True).cost(x, y): network and cost are one node
+
+and each of them with a suffix:
+
+    +compile       torch.compile(fullgraph=True) of forward + cost; backward and
+                   optimizer.step() stay eager (they run the compiled backward graph)
+    +compile_step  torch.compile of the whole step function, backward and
+                   optimizer.step() included (Dynamo splits the graph at backward)
+    +graphs        (CUDA only) +compile with mode="reduce-overhead": CUDA graphs
+
+Timings are interleaved (every variant once per repeat, A B C A B C ...) after
+a warm-up that also compiles; the table gives the median per step and its
+ratio to the median of ``nn``. The "epoch" section is the Nielsen recipe,
+[784, 30, 10] at mini-batch 10: 5,000 steps walking through 50,000 in-memory
+samples, timed as interleaved blocks of 1,000 steps; seconds per epoch =
+5 x the median block.
+
+    python -m benchmarks.step                               # everything, CPU
+    python -m benchmarks.step --models 784-100-10@64 --variants nn,bp,fused
+    python -m benchmarks.step --device cuda --json bench_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+import torchbp
+
+# name -> (sizes, mini-batch)
+MODELS: dict[str, tuple[list[int], int]] = {
+    "784-30-10@10": ([784, 30, 10], 10),
+    "784-100-10@64": ([784, 100, 10], 64),
+    "784-800-10@128": ([784, 800, 10], 128),
+    "784-100-100-100-10@64": ([784, 100, 100, 100, 10], 64),
+    "784-800-800-10@4096": ([784, 800, 800, 10], 4096),
+}
+KINDS = ("nn", "bp", "fused", "fused_cost")
+MODES = ("", "+compile", "+compile_step", "+graphs")
+CPU_VARIANTS = [k + m for m in MODES[:3] for k in KINDS]
+CUDA_VARIANTS = CPU_VARIANTS + [k + "+graphs" for k in KINDS]
+LEARNING_RATE = 0.1
+EPOCH_SAMPLES, EPOCH_BLOCK = 50_000, 1_000
+
+Step = Callable[[Tensor, Tensor], None]
+
+
+def nn_model(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), nn.Sigmoid()]
+    return nn.Sequential(*layers)
+
+
+def make_step(variant: str, sizes: list[int], device: torch.device, sgd: dict) -> Step:
+    """A fresh model of ``variant`` (same initial weights for every variant) and its training step."""
+    kind, _, mode = variant.partition("+")
+    torch.manual_seed(0)
+    if kind == "nn":
+        model = nn_model(sizes).to(device)
+
+        def cost(x: Tensor, y: Tensor) -> Tensor:
+            a = model(x)
+            return 0.5 * ((a - y) ** 2).sum(-1).mean()  # the notes' C = ½‖a − y‖², mean over samples
+
+    elif kind in ("bp", "fused"):
+        model = torchbp.MLP(sizes, fused=kind == "fused", device=device)
+        quadratic = torchbp.QuadraticCost()
+
+        def cost(x: Tensor, y: Tensor) -> Tensor:
+            return quadratic(model(x), y)
+
+    elif kind == "fused_cost":
+        model = torchbp.MLP(sizes, fused=True, device=device)
+        cost = model.cost
+    else:
+        raise ValueError(f"unknown variant {variant!r}; known: {CUDA_VARIANTS}")
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, **sgd)
+
+    if mode in ("compile", "graphs"):
+        compile_mode = "reduce-overhead" if mode == "graphs" else None
+        cost = torch.compile(cost, fullgraph=True, mode=compile_mode)
+    elif mode not in ("", "compile_step"):
+        raise ValueError(f"unknown variant {variant!r}; known: {CUDA_VARIANTS}")
+
+    def step(x: Tensor, y: Tensor) -> None:
+        optimizer.zero_grad()
+        cost(x, y).backward()
+        optimizer.step()
+
+    return torch.compile(step) if mode == "compile_step" else step
+
+
+def data(n: int, sizes: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """n random inputs in [0, 1) and one-hot targets, like MNIST's."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(n, sizes[0], generator=generator)
+    y = nn.functional.one_hot(torch.randint(sizes[-1], (n,), generator=generator), sizes[-1]).float()
+    return x.to(device), y.to(device)
+
+
+def timer(device: torch.device) -> Callable[[], float]:
+    if device.type == "cuda":
+        def now() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return now
+    return time.perf_counter
+
+
+def interleaved(runs: dict[str, Callable[[], None]], repeats: int, now: Callable[[], float]) -> dict[str, list[float]]:
+    """Seconds per call of every run, A B C A B C ..., ``repeats`` times."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = now()
+            run()
+            times[name].append(now() - start)
+    return times
+
+
+def bench_model(
+    name: str, variants: list[str], device: torch.device, sgd: dict, repeats: int, steps: int | None,
+    target_s: float, warmup: int,
+) -> dict:
+    sizes, batch = MODELS[name]
+    torch.compiler.reset()  # a fresh Dynamo cache per model: no recompile limit reached across models
+    x, y = data(batch, sizes, device)
+    now = timer(device)
+    steps_fns = {}
+    for variant in variants:
+        step = make_step(variant, sizes, device, sgd)
+        start = now()
+        for _ in range(warmup):
+            step(x, y)
+        print(f"  {name} {variant}: warm-up {now() - start:.1f} s", file=sys.stderr)
+        steps_fns[variant] = step
+    if steps is None:
+        # Steps per timing such that the first variant takes about target_s.
+        first = steps_fns[variants[0]]
+        start = now()
+        for _ in range(5):
+            first(x, y)
+        steps = max(1, round(target_s / ((now() - start) / 5)))
+
+    def block(step: Step) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(steps):
+                step(x, y)
+        return run
+
+    times = interleaved({v: block(s) for v, s in steps_fns.items()}, repeats, now)
+    return {v: {"steps": steps, "seconds_per_step": [t / steps for t in ts]} for v, ts in times.items()}
+
+
+def bench_epoch(variants: list[str], device: torch.device, sgd: dict, repeats: int, warmup: int) -> dict:
+    """The Nielsen recipe: [784, 30, 10], mini-batch 10, 5,000 steps over 50,000 in-memory samples."""
+    sizes, batch = [784, 30, 10], 10
+    torch.compiler.reset()
+    x, y = data(EPOCH_SAMPLES, sizes, device)
+    now = timer(device)
+    blocks = EPOCH_SAMPLES // (batch * EPOCH_BLOCK)
+    runs = {}
+    for variant in variants:
+        step = make_step(variant, sizes, device, sgd)
+        for i in range(warmup):
+            step(x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch])
+        position = [0]  # the next block of the epoch this variant runs
+
+        def run(step: Step = step, position: list[int] = position) -> None:
+            first = position[0] * EPOCH_BLOCK * batch
+            position[0] = (position[0] + 1) % blocks
+            for i in range(first, first + EPOCH_BLOCK * batch, batch):
+                step(x[i : i + batch], y[i : i + batch])
+
+        runs[variant] = run
+    times = interleaved(runs, repeats, now)
+    return {v: {"seconds_per_epoch": [t * blocks for t in ts]} for v, ts in times.items()}
+
+
+def table(results: dict, baseline: str) -> str:
+    lines = ["| model | variant | ms / step (median) | × nn eager |", "|---|---|---:|---:|"]
+    for model, by_variant in results.items():
+        base = statistics.median(by_variant[baseline]["seconds_per_step"]) if baseline in by_variant else None
+        for variant, r in by_variant.items():
+            median = statistics.median(r["seconds_per_step"])
+            ratio = f"{median / base:.2f}" if base else "–"
+            lines.append(f"| {model} | {variant} | {1e3 * median:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def epoch_table(results: dict, baseline: str) -> str:
+    lines = ["| variant | s / epoch (median) | × nn eager |", "|---|---:|---:|"]
+    base = statistics.median(results[baseline]["seconds_per_epoch"]) if baseline in results else None
+    for variant, r in results.items():
+        median = statistics.median(r["seconds_per_epoch"])
+        ratio = f"{median / base:.2f}" if base else "–"
+        lines.append(f"| {variant} | {median:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}")
+    p.add_argument("--variants", default=None, help="comma-separated (default: all for the device)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timings per variant (default: 5)")
+    p.add_argument("--steps", type=int, default=None, help="steps per timing (default: ~--target-s of nn eager)")
+    p.add_argument("--target-s", type=float, default=0.15, help="seconds per timing when --steps is unset")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compiles)")
+    p.add_argument("--sgd", choices=("default", "foreach", "fused"), default="default",
+                   help="torch.optim.SGD implementation for every variant (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--epoch", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the Nielsen epoch ([784, 30, 10] at mini-batch 10, 5,000 steps)")
+    p.add_argument("--epoch-variants", default=None, help="comma-separated (default: --variants)")
+    p.add_argument("--json", default=None, help="write the raw timings and medians to this file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    known = CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS
+    variants = args.variants.split(",") if args.variants else known
+    models = [m for m in args.models.split(",") if m]  # --models "" times the epoch only
+    for v in variants:
+        if v not in known:
+            raise SystemExit(f"--variants: unknown {v!r} for {device.type}; known: {known}")
+    for m in models:
+        if m not in MODELS:
+            raise SystemExit(f"--models: unknown {m!r}; known: {list(MODELS)}")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    sgd = {} if args.sgd == "default" else {args.sgd: True}
+    baseline = variants[0] if "nn" not in variants else "nn"
+
+    header = (
+        f"torch {torch.__version__}, {device.type}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads")
+        + f", python {platform.python_version()}, SGD {args.sgd}, {args.repeats} interleaved repeats, medians"
+    )
+    print(header, file=sys.stderr)
+    results = {}
+    for m in models:
+        results[m] = bench_model(m, variants, device, sgd, args.repeats, args.steps, args.target_s, args.warmup)
+    out = {"header": header, "command": " ".join(["python -m benchmarks.step", *(argv or sys.argv[1:])]),
+           "steps": results}
+    if results:
+        print(f"\n{header}\n\n{table(results, baseline)}")
+    if args.epoch:
+        epoch_variants = args.epoch_variants.split(",") if args.epoch_variants else variants
+        for v in epoch_variants:
+            if v not in known:
+                raise SystemExit(f"--epoch-variants: unknown {v!r}; known: {known}")
+        epoch = bench_epoch(epoch_variants, device, sgd, args.repeats, args.warmup)
+        out["epoch"] = epoch
+        print(f"\nEpoch, [784, 30, 10] at mini-batch 10 (5,000 steps):\n\n{epoch_table(epoch, baseline)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
