@@ -65,12 +65,12 @@ def measure(variant: str, sizes: list[int], batch: int, device: torch.device) ->
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--sizes", default="784,800,800,10", help="layer widths, input first")
-    p.add_argument("--batch", type=int, default=4096, help="mini-batch size")
-    p.add_argument("--variants", default="nn,bp,fused,fused_cost", help=f"comma-separated, from {list(KINDS)}")
+    p.add_argument("--sizes", default="784,800,800,10", help="layer widths, input first (default: 784,800,800,10)")
+    p.add_argument("--batch", type=int, default=4096, help="mini-batch size (default: 4096)")
+    p.add_argument("--variants", default="nn,bp,fused,fused_cost", help=f"comma-separated, from {list(KINDS)} (default: nn,bp,fused,fused_cost)")
     p.add_argument("--runs", type=int, default=None,
                    help="fresh processes per variant, the median reported (default: 3 on CPU, 1 on CUDA: exact)")
-    p.add_argument("--json", default=None, help="write the figures to this file")
+    p.add_argument("--json", default=None, help="write the figures to this file (default: none)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one variant, in this process
     args = p.parse_args(argv)
     sizes = [int(n) for n in args.sizes.split(",")]

@@ -218,19 +218,19 @@ def epoch_table(results: dict, baseline: str) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)} (default: all)")
     p.add_argument("--variants", default=None, help="comma-separated (default: all for the device)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timings per variant (default: 5)")
     p.add_argument("--steps", type=int, default=None, help="steps per timing (default: ~--target-s of nn eager)")
-    p.add_argument("--target-s", type=float, default=0.15, help="seconds per timing when --steps is unset")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compiles)")
+    p.add_argument("--target-s", type=float, default=0.15, help="seconds per timing when --steps is unset (default: 0.15)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compiles) (default: 5)")
     p.add_argument("--sgd", choices=("default", "foreach", "fused"), default="default",
                    help="torch.optim.SGD implementation for every variant (default: torch's choice)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--epoch", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the Nielsen epoch ([784, 30, 10] at mini-batch 10, 5,000 steps)")
+                   help="also time the Nielsen epoch ([784, 30, 10] at mini-batch 10, 5,000 steps) (default: on)")
     p.add_argument("--epoch-variants", default=None, help="comma-separated (default: --variants)")
-    p.add_argument("--json", default=None, help="write the raw timings and medians to this file")
+    p.add_argument("--json", default=None, help="write the raw timings and medians to this file (default: none)")
     return p.parse_args(argv)
 
 

@@ -225,8 +225,8 @@ if __name__ == "__main__":
         description="Measure the loader: DataLoader+ToTensor against index batches from a device tensor.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/")
-    parser.add_argument("--batch-size", type=int, default=128, help="mini-batch size")
-    parser.add_argument("--repeats", type=int, default=3, help="epochs timed per loader (median)")
+    parser.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
+    parser.add_argument("--batch-size", type=int, default=128, help="mini-batch size (default: 128)")
+    parser.add_argument("--repeats", type=int, default=3, help="epochs timed per loader (median) (default: 3)")
     args = parser.parse_args()
     _benchmark(args.data_dir, args.batch_size, args.repeats)

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", help="path to checkpoint.pt")
-    parser.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    parser.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available (default: auto)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
