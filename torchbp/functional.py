@@ -202,13 +202,14 @@ class _Linear(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(input: Tensor, weight: Tensor, bias: Tensor | None, delta_hook: Callable | None) -> Tensor:
         # z^l = W^l a^{l-1} + b^l, batched as rows: (*, in) @ (in, out) + (out,) -> (*, out)
         return torch.nn.functional.linear(input, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias = inputs
+        input, weight, bias, delta_hook = inputs
+        ctx.delta_hook = delta_hook
         # Save only what the requested gradients read: ∇_W needs a^{l-1}, ∇_a needs W.
         ctx.save_for_backward(
             input if ctx.needs_input_grad[1] else None,
@@ -219,6 +220,8 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, delta: Tensor):
         input, weight = ctx.saved_tensors
+        if ctx.delta_hook is not None:
+            ctx.delta_hook(delta)  # the grad_output here is δ^l = ∇_{z^l} C
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             # (W^l)^T δ^l, the recursion's step back before φ': (*, out) @ (out, in) -> (*, in)
@@ -229,14 +232,14 @@ class _Linear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             # ∇_{b^l} C = δ^l, summed over samples: (N, out) -> (out,)
             grad_bias = _rows(delta).sum(0)
-        return grad_input, grad_weight, grad_bias
+        return grad_input, grad_weight, grad_bias, None
 
 
 class LinearFunction(_Linear):
     """``z = a W^T + b``; backward: the notes' ``(W^l)^T δ^l``, ``δ^l (a^{l-1})^T`` and ``δ^l``."""
 
     @staticmethod
-    def jvp(ctx, input_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None) -> Tensor:
+    def jvp(ctx, input_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None, _) -> Tensor:
         input, weight = ctx.saved_tensors
         # z_t = a_t W^T + a W_t^T + b_t: the product rule on z = a W^T + b
         z_t = torch.zeros((*input.shape[:-1], weight.shape[0]), dtype=input.dtype, device=input.device)
@@ -252,8 +255,13 @@ class LinearFunction(_Linear):
 _LinearClassic = _classic(LinearFunction)
 
 
-def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear(
+    input: Tensor, weight: Tensor, bias: Tensor | None = None, delta_hook: Callable[[Tensor], None] | None = None
+) -> Tensor:
     r"""``z = a W^T + b`` through :class:`LinearFunction`, like :func:`torch.nn.functional.linear`.
+
+    ``delta_hook(delta)``, if given, is called in backward with δ = ∇_z C,
+    the gradient that reaches this layer (eager mode only; it must not modify δ).
 
     Shape:
         - input: ``(*, in_features)``
@@ -272,9 +280,9 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         _check_same("linear", "input", input, "bias", bias)
     function = _pick(LinearFunction, _LinearClassic, _Linear)
     if dtype is None:
-        return function.apply(input, weight, bias)
+        return function.apply(input, weight, bias, delta_hook)
     with _no_autocast(input):
-        return function.apply(input, weight, bias)
+        return function.apply(input, weight, bias, delta_hook)
 
 
 # --------------------------------------------------------------------------

@@ -89,11 +89,9 @@ class Linear(nn.Module):
             init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: Tensor) -> Tensor:
-        z = F.linear(input, self.weight, self.bias)
-        if self._delta_hooks and z.requires_grad and not torch.compiler.is_compiling():
-            # The gradient reaching z is δ^l, the grad_output of LinearFunction's backward.
-            z.register_hook(self._call_delta_hooks)
-        return z
+        # LinearFunction's backward hands its grad_output, δ^l, to the hooks; none while none is registered.
+        hook = self._call_delta_hooks if self._delta_hooks and not torch.compiler.is_compiling() else None
+        return F.linear(input, self.weight, self.bias, delta_hook=hook)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
