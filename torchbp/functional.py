@@ -146,8 +146,13 @@ def _autocast_dtype(t: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; no call at all when it already is (a no-op ``.to`` still costs µs)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _cast(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
-    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
+    return [t if t is None else _as(t, dtype) for t in tensors]
 
 
 def _no_autocast(t: Tensor) -> torch.autocast:
@@ -677,7 +682,7 @@ class _MLPCost(torch.autograd.Function):
     ) -> tuple[Tensor, ...]:
         activations = _activations(x, params)
         # The cost in the target's dtype: float32 under autocast, as for torch's losses.
-        return (_reduce(_cost(cost, activations[-1].to(y.dtype), y), reduction), *activations)
+        return (_reduce(_cost(cost, _as(activations[-1], y.dtype), y), reduction), *activations)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -690,7 +695,7 @@ class _MLPCost(torch.autograd.Function):
         a, weights = _saved_network(ctx)
         y = ctx.saved_tensors[-1]
         delta = weight = None
-        a_L = a[-1].to(y.dtype)  # the cost's dtype
+        a_L = _as(a[-1], y.dtype)  # the cost's dtype
         if grad_c is not None:
             weight = _sample_weight(grad_c, y, ctx.reduction)
             if ctx.cost == "quadratic":
@@ -699,7 +704,7 @@ class _MLPCost(torch.autograd.Function):
             else:
                 # δ^L = (a^L − y) / (a^L(1 − a^L)) ∘ a^L(1 − a^L) = a^L − y: φ' cancels
                 delta = (a_L - y) * weight
-            delta = delta.to(a[-1].dtype)  # back to the network's dtype
+            delta = _as(delta, a[-1].dtype)  # back to the network's dtype
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[5:])
         grads = _backprop(grad_a, a, weights, needs, ctx.hook, delta_L=delta)
         grad_y = None
@@ -717,7 +722,7 @@ class MLPCostFunction(_MLPCost):
         y = ctx.saved_tensors[-1]
         params = [p for w in weights for p in (w, None)]
         t = _tangents(a, params, (x_t, *params_t))
-        c_t = _reduce(_cost_tangent(ctx.cost, a[-1].to(y.dtype), y, t[-1].to(y.dtype), y_t), ctx.reduction)
+        c_t = _reduce(_cost_tangent(ctx.cost, _as(a[-1], y.dtype), y, _as(t[-1], y.dtype), y_t), ctx.reduction)
         return (c_t, *t)
 
 
