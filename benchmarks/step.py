@@ -7,6 +7,8 @@ already in memory. Variants:
     bp          torchbp.MLP(sizes) + torchbp.QuadraticCost(): one autograd node per layer
     fused       torchbp.MLP(sizes, fused=True) + QuadraticCost(): the network is one node
     fused_cost  torchbp.MLP(sizes, fused=True).cost(x, y): network and cost are one node
+    sgd_step    torchbp.MLP(sizes).sgd_step(x, y, lr): the whole step by hand, no autograd,
+                no optimizer object (eager only)
 
 and each of them with a suffix:
 
@@ -53,7 +55,7 @@ MODELS: dict[str, tuple[list[int], int]] = {
 }
 KINDS = ("nn", "bp", "fused", "fused_cost")
 MODES = ("", "+compile", "+compile_step", "+graphs")
-CPU_VARIANTS = [k + m for m in MODES[:3] for k in KINDS]
+CPU_VARIANTS = [k + m for m in MODES[:3] for k in KINDS] + ["sgd_step"]
 CUDA_VARIANTS = CPU_VARIANTS + [k + "+graphs" for k in KINDS]
 LEARNING_RATE = 0.1
 EPOCH_SAMPLES, EPOCH_BLOCK = 50_000, 1_000
@@ -89,6 +91,9 @@ def make_step(variant: str, sizes: list[int], device: torch.device, sgd: dict) -
     elif kind == "fused_cost":
         model = torchbp.MLP(sizes, fused=True, device=device)
         cost = model.cost
+    elif kind == "sgd_step" and not mode:
+        model = torchbp.MLP(sizes, device=device)
+        return lambda x, y: model.sgd_step(x, y, LEARNING_RATE)
     else:
         raise ValueError(f"unknown variant {variant!r}; known: {CUDA_VARIANTS}")
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, **sgd)

@@ -48,6 +48,7 @@ __all__ = [
     "cross_entropy_cost",
     "mlp",
     "mlp_cost",
+    "mlp_sgd_step",
     "REDUCTIONS",
     "COSTS",
 ]
@@ -809,3 +810,47 @@ def mlp_cost(
         with _no_autocast(x):
             c, *activations = function.apply(x, target, cost, reduction, delta_hook, *params)
     return c, activations[-1]
+
+
+@torch.no_grad()
+def mlp_sgd_step(
+    input: Tensor, target: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None,
+    lr: float, cost: str = "quadratic", reduction: str = "mean", delta_hook: DeltaHook | None = None,
+) -> Tensor:
+    r"""One step of plain SGD on the network, backpropagation by hand and no autograd at all.
+
+    Nielsen's ``update_mini_batch``: the forward keeps a^0..a^L, the backward
+    is the notes' recursion from δ^L = ∇_a C ∘ φ'(z^L) (the same code as the
+    fused Functions' backward), and every parameter moves in place by
+    ``−lr · ∇C``. No graph is built and no ``.grad`` is touched, which removes
+    the autograd engine and the optimizer from the step. Returns the cost
+    before the step. Equal to ``mlp_cost(...)[0].backward()`` followed by
+    ``torch.optim.SGD(lr=lr).step()``. Eager mode, no autocast.
+
+    Shape:
+        - input: ``(*, in_features)``; target: ``(*, out_features)``
+        - output: ``C``, scalar (or ``(*)`` with ``reduction="none"``, whose sum is minimised)
+    """
+    _check_cost("mlp_sgd_step", cost)
+    _check_reduction("mlp_sgd_step", reduction)
+    x, params, _ = _check_network("mlp_sgd_step", input, weights, biases)
+    _check_tensor("mlp_sgd_step", "target", target, min_dim=1)
+    expected = (*x.shape[:-1], params[-2].shape[0])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"mlp_sgd_step(): target must have shape {expected} (the output's), got {tuple(target.shape)}")
+    _check_same("mlp_sgd_step", "input", x, "target", target)
+    a = [x, *_activations(x, params)]  # a^0..a^L
+    c = _reduce(_cost(cost, a[-1], target), reduction)
+    # dC/dC_n for each sample: 1/N for a mean, 1 for a sum or per-sample costs
+    weight = 1.0 / (target.numel() // target.shape[-1]) if reduction == "mean" else 1.0
+    if cost == "quadratic":
+        # δ^L = ∇_a C ∘ φ'(z^L) = (a^L − y) ∘ a^L(1 − a^L)
+        delta = _sigmoid_backward((a[-1] - target) * weight, a[-1])
+    else:
+        delta = (a[-1] - target) * weight  # δ^L = a^L − y: φ' cancels
+    needs = [False] + [p is not None for p in params]  # every parameter, not the input
+    grads = _backprop([None] * (len(a) - 1), a, params[0::2], needs, delta_hook, delta_L=delta)
+    for p, g in zip(params, grads[1:]):
+        if p is not None:
+            p.sub_(g, alpha=lr)  # W ← W − η ∇_W C, b ← b − η ∇_b C
+    return c

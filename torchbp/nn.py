@@ -245,6 +245,20 @@ class MLP(nn.Module):
         weights, biases, hook = self._params()
         return F.mlp_cost(input, target, weights, biases, cost, reduction, delta_hook=hook)[0]
 
+    def sgd_step(
+        self, input: Tensor, target: Tensor, lr: float, cost: str = "quadratic", reduction: str = "mean"
+    ) -> Tensor:
+        """One plain SGD step by hand: forward, the notes' backward, ``p ← p − lr ∇_p C``; returns C.
+
+        Nielsen's ``update_mini_batch`` without autograd or an optimizer object
+        (:func:`torchbp.functional.mlp_sgd_step`): the parameters change in place,
+        their ``.grad`` is left alone, delta hooks see every δ^l. The same
+        update as ``self.cost(input, target).backward()`` then
+        ``torch.optim.SGD(self.parameters(), lr).step()``, in a fraction of the time.
+        """
+        weights, biases, hook = self._params()
+        return F.mlp_sgd_step(input, target, weights, biases, lr, cost, reduction, delta_hook=hook)
+
     def _params(self) -> tuple[list[Tensor], list[Tensor | None], F.DeltaHook | None]:
         """W^1..W^L, b^1..b^L and, while any layer has a delta hook, the hook for the fused backward."""
         linears = self.linears

@@ -1,0 +1,72 @@
+"""MLP.sgd_step: the whole SGD step by hand equals autograd + torch.optim.SGD."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import torchbp
+
+SIZES = [7, 5, 4, 3]
+LR = 0.5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("cost", ["quadratic", "cross_entropy"])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_sgd_step_equals_autograd_and_torch_sgd(fused, cost, reduction):
+    """Three steps of sgd_step leave the same parameters (1e-12, float64) and costs as backward() + SGD.step()."""
+    torch.manual_seed(0)
+    by_hand = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    oracle = torch.nn.Sequential(*[
+        m for n_in, n_out in zip(SIZES[:-1], SIZES[1:]) for m in (torch.nn.Linear(n_in, n_out), torch.nn.Sigmoid())
+    ]).double()
+    oracle.load_state_dict(by_hand.state_dict())
+    optimizer = torch.optim.SGD(oracle.parameters(), lr=LR)
+    x = torch.randn(2, 3, SIZES[0], dtype=torch.float64)  # 3-D input: samples are the leading dims
+    y = torch.rand(2, 3, SIZES[-1], dtype=torch.float64)
+    for _ in range(3):
+        a = oracle(x)
+        if cost == "quadratic":
+            c = 0.5 * ((a - y) ** 2).sum(-1)
+        else:
+            c = torch.nn.functional.binary_cross_entropy(a, y, reduction="none").sum(-1)
+        c = {"mean": c.mean(), "sum": c.sum(), "none": c}[reduction]
+        optimizer.zero_grad()
+        c.sum().backward()
+        optimizer.step()
+        c_by_hand = by_hand.sgd_step(x, y, LR, cost, reduction)
+        torch.testing.assert_close(c_by_hand, c.detach(), rtol=0, atol=1e-12)
+    for (name, p), q in zip(by_hand.named_parameters(), oracle.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=f"{name} after 3 steps")
+        assert p.grad is None, f"{name}.grad must be left alone"
+
+
+def test_sgd_step_without_bias_and_with_delta_hooks():
+    """bias=False works; every layer's delta hook sees δ^l = ∂C/∂z^l of the step, as computed by autograd."""
+    torch.manual_seed(1)
+    model = torchbp.MLP([6, 4, 2], bias=False, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.rand(5, 2, dtype=torch.float64)
+    seen = {}
+    for layer in model.linears:
+        layer.register_delta_hook(lambda m, d: seen.__setitem__(id(m), d.clone()))
+    z = []
+    for layer in reference.linears:
+        layer.register_forward_hook(lambda m, inp, out: z.append(out))
+    c = reference.cost(x, y)
+    expected = torch.autograd.grad(c, z)
+    model.sgd_step(x, y, LR)
+    for layer, delta in zip(model.linears, expected):
+        torch.testing.assert_close(seen[id(layer)], delta, rtol=0, atol=1e-12)
+    assert model[0].bias is None
+
+
+def test_sgd_step_rejects_bad_input():
+    model = torchbp.MLP([4, 3])
+    with pytest.raises(ValueError, match=r"target must have shape \(2, 3\) \(the output's\), got \(2, 4\)"):
+        model.sgd_step(torch.randn(2, 4), torch.rand(2, 4), LR)
+    with pytest.raises(ValueError, match=r"cost must be one of \('quadratic', 'cross_entropy'\), got 'hinge'"):
+        model.sgd_step(torch.randn(2, 4), torch.rand(2, 3), LR, cost="hinge")
