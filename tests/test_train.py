@@ -194,14 +194,19 @@ def test_a_non_finite_loss_stops_the_run_with_exit_1_and_keeps_the_last_good_che
     import torchbp
     import train.mnist
 
-    real_cost, calls = torchbp.MLP.cost, []
+    calls = []
 
-    def cost(self, x, y, *args, **kwargs):
-        calls.append(None)
-        c = real_cost(self, x, y, *args, **kwargs)
-        return c * float("nan") if len(calls) > 20 else c
+    def nan_after_20_steps(real):
+        # Steps go through MLP.sgd_step (plain SGD by hand) and, on log steps, MLP.cost.
+        def patched(self, *args, **kwargs):
+            calls.append(None)
+            c = real(self, *args, **kwargs)
+            return c * float("nan") if len(calls) > 20 else c
 
-    monkeypatch.setattr(torchbp.MLP, "cost", cost)
+        return patched
+
+    monkeypatch.setattr(torchbp.MLP, "cost", nan_after_20_steps(torchbp.MLP.cost))
+    monkeypatch.setattr(torchbp.MLP, "sgd_step", nan_after_20_steps(torchbp.MLP.sgd_step))
     sigint = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as info:

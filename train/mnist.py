@@ -18,7 +18,9 @@ Recipes (every field can be overridden by its flag):
 weights and biases drawn from N(0, 1), plain SGD with η = 3.0 on mini-batches
 of 10, 30 epochs, the quadratic cost (network.py averages the per-sample
 gradients over the mini-batch: torchbp's mean-reduced QuadraticCost is that
-exactly), pixels in [0, 1], one-hot 0/1 targets.
+exactly), pixels in [0, 1], one-hot 0/1 targets. Plain SGD in one process
+runs as :meth:`torchbp.MLP.sgd_step`, Nielsen's ``update_mini_batch`` by hand
+(no autograd graph, no optimizer object): the same update, twice as fast.
 
 ``fast`` (default): the best test accuracy in the least time for the same kind
 of network (sigmoid on every layer, output included, quadratic cost):
@@ -362,7 +364,15 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         return cost.detach()
 
-    step_fn = torch.compile(train_step) if args.compile else train_step
+    # Plain SGD in one process needs neither autograd nor an optimizer object: MLP.sgd_step runs
+    # forward, the notes' recursion and p <- p - η∇C by hand, about twice as fast at mini-batch 10.
+    # Log steps still go through train_step, so weight-gradient norms are logged.
+    by_hand = world_size == 1 and args.optimizer == "sgd" and args.momentum == 0 and scheduler is None
+
+    def hand_step(x, y):
+        return model.sgd_step(x, y, args.lr)
+
+    step_fn = torch.compile(train_step) if args.compile else hand_step if by_hand else train_step
     ckpt_path = os.path.join(args.logdir, "checkpoint.pt")
 
     def save_checkpoint(epoch_done: int, in_epoch: int, loss_sum: float, gen_state: torch.Tensor) -> None:
