@@ -100,7 +100,9 @@ class Linear(nn.Module):
         """Call ``hook(module, delta)`` in every backward pass with δ = ∇_z C, shape ``(*, out_features)``.
 
         The hook must not modify ``delta``. Costs nothing while no hook is
-        registered. Returns a handle whose ``remove()`` unregisters it.
+        registered. Eager mode only: a forward traced by ``torch.compile``
+        passes no hook to the backward (a Python call would break the graph).
+        Returns a handle whose ``remove()`` unregisters it.
         """
         handle = RemovableHandle(self._delta_hooks)
         self._delta_hooks[handle.id] = hook
