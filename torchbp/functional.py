@@ -440,9 +440,9 @@ class _QuadraticCost(torch.autograd.Function):
         weight = _sample_weight(grad_c, a, ctx.reduction)
         grad_a = grad_y = None
         if ctx.needs_input_grad[0]:
-            grad_a = (a - y) * weight  # ∇_a C = a − y
+            grad_a = _cost_grad_a("quadratic", a, y) * weight  # ∇_a C = a − y
         if ctx.needs_input_grad[1]:
-            grad_y = (y - a) * weight  # ∇_y C = −(a − y)
+            grad_y = _cost_grad_y("quadratic", a, y) * weight  # ∇_y C = −(a − y)
         return grad_a, grad_y, None
 
 
@@ -498,9 +498,9 @@ class _CrossEntropyCost(torch.autograd.Function):
         grad_a = grad_y = None
         if ctx.needs_input_grad[0]:
             # ∇_a C = (a − y) / (a(1 − a)); times φ'(z^L) = a(1 − a) this makes δ^L = a − y
-            grad_a = (a - y) / (a * (1 - a)) * weight
+            grad_a = _cost_grad_a("cross_entropy", a, y) * weight
         if ctx.needs_input_grad[1]:
-            grad_y = (torch.log1p(-a) - torch.log(a)) * weight  # ∇_y C = ln(1 − a) − ln a
+            grad_y = _cost_grad_y("cross_entropy", a, y) * weight  # ∇_y C = ln(1 − a) − ln a
         return grad_a, grad_y, None
 
 
@@ -621,6 +621,15 @@ def _tangents(
     return out
 
 
+def _output_delta(cost: str, a_L: Tensor, y: Tensor, weight: Tensor | float) -> Tensor:
+    """δ^L of the output layer for ``cost``, each sample's share scaled by ``weight`` (dC/dC_n)."""
+    if cost == "quadratic":
+        # δ^L = ∇_a C ∘ φ'(z^L) = (a^L − y) ∘ a^L(1 − a^L)
+        return _sigmoid_backward((a_L - y) * weight, a_L)
+    # δ^L = (a^L − y) / (a^L(1 − a^L)) ∘ a^L(1 − a^L) = a^L − y: φ' cancels
+    return (a_L - y) * weight
+
+
 def _save_network(ctx, x: Tensor, params: Sequence[Tensor | None], a: Sequence[Tensor], *extra: Tensor) -> None:
     """Save a^0..a^L (``a`` is a^1..a^L), W^1..W^L and ``extra`` for backward and jvp."""
     ctx.set_materialize_grads(False)
@@ -699,13 +708,7 @@ class _MLPCost(torch.autograd.Function):
         a_L = _as(a[-1], y.dtype)  # the cost's dtype
         if grad_c is not None:
             weight = _sample_weight(grad_c, y, ctx.reduction)
-            if ctx.cost == "quadratic":
-                # δ^L = ∇_a C ∘ φ'(z^L) = (a^L − y) ∘ a^L(1 − a^L)
-                delta = _sigmoid_backward((a_L - y) * weight, a_L)
-            else:
-                # δ^L = (a^L − y) / (a^L(1 − a^L)) ∘ a^L(1 − a^L) = a^L − y: φ' cancels
-                delta = (a_L - y) * weight
-            delta = _as(delta, a[-1].dtype)  # back to the network's dtype
+            delta = _as(_output_delta(ctx.cost, a_L, y, weight), a[-1].dtype)  # back to the network's dtype
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[5:])
         grads = _backprop(grad_a, a, weights, needs, ctx.hook, delta_L=delta)
         grad_y = None
@@ -753,6 +756,21 @@ def _check_network(fn: str, x: Tensor, weights: Sequence[Tensor], biases: Sequen
     return x, params, dtype
 
 
+def _check_network_cost(
+    fn: str, x: Tensor, target: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None,
+    cost: str, reduction: str,
+):
+    """_check_network, plus the cost's arguments: target shaped like the output."""
+    _check_cost(fn, cost)
+    _check_reduction(fn, reduction)
+    x, params, dtype = _check_network(fn, x, weights, biases)
+    _check_tensor(fn, "target", target, min_dim=1)
+    expected = (*x.shape[:-1], params[-2].shape[0])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"{fn}(): target must have shape {expected} (the output's), got {tuple(target.shape)}")
+    return x, params, dtype
+
+
 def mlp(
     input: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None = None,
     delta_hook: DeltaHook | None = None,
@@ -792,14 +810,7 @@ def mlp_cost(
         - input: ``(*, in_features)``; target: ``(*, out_features)``
         - output: ``C`` scalar, or ``(*)`` with ``reduction="none"``; ``a^L``: ``(*, out_features)``
     """
-    _check_cost("mlp_cost", cost)
-    _check_reduction("mlp_cost", reduction)
-    x, params, dtype = _check_network("mlp_cost", input, weights, biases)
-    _check_tensor("mlp_cost", "target", target, min_dim=1)
-    out_features = params[-2].shape[0]
-    expected = (*x.shape[:-1], out_features)
-    if tuple(target.shape) != expected:
-        raise ValueError(f"mlp_cost(): target must have shape {expected} (the output's), got {tuple(target.shape)}")
+    x, params, dtype = _check_network_cost("mlp_cost", input, target, weights, biases, cost, reduction)
     function = _pick(MLPCostFunction, _MLPCostClassic, _MLPCost)
     if dtype is None:
         _check_same("mlp_cost", "input", x, "target", target)
@@ -831,23 +842,13 @@ def mlp_sgd_step(
         - input: ``(*, in_features)``; target: ``(*, out_features)``
         - output: ``C``, scalar (or ``(*)`` with ``reduction="none"``, whose sum is minimised)
     """
-    _check_cost("mlp_sgd_step", cost)
-    _check_reduction("mlp_sgd_step", reduction)
-    x, params, _ = _check_network("mlp_sgd_step", input, weights, biases)
-    _check_tensor("mlp_sgd_step", "target", target, min_dim=1)
-    expected = (*x.shape[:-1], params[-2].shape[0])
-    if tuple(target.shape) != expected:
-        raise ValueError(f"mlp_sgd_step(): target must have shape {expected} (the output's), got {tuple(target.shape)}")
+    x, params, _ = _check_network_cost("mlp_sgd_step", input, target, weights, biases, cost, reduction)
     _check_same("mlp_sgd_step", "input", x, "target", target)
     a = [x, *_activations(x, params)]  # a^0..a^L
     c = _reduce(_cost(cost, a[-1], target), reduction)
     # dC/dC_n for each sample: 1/N for a mean, 1 for a sum or per-sample costs
     weight = 1.0 / (target.numel() // target.shape[-1]) if reduction == "mean" else 1.0
-    if cost == "quadratic":
-        # δ^L = ∇_a C ∘ φ'(z^L) = (a^L − y) ∘ a^L(1 − a^L)
-        delta = _sigmoid_backward((a[-1] - target) * weight, a[-1])
-    else:
-        delta = (a[-1] - target) * weight  # δ^L = a^L − y: φ' cancels
+    delta = _output_delta(cost, a[-1], target, weight)
     needs = [False] + [p is not None for p in params]  # every parameter, not the input
     grads = _backprop([None] * (len(a) - 1), a, params[0::2], needs, delta_hook, delta_L=delta)
     for p, g in zip(params, grads[1:]):
