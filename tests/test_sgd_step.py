@@ -70,3 +70,13 @@ def test_sgd_step_rejects_bad_input():
         model.sgd_step(torch.randn(2, 4), torch.rand(2, 4), LR)
     with pytest.raises(ValueError, match=r"cost must be one of \('quadratic', 'cross_entropy'\), got 'hinge'"):
         model.sgd_step(torch.randn(2, 4), torch.rand(2, 3), LR, cost="hinge")
+
+
+def test_sgd_step_refuses_autocast():
+    """Under autocast the step would update casts of the parameters, not the parameters: it must refuse."""
+    model = torchbp.MLP([4, 3])
+    before = [p.clone() for p in model.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="autocast is enabled for cpu"):
+        model.sgd_step(torch.randn(2, 4), torch.rand(2, 3), LR)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)

@@ -831,27 +831,49 @@ def mlp_sgd_step(
     r"""One step of plain SGD on the network, backpropagation by hand and no autograd at all.
 
     Nielsen's ``update_mini_batch``: the forward keeps a^0..a^L, the backward
-    is the notes' recursion from δ^L = ∇_a C ∘ φ'(z^L) (the same code as the
-    fused Functions' backward), and every parameter moves in place by
-    ``−lr · ∇C``. No graph is built and no ``.grad`` is touched, which removes
-    the autograd engine and the optimizer from the step. Returns the cost
-    before the step. Equal to ``mlp_cost(...)[0].backward()`` followed by
-    ``torch.optim.SGD(lr=lr).step()``. Eager mode, no autocast.
+    is the notes' recursion from δ^L = ∇_a C ∘ φ'(z^L), and every parameter
+    moves in place by ``−lr · ∇C`` as soon as its layer's δ^l is known. No
+    graph is built, no ``.grad`` is touched and ∇_W C is never stored: the
+    update ``W ← W − lr δ^T a`` is one ``addmm_``. Returns the cost before the
+    step. Equal to ``mlp_cost(...)[0].backward()`` followed by
+    ``torch.optim.SGD(lr=lr).step()``. Eager mode; not under autocast.
 
     Shape:
         - input: ``(*, in_features)``; target: ``(*, out_features)``
         - output: ``C``, scalar (or ``(*)`` with ``reduction="none"``, whose sum is minimised)
     """
-    x, params, _ = _check_network_cost("mlp_sgd_step", input, target, weights, biases, cost, reduction)
-    _check_same("mlp_sgd_step", "input", x, "target", target)
+    fn = "mlp_sgd_step"
+    if _autocast_dtype(input) is not None:
+        raise RuntimeError(
+            f"{fn}(): autocast is enabled for {input.device.type}; the step updates the parameters in their "
+            "own dtype, so run it outside autocast (or use mlp_cost(...).backward() with an optimizer)"
+        )
+    x, params, _ = _check_network_cost(fn, input, target, weights, biases, cost, reduction)
+    _check_same(fn, "input", x, "target", target)
     a = [x, *_activations(x, params)]  # a^0..a^L
-    c = _reduce(_cost(cost, a[-1], target), reduction)
-    # dC/dC_n for each sample: 1/N for a mean, 1 for a sum or per-sample costs
-    weight = 1.0 / (target.numel() // target.shape[-1]) if reduction == "mean" else 1.0
-    delta = _output_delta(cost, a[-1], target, weight)
-    needs = [False] + [p is not None for p in params]  # every parameter, not the input
-    grads = _backprop([None] * (len(a) - 1), a, params[0::2], needs, delta_hook, delta_L=delta)
-    for p, g in zip(params, grads[1:]):
-        if p is not None:
-            p.sub_(g, alpha=lr)  # W ← W − η ∇_W C, b ← b − η ∇_b C
+    diff = a[-1] - target  # ∇_a C = a^L − y for the quadratic cost
+    n = diff.numel() // diff.shape[-1]  # samples
+    # dC/dC_n of each sample: 1/N for a mean, 1 for a sum or for per-sample costs (their sum is minimised).
+    # It multiplies every δ^l, so it rides on the step size instead of costing a pass over δ.
+    weight = 1.0 / n if reduction == "mean" else 1.0
+    if cost == "quadratic":
+        # C = ½‖a − y‖², summed over all samples at once when reduced
+        c = 0.5 * (diff * diff).sum(-1) if reduction == "none" else (diff * diff).sum() * (0.5 * weight)
+        delta = _sigmoid_backward(diff, a[-1])  # δ^L = (a^L − y) ∘ φ'(z^L), per sample
+    else:
+        c = _reduce(_cost(cost, a[-1], target), reduction)
+        delta = diff  # δ^L = a^L − y: the cross-entropy's ∇_a C cancels φ'(z^L)
+    step = lr * weight
+    for l in range(len(params) // 2, 0, -1):  # l = L, ..., 1
+        weight_l, bias_l = params[2 * l - 2], params[2 * l - 1]
+        if delta_hook is not None:
+            delta_hook(l - 1, delta * weight)  # the δ^l of the reduced cost, as autograd would see it
+        # δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l, taken before W^l moves: (*, out) @ (out, in) -> (*, in)
+        below = _sigmoid_backward(delta @ weight_l, a[l - 1]) if l > 1 else None
+        rows = _rows(delta)
+        # W^l ← W^l − η δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
+        weight_l.addmm_(rows.mT, _rows(a[l - 1]), alpha=-step)
+        if bias_l is not None:
+            bias_l.sub_(rows.sum(0), alpha=step)  # b^l ← b^l − η δ^l, summed over samples: (N, out) -> (out,)
+        delta = below
     return c
