@@ -8,14 +8,12 @@ step adds on top of what is live before it (model, optimizer, data):
 - CUDA: ``torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()``
   around a step, after one warm-up step; the caching allocator's exact count
   of bytes held by tensors.
-- CPU: torch has no CPU allocator statistics, so the process's resident set:
-  the peak ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the first step
-  minus the resident size just before it (``/proc/self/statm``). The child
-  runs with ``MALLOC_MMAP_THRESHOLD_=65536``: every tensor buffer is then
-  mmap-ed and given back on free (glibc otherwise raises the threshold after
-  the first free and keeps later buffers in its heap), so the resident set
-  follows the live tensors. It also counts a few MiB of one-time library
-  buffers, the same for every variant. Median of ``--runs`` fresh processes (3).
+- CPU: torch keeps no allocator statistics for the CPU, but its profiler
+  records every allocation and free of a tensor buffer
+  (``profile_memory=True``); walking that timeline gives the bytes that the
+  step allocated and still holds at its worst moment, as exactly as the CUDA
+  count. Buffers allocated before the step (the previous step's gradients,
+  freed by ``zero_grad``) are not in it, on either side of the ratio.
 
     python -m benchmarks.memory [--device cuda] [--sizes 784,800,800,10] [--batch 4096]
 """
@@ -24,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import statistics
 import subprocess
 import sys
 
@@ -37,29 +32,38 @@ from benchmarks.step import KINDS, data, make_step
 MIB = 2**20
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def _cpu_step_peak(step, x, y) -> int:
+    """Peak bytes of the tensors ``step`` allocates, from the profiler's allocation timeline."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, MemoryProfile  # what export_memory_timeline uses
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step(x, y)
+    live = peak = 0
+    for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak
 
 
 def measure(variant: str, sizes: list[int], batch: int, device: torch.device) -> dict:
     """Bytes the step adds over what is live before it, for ``variant``, in this process."""
     x, y = data(batch, sizes, device)
     step = make_step(variant, sizes, device, {})
+    step(x, y)  # warm-up: the optimizer's state, library workspaces and the like
     if device.type == "cuda":
-        step(x, y)  # warm-up: cuBLAS workspaces and the like
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step(x, y)
         torch.cuda.synchronize(device)
         return {"variant": variant, "method": "torch.cuda.max_memory_allocated",
-                "before_bytes": before, "peak_extra_bytes": torch.cuda.max_memory_allocated(device) - before}
-    before = _resident_bytes()
-    step(x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"variant": variant, "method": "ru_maxrss - resident before", "before_bytes": before,
-            "peak_extra_bytes": peak - before}
+                "peak_extra_bytes": torch.cuda.max_memory_allocated(device) - before}
+    return {"variant": variant, "method": "torch.profiler allocation timeline",
+            "peak_extra_bytes": _cpu_step_peak(step, x, y)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -68,8 +72,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--sizes", default="784,800,800,10", help="layer widths, input first (default: 784,800,800,10)")
     p.add_argument("--batch", type=int, default=4096, help="mini-batch size (default: 4096)")
     p.add_argument("--variants", default="nn,bp,fused,fused_cost", help=f"comma-separated, from {list(KINDS)} (default: nn,bp,fused,fused_cost)")
-    p.add_argument("--runs", type=int, default=None,
-                   help="fresh processes per variant, the median reported (default: 3 on CPU, 1 on CUDA: exact)")
     p.add_argument("--json", default=None, help="write the figures to this file (default: none)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one variant, in this process
     args = p.parse_args(argv)
@@ -84,22 +86,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise SystemExit(f"--variants: unknown {v!r}; known: {list(KINDS)}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
-    n_runs = args.runs if args.runs is not None else (1 if device.type == "cuda" else 3)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
-    for _ in range(n_runs):
-        for v in variants:  # interleaved, like the timings
-            command = [sys.executable, "-m", "benchmarks.memory", "--device", args.device, "--sizes", args.sizes,
-                       "--batch", str(args.batch), "--child", v]
-            out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-            runs[v].append(json.loads(out.strip().splitlines()[-1]))
     results = []
-    for v, rs in runs.items():
-        peaks = [r["peak_extra_bytes"] for r in rs]
-        results.append({**rs[0], "peak_extra_bytes": statistics.median(peaks), "runs_bytes": peaks})
+    for v in variants:  # each in a fresh process: nothing one variant cached counts against another
+        command = [sys.executable, "-m", "benchmarks.memory", "--device", args.device, "--sizes", args.sizes,
+                   "--batch", str(args.batch), "--child", v]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
     base = next((r["peak_extra_bytes"] for r in results if r["variant"] == "nn"), None)
     print(f"Peak memory of one training step, {sizes} at mini-batch {args.batch}, {device.type} "
-          f"({results[0]['method']}), median of {n_runs} fresh processes per variant:\n")
+          f"({results[0]['method']}), one fresh process per variant:\n")
     print("| variant | step peak over live (MiB) | × nn eager |\n|---|---:|---:|")
     for r in results:
         ratio = f"{r['peak_extra_bytes'] / base:.2f}" if base else "–"
