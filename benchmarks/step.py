@@ -8,12 +8,13 @@ already in memory. Variants:
     fused       torchbp.MLP(sizes, fused=True) + QuadraticCost(): the network is one node
     fused_cost  torchbp.MLP(sizes, fused=True).cost(x, y): network and cost are one node
     sgd_step    torchbp.MLP(sizes).sgd_step(x, y, lr): the whole step by hand, no autograd,
-                no optimizer object (eager only)
+                no optimizer object
 
 and each of them with a suffix:
 
     +compile       torch.compile(fullgraph=True) of forward + cost; backward and
-                   optimizer.step() stay eager (they run the compiled backward graph)
+                   optimizer.step() stay eager (they run the compiled backward graph);
+                   sgd_step+compile compiles the whole hand-written step
     +compile_step  torch.compile of the whole step function, backward and
                    optimizer.step() included (Dynamo splits the graph at backward)
     +graphs        (CUDA only) +compile with mode="reduce-overhead": CUDA graphs
@@ -55,7 +56,7 @@ MODELS: dict[str, tuple[list[int], int]] = {
 }
 KINDS = ("nn", "bp", "fused", "fused_cost")
 MODES = ("", "+compile", "+compile_step", "+graphs")
-CPU_VARIANTS = [k + m for m in MODES[:3] for k in KINDS] + ["sgd_step"]
+CPU_VARIANTS = [k + m for m in MODES[:3] for k in KINDS] + ["sgd_step", "sgd_step+compile"]
 CUDA_VARIANTS = CPU_VARIANTS + [k + "+graphs" for k in KINDS]
 LEARNING_RATE = 0.1
 EPOCH_SAMPLES, EPOCH_BLOCK = 50_000, 1_000
@@ -91,9 +92,10 @@ def make_step(variant: str, sizes: list[int], device: torch.device, sgd: dict) -
     elif kind == "fused_cost":
         model = torchbp.MLP(sizes, fused=True, device=device)
         cost = model.cost
-    elif kind == "sgd_step" and not mode:
+    elif kind == "sgd_step" and mode in ("", "compile"):
         model = torchbp.MLP(sizes, device=device)
-        return lambda x, y: model.sgd_step(x, y, LEARNING_RATE)
+        sgd_step = torch.compile(model.sgd_step, fullgraph=True) if mode else model.sgd_step
+        return lambda x, y: sgd_step(x, y, LEARNING_RATE)
     else:
         raise ValueError(f"unknown variant {variant!r}; known: {CUDA_VARIANTS}")
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, **sgd)

@@ -3,13 +3,16 @@
 * torch.func: per-sample gradients (vmap over grad with functional_call)
   equal a Python loop of single-sample backward passes; vmap, jacrev, jvp and
   hessian of the Functions equal those of torch's own ops (float64, 1e-12).
-* torch.compile(fullgraph=True): forward and gradients equal eager mode.
+* torch.compile(fullgraph=True): forward and gradients equal eager mode, and so
+  do the parameters after compiled MLP.sgd_step calls.
 * autocast: torchbp's MLP and costs against the same torch.nn network under
   torch.autocast: same output dtypes, outputs and float32 gradients within
   the lower precision's rounding.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -212,6 +215,20 @@ def test_compile_fullgraph_matches_eager(path, fresh_dynamo):
     reference = _sequential_like(model)
     expected = _oracle_cost(reference(x), y) if path == "fused-cost" else reference(x).square().sum()
     _close(c_eager, expected, 1e-12, "eager vs torch.nn")
+
+
+def test_compiled_sgd_step_matches_eager(fresh_dynamo):
+    """torch.compile(fullgraph=True) of MLP.sgd_step: the in-place updates land on the parameters as in eager mode."""
+    torch.manual_seed(6)
+    eager = torchbp.MLP(SIZES, dtype=torch.float64)
+    compiled_model = copy.deepcopy(eager)
+    step = torch.compile(compiled_model.sgd_step, fullgraph=True)
+    for _ in range(3):  # new x each step: a compiled graph replayed on changing data and weights
+        x = torch.randn(N, SIZES[0], dtype=torch.float64)
+        y = torch.rand(N, SIZES[-1], dtype=torch.float64)
+        _close(step(x, y, 0.5), eager.sgd_step(x, y, 0.5), COMPILE_TOL, "cost")
+    for (name, p), q in zip(compiled_model.named_parameters(), eager.parameters()):
+        _close(p, q, COMPILE_TOL, f"{name} after 3 steps")
 
 
 # --------------------------------------------------------------------------
