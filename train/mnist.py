@@ -78,19 +78,25 @@ At the end the ranks' weights are compared (``ranks_identical_weights`` in metri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import torchbp
 from train import checkpoint
-from train.data import Batches, DataError, Split, load_mnist, one_hot
+from train.data import MNIST, Batches, DataError, Split, load_mnist, one_hot
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 RECIPES: dict[str, dict] = {
     "nielsen": dict(
@@ -103,6 +109,7 @@ RECIPES: dict[str, dict] = {
     ),
 }
 EXIT_DATA, EXIT_INTERRUPTED, EXIT_DIVERGED = 2, 130, 1
+Step = Callable[[Tensor, Tensor], Tensor]  # one optimisation step on a batch (x, y); returns its cost
 
 
 def _recipe_default(field: str) -> str:
@@ -266,97 +273,56 @@ def init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = resolve_args(argv)
-    stop = Stop()
-    resume_path, data_dir, download = args.resume, args.data_dir, args.download
-    device_arg, use_compile = args.device, args.compile
-    state = None
-    if resume_path:
-        try:
-            state = checkpoint.load(resume_path)
-        except checkpoint.CheckpointError as e:
-            fail(str(e), EXIT_DATA)
-        # The run's hyperparameters come from the checkpoint; where things are comes from this command.
-        args = argparse.Namespace(**state["args"])
-        args.resume, args.data_dir, args.download = resume_path, data_dir, download
-        args.device, args.compile = device_arg, use_compile
-        args.logdir = os.path.dirname(os.path.abspath(resume_path))
-
-    rank, world_size, device = init_distributed(args.device)
-    if args.batch_size % world_size:
-        fail(f"--batch-size ({args.batch_size}) must be divisible by the number of processes ({world_size})", EXIT_DATA)
-    if args.logdir is None:
-        args.logdir = os.path.join("runs", f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
-    main_rank = rank == 0
-
+def load_data(args: argparse.Namespace, device: torch.device, rank: int, world_size: int
+              ) -> tuple[MNIST, Batches, Split, Split]:
+    """MNIST on the device: (data, this rank's training batches, validation split, test split)."""
     try:
         data = load_mnist(args.data_dir, device, args.normalization, args.download)
     except DataError as e:
         fail(str(e), EXIT_DATA)
-    train = data.train
+    train_split = data.train
     if args.limit_train is not None:
-        train = Split(train.x[: args.limit_train], train.y[: args.limit_train])
-    if args.batch_size > len(train):
-        fail(f"--batch-size ({args.batch_size}) exceeds the training set ({len(train)} images)", EXIT_DATA)
+        train_split = Split(train_split.x[: args.limit_train], train_split.y[: args.limit_train])
+    if args.batch_size > len(train_split):
+        fail(f"--batch-size ({args.batch_size}) exceeds the training set ({len(train_split)} images)", EXIT_DATA)
     # Targets gathered with the images: (N,) labels -> (N, 10) one-hot in [low, high]
-    train_targets = Split(train.x, one_hot(train.y, *args.target_range))
+    train_targets = Split(train_split.x, one_hot(train_split.y, *args.target_range))
     batches = Batches(train_targets, args.batch_size, rank, world_size)
     val, test = data.val, data.test
     if args.dry_run:
         val = Split(val.x[: args.batch_size], val.y[: args.batch_size])
         test = Split(test.x[: args.batch_size], test.y[: args.batch_size])
-    steps_per_epoch = 1 if args.dry_run else len(batches)
-    epochs = 1 if args.dry_run else args.epochs
+    return data, batches, val, test
 
-    torch.manual_seed(args.seed)
+
+def build_model(args: argparse.Namespace, device: torch.device) -> torchbp.MLP:
+    """The network of ``--sizes``, initialised as ``--init`` says from the global torch RNG."""
     model = torchbp.MLP(args.sizes, fused=True, device=device)
     if args.init == "normal":
         with torch.no_grad():
             for layer in model.linears:
                 layer.weight.normal_()
                 layer.bias.normal_()
-    generator = torch.Generator().manual_seed(args.seed)
-    step_module: nn.Module = CostOf(model)
+    return model
+
+
+def cost_module(model: torchbp.MLP, world_size: int, device: torch.device) -> nn.Module:
+    """``(x, y) -> model.cost(x, y)`` as a module; under torchrun wrapped in DistributedDataParallel."""
+    module: nn.Module = CostOf(model)
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        step_module = DistributedDataParallel(step_module, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = make_optimizer(args, model.parameters(), lr_tensor=args.compile)
-    scheduler = make_scheduler(args, optimizer, epochs * steps_per_epoch)
+        module = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+    return module
 
-    epoch, step, batch_in_epoch = 0, 0, 0
-    train_seconds, history, best_val, epoch_loss_done = 0.0, [], -1.0, 0.0
-    epoch_generator_state = generator.get_state()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        epoch, step, batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
-        train_seconds, history, best_val = state["train_seconds"], state["history"], state["best_val_accuracy"]
-        epoch_loss_done = state["epoch_loss_sum"]
-        epoch_generator_state = state["epoch_generator_state"]
-        torch.set_rng_state(state["torch_rng_state"])
-        if state.get("cuda_rng_state") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng_state"], device)
 
-    writer = monitor = None
-    if main_rank:
-        from torch.utils.tensorboard import SummaryWriter
+def make_steps(args: argparse.Namespace, model: torchbp.MLP, step_module: nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None, world_size: int) -> tuple[Step, Step]:
+    """(train_step, fast_step): one optimisation step on a batch ``(x, y)``, returning its cost (a device tensor).
 
-        os.makedirs(args.logdir, exist_ok=True)
-        # purge_step: events a killed run wrote after its last checkpoint are dropped from the plots
-        writer = SummaryWriter(args.logdir, purge_step=step if state is not None else None)
-        if not args.no_monitor:
-            from torchbp.tensorboard import log_deltas
-
-    def attach_monitor():
-        return torchbp.DeltaMonitor(model, keep_last=args.delta_hist_every > 0)
-
-    # δ is recorded on the log steps only: the monitor is attached for that one step's
-    # backward (which runs eagerly under --compile too, where hooks would break the graph),
-    # so the other steps pay nothing for it. Its statistics are those of the log step's batch.
+    ``train_step`` is the eager autograd step (the log steps take it, so DeltaMonitor's hooks
+    and the weight gradients are there); ``fast_step`` is what the other steps take.
+    """
 
     def train_step(x, y):
         optimizer.zero_grad(set_to_none=True)
@@ -373,168 +339,284 @@ def main(argv: list[str] | None = None) -> int:
     def hand_step(x, y):
         return model.sgd_step(x, y, args.lr)
 
-    step_fn = torch.compile(train_step) if args.compile else hand_step if by_hand else train_step
-    ckpt_path = os.path.join(args.logdir, "checkpoint.pt")
+    fast_step = torch.compile(train_step) if args.compile else hand_step if by_hand else train_step
+    return train_step, fast_step
 
-    def save_checkpoint(epoch_done: int, in_epoch: int, loss_sum: float, gen_state: torch.Tensor) -> None:
-        if not main_rank:
-            return
-        checkpoint.save({
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "epoch": epoch_done, "step": step, "batch_in_epoch": in_epoch,
-            "epoch_loss_sum": loss_sum,
-            "epoch_generator_state": gen_state,
-            "torch_rng_state": torch.get_rng_state(),
-            "cuda_rng_state": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "train_seconds": train_seconds, "history": history, "best_val_accuracy": best_val,
-            "args": vars(args),
-        }, ckpt_path)
 
-    def agree_to_stop() -> bool:
-        # Under DDP all ranks must leave the loop at the same step, or the next all-reduce hangs.
-        if world_size == 1:
-            return stop.requested
-        flag = torch.tensor([float(stop.requested)], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+def open_writer(logdir: str, purge_step: int | None) -> SummaryWriter:
+    """The run folder's SummaryWriter (rank 0 only)."""
+    from torch.utils.tensorboard import SummaryWriter
 
-    def log_step(loss_since_log: torch.Tensor, n: int) -> float:
-        loss = (loss_since_log / n).item()
-        if not math.isfinite(loss):
-            if main_rank:
-                writer.close()
-            fail(f"the training loss is {loss} at step {step} (epoch {epoch + 1}); stopping. "
-                 f"The last good checkpoint is {ckpt_path}. Try a smaller --lr.", EXIT_DIVERGED)
-        if main_rank:
-            writer.add_scalar("train/loss", loss, step)
-            writer.add_scalar("train/lr", float(optimizer.param_groups[0]["lr"]), step)
-        if monitor is None:
-            return loss
-        if not main_rank:
-            monitor.pop()  # only rank 0 logs; keep the other ranks' accumulators from growing
-        elif world_size == 1:
-            log_deltas(writer, monitor, step, model=model, hist_every=args.delta_hist_every)
+    os.makedirs(logdir, exist_ok=True)
+    # purge_step: events a killed run wrote after its last checkpoint are dropped from the plots
+    return SummaryWriter(logdir, purge_step=purge_step)
+
+
+@dataclasses.dataclass
+class Run:
+    """What one training process works with, fixed for the whole run."""
+
+    args: argparse.Namespace
+    model: torchbp.MLP
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    train_step: Step  # see make_steps
+    fast_step: Step
+    writer: SummaryWriter | None  # rank 0 only
+    stop: Stop
+    device: torch.device
+    rank: int
+    world_size: int
+    epochs: int  # 1 under --dry-run
+    steps_per_epoch: int  # 1 under --dry-run
+    interactive: bool  # rank 0 writing to a terminal: a tqdm progress bar per epoch
+
+    @property
+    def main_rank(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.args.logdir, "checkpoint.pt")
+
+    def echo(self, line: str) -> None:
+        """Print a line; above the progress bar where there is one."""
+        if self.interactive:
+            from tqdm import tqdm
+
+            tqdm.write(line)
         else:
-            # The monitor sees rank 0's shard: its ‖Σ_n δ_n‖ goes to delta/shard_norm; delta/norm is
-            # the whole global batch's, ∇_{b^l} C = Σ_n δ_n^l from DDP's all-reduced bias gradient.
-            log_deltas(_RenameTags(writer, "delta/norm/", "delta/shard_norm/"), monitor, step,
-                       model=model, hist_every=args.delta_hist_every)
-            for name, layer in zip(monitor.layer_names, model.linears):
-                writer.add_scalar(f"delta/norm/{name}", torch.linalg.vector_norm(layer.bias.grad).item(), step)
-        return loss
+            print(line)
 
-    interactive = sys.stdout.isatty() and main_rank
-    if interactive:
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run stands: the fields a checkpoint holds besides the model, optimizer, scheduler and RNG states."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken, over all epochs
+    batch_in_epoch: int = 0  # steps taken in the current epoch (a mid-epoch checkpoint resumes after them)
+    epoch_loss_sum: float = 0.0  # the summed loss of those steps
+    epoch_generator_state: Tensor | None = None  # the batch generator's state the current epoch's permutation comes from
+    train_seconds: float = 0.0
+    history: list[dict] = dataclasses.field(default_factory=list)  # one dict per epoch: losses, accuracies, train_seconds
+    best_val_accuracy: float = -1.0
+
+
+def resume_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | None]:
+    """(arguments, checkpoint): with ``--resume``, the checkpoint and its run's arguments; else (args, None)."""
+    if not args.resume:
+        return args, None
+    try:
+        state = checkpoint.load(args.resume)
+    except checkpoint.CheckpointError as e:
+        fail(str(e), EXIT_DATA)
+    # The run's hyperparameters come from the checkpoint; where things are comes from this command.
+    resumed = argparse.Namespace(**state["args"])
+    resumed.resume, resumed.data_dir, resumed.download = args.resume, args.data_dir, args.download
+    resumed.device, resumed.compile = args.device, args.compile
+    resumed.logdir = os.path.dirname(os.path.abspath(args.resume))
+    return resumed, state
+
+
+def restore(state: dict, model: torchbp.MLP, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device) -> Progress:
+    """Load a checkpoint into the model, optimizer, scheduler and the RNGs; return its progress."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    progress = Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
+    torch.set_rng_state(state["torch_rng_state"])
+    if state.get("cuda_rng_state") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng_state"], device)
+    return progress
+
+
+def save_checkpoint(run: Run, progress: Progress) -> None:
+    """Write ``progress`` and the states to ``checkpoint.pt``, atomically (rank 0; the others return)."""
+    if not run.main_rank:
+        return
+    checkpoint.save({
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+        "epoch": progress.epoch, "step": progress.step, "batch_in_epoch": progress.batch_in_epoch,
+        "epoch_loss_sum": progress.epoch_loss_sum,
+        "epoch_generator_state": progress.epoch_generator_state,
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
+        "train_seconds": progress.train_seconds, "history": progress.history,
+        "best_val_accuracy": progress.best_val_accuracy,
+        "args": vars(run.args),
+    }, run.ckpt_path)
+
+
+def diverged(run: Run, what: str) -> None:
+    """A non-finite training loss: close TensorBoard and exit 1, leaving the last checkpoint as it is."""
+    if run.main_rank:
+        run.writer.close()
+    fail(f"{what}; stopping. The last good checkpoint is {run.ckpt_path}. Try a smaller --lr.", EXIT_DIVERGED)
+
+
+def agree_to_stop(run: Run) -> bool:
+    # Under DDP all ranks must leave the loop at the same step, or the next all-reduce hangs.
+    if run.world_size == 1:
+        return run.stop.requested
+    flag = torch.tensor([float(run.stop.requested)], device=run.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def log_step(run: Run, progress: Progress, monitor: torchbp.DeltaMonitor | None,
+             loss_since_log: Tensor, n: int) -> float:
+    """The mean loss of the last ``n`` steps (exit 1 if not finite); rank 0 logs it, the lr and δ statistics."""
+    loss = (loss_since_log / n).item()
+    if not math.isfinite(loss):
+        diverged(run, f"the training loss is {loss} at step {progress.step} (epoch {progress.epoch + 1})")
+    writer, step, model = run.writer, progress.step, run.model
+    if run.main_rank:
+        writer.add_scalar("train/loss", loss, step)
+        writer.add_scalar("train/lr", float(run.optimizer.param_groups[0]["lr"]), step)
+    if monitor is None:
+        return loss
+    if not run.main_rank:
+        monitor.pop()  # only rank 0 logs; keep the other ranks' accumulators from growing
+        return loss
+    from torchbp.tensorboard import log_deltas
+
+    hist_every = run.args.delta_hist_every
+    if run.world_size == 1:
+        log_deltas(writer, monitor, step, model=model, hist_every=hist_every)
+    else:
+        # The monitor sees rank 0's shard: its ‖Σ_n δ_n‖ goes to delta/shard_norm; delta/norm is
+        # the whole global batch's, ∇_{b^l} C = Σ_n δ_n^l from DDP's all-reduced bias gradient.
+        log_deltas(_RenameTags(writer, "delta/norm/", "delta/shard_norm/"), monitor, step,
+                   model=model, hist_every=hist_every)
+        for name, layer in zip(monitor.layer_names, model.linears):
+            writer.add_scalar(f"delta/norm/{name}", torch.linalg.vector_norm(layer.bias.grad).item(), step)
+    return loss
+
+
+def train(run: Run, progress: Progress, batches: Batches, generator: torch.Generator) -> tuple[float | None, bool]:
+    """Train one epoch, from ``progress.batch_in_epoch`` on, and advance ``progress``.
+
+    Returns ``(train_loss, stopped)``: the epoch's mean training loss, and whether Ctrl-C asked
+    to stop. A stop inside the epoch returns ``(None, True)`` with ``progress`` at the position
+    to resume from; a stop at its last step returns the loss: the epoch is complete.
+    """
+    args = run.args
+    generator.set_state(progress.epoch_generator_state)
+    epoch_batches = batches.epoch(generator, start=progress.batch_in_epoch)
+    next_generator_state = generator.get_state()  # the next epoch's permutation comes from here
+    bar = None
+    if run.interactive:
         from tqdm import tqdm
-    print_line = print
+
+        bar = tqdm(total=run.steps_per_epoch, initial=progress.batch_in_epoch,
+                   desc=f"epoch {progress.epoch + 1}/{run.epochs}", leave=False, dynamic_ncols=True)
+    # Host syncs only at log steps and the epoch end: the losses add up on the device.
+    epoch_loss = torch.zeros((), device=run.device)
+    loss_since_log, n_since_log = torch.zeros((), device=run.device), 0
     stopped = False
-    while epoch < epochs and not stopped:
-        generator.set_state(epoch_generator_state)
-        epoch_batches = batches.epoch(generator, start=batch_in_epoch)
-        next_generator_state = generator.get_state()  # the next epoch's permutation comes from here
-        bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{epochs}",
-                   leave=False, dynamic_ncols=True) if interactive else None
-        print_line = bar.write if bar is not None else print
-        epoch_loss = torch.zeros((), device=device)
-        loss_since_log, n_since_log = torch.zeros((), device=device), 0
-        t0 = time.perf_counter()
-        for x, y in epoch_batches:
-            if batch_in_epoch >= steps_per_epoch:
-                break
-            if not args.no_monitor and (step + 1) % args.log_every == 0:
-                monitor = attach_monitor()
-                cost = train_step(x, y)
-            else:
-                cost = step_fn(x, y)
-            if scheduler is not None:
-                scheduler.step()
-            epoch_loss += cost
-            loss_since_log += cost
-            step, batch_in_epoch, n_since_log = step + 1, batch_in_epoch + 1, n_since_log + 1
+    t0 = time.perf_counter()
+    for x, y in epoch_batches:
+        if progress.batch_in_epoch >= run.steps_per_epoch:
+            break
+        # δ is recorded on the log steps only: the monitor is attached for that one step's
+        # backward (which runs eagerly under --compile too, where hooks would break the graph),
+        # so the other steps pay nothing for it. Its statistics are those of the log step's batch.
+        monitor = None
+        if not args.no_monitor and (progress.step + 1) % args.log_every == 0:
+            monitor = torchbp.DeltaMonitor(run.model, keep_last=args.delta_hist_every > 0)
+            cost = run.train_step(x, y)
+        else:
+            cost = run.fast_step(x, y)
+        if run.scheduler is not None:
+            run.scheduler.step()
+        epoch_loss += cost
+        loss_since_log += cost
+        progress.step += 1
+        progress.batch_in_epoch += 1
+        n_since_log += 1
+        if bar is not None:
+            bar.update()
+        if progress.step % args.log_every == 0:
+            loss = log_step(run, progress, monitor, loss_since_log, n_since_log)
+            if monitor is not None:
+                monitor.close()
+            loss_since_log.zero_()
+            n_since_log = 0
             if bar is not None:
-                bar.update()
-            if step % args.log_every == 0:
-                loss = log_step(loss_since_log, n_since_log)
-                if monitor is not None:
-                    monitor.close()
-                    monitor = None
-                loss_since_log.zero_()
-                n_since_log = 0
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                if world_size > 1 and agree_to_stop():
-                    stopped = True
-                    break
-            if world_size == 1 and stop.requested:
+                bar.set_postfix(loss=f"{loss:.4f}")
+            # Under DDP the ranks agree on stopping here (one all-reduce per log step, not per step).
+            if run.world_size > 1 and agree_to_stop(run):
                 stopped = True
                 break
-        train_seconds += time.perf_counter() - t0
-        if bar is not None:
-            bar.close()
-        loss_sum = epoch_loss_done + epoch_loss.item()
-        if not math.isfinite(loss_sum):
-            if main_rank:
-                writer.close()
-            fail(f"the training loss is {loss_sum} in epoch {epoch + 1}; stopping. "
-                 f"The last good checkpoint is {ckpt_path}. Try a smaller --lr.", EXIT_DIVERGED)
-        if not stopped and world_size > 1:
-            stopped = agree_to_stop() and batch_in_epoch < steps_per_epoch
-        if stopped and batch_in_epoch < steps_per_epoch:
-            save_checkpoint(epoch, batch_in_epoch, loss_sum, epoch_generator_state)
-            if main_rank:
-                writer.flush()
-                writer.close()
-                print_line(f"interrupted at step {step} (epoch {epoch + 1}, batch {batch_in_epoch}); "
-                           f"checkpoint written to {ckpt_path}; resume with --resume {ckpt_path}")
-            sys.stdout.flush()
-            return EXIT_INTERRUPTED
-        train_loss = loss_sum / batch_in_epoch
-        epoch += 1
-        batch_in_epoch, epoch_loss_done = 0, 0.0
-        epoch_generator_state = next_generator_state
-        if main_rank:
-            val_acc, test_acc = accuracy(model, val), accuracy(model, test)
-            best_val = max(best_val, val_acc)
-            history.append(dict(epoch=epoch, train_loss=train_loss, val_accuracy=val_acc,
-                                test_accuracy=test_acc, train_seconds=train_seconds))
-            writer.add_scalar("epoch/train_loss", train_loss, step)
-            writer.add_scalar("accuracy/val", val_acc, step)
-            writer.add_scalar("accuracy/test", test_acc, step)
-            print_line(f"epoch {epoch:>3}/{epochs}  train loss {train_loss:.5f}  val acc {val_acc:.2%}  "
-                       f"test acc {test_acc:.2%}  {train_seconds:6.1f} s")
-            sys.stdout.flush()
-        save_checkpoint(epoch, 0, 0.0, epoch_generator_state)
-        if stop.requested and world_size == 1:
+        if run.world_size == 1 and run.stop.requested:
             stopped = True
-
-    if stopped:  # SIGINT right at an epoch's last step: the epoch-end checkpoint is the resume point
-        if main_rank:
-            writer.close()
-            print_line(f"interrupted after epoch {epoch}; checkpoint written to {ckpt_path}")
-        return EXIT_INTERRUPTED
-    ranks_identical = None
-    if world_size > 1:
-        # Every rank must hold the same weights (DDP's invariant): compare them all once, at the end.
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world_size)]
-        torch.distributed.all_gather(gathered, flat)
-        ranks_identical = all(torch.equal(g, gathered[0]) for g in gathered)
-    if main_rank:
-        finish(args, model, data, test, writer, history, best_val, train_seconds, step, world_size, ranks_identical)
-    if monitor is not None:
-        monitor.close()
-    if world_size > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return 0
+            break
+    progress.train_seconds += time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    loss_sum = progress.epoch_loss_sum + epoch_loss.item()
+    if not math.isfinite(loss_sum):
+        diverged(run, f"the training loss is {loss_sum} in epoch {progress.epoch + 1}")
+    if not stopped and run.world_size > 1:
+        stopped = agree_to_stop(run) and progress.batch_in_epoch < run.steps_per_epoch
+    if stopped and progress.batch_in_epoch < run.steps_per_epoch:
+        progress.epoch_loss_sum = loss_sum
+        return None, True
+    train_loss = loss_sum / progress.batch_in_epoch
+    progress.epoch += 1
+    progress.batch_in_epoch, progress.epoch_loss_sum = 0, 0.0
+    progress.epoch_generator_state = next_generator_state
+    return train_loss, stopped
 
 
-def finish(args, model, data, test, writer, history, best_val, train_seconds, step, world_size, ranks_identical) -> None:
+def evaluate(run: Run, progress: Progress, val: Split, test: Split, train_loss: float) -> None:
+    """After an epoch (rank 0): validation and test accuracy into the history, TensorBoard and the console."""
+    if not run.main_rank:
+        return
+    val_acc, test_acc = accuracy(run.model, val), accuracy(run.model, test)
+    progress.best_val_accuracy = max(progress.best_val_accuracy, val_acc)
+    progress.history.append(dict(epoch=progress.epoch, train_loss=train_loss, val_accuracy=val_acc,
+                                 test_accuracy=test_acc, train_seconds=progress.train_seconds))
+    writer, step = run.writer, progress.step
+    writer.add_scalar("epoch/train_loss", train_loss, step)
+    writer.add_scalar("accuracy/val", val_acc, step)
+    writer.add_scalar("accuracy/test", test_acc, step)
+    run.echo(f"epoch {progress.epoch:>3}/{run.epochs}  train loss {train_loss:.5f}  val acc {val_acc:.2%}  "
+             f"test acc {test_acc:.2%}  {progress.train_seconds:6.1f} s")
+    sys.stdout.flush()
+
+
+def interrupted_mid_epoch(run: Run, progress: Progress) -> int:
+    """Ctrl-C inside an epoch: checkpoint its position (resume continues from the next step); exit 130."""
+    save_checkpoint(run, progress)
+    if run.main_rank:
+        run.writer.flush()
+        run.writer.close()
+        run.echo(f"interrupted at step {progress.step} (epoch {progress.epoch + 1}, batch {progress.batch_in_epoch}); "
+                 f"checkpoint written to {run.ckpt_path}; resume with --resume {run.ckpt_path}")
+    sys.stdout.flush()
+    return EXIT_INTERRUPTED
+
+
+def ranks_hold_identical_weights(model: torchbp.MLP, world_size: int) -> bool:
+    # Every rank must hold the same weights (DDP's invariant): compare them all once, at the end.
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, flat)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def finish(run: Run, progress: Progress, data: MNIST, test: Split, ranks_identical: bool | None) -> None:
     """Final metrics: misclassified digits, hparams and metrics.json (rank 0)."""
     from torchvision.utils import make_grid
 
+    args, writer, history, step = run.args, run.writer, progress.history, progress.step
+    best_val, train_seconds = progress.best_val_accuracy, progress.train_seconds
     last = history[-1]
     best = max(history, key=lambda h: h["val_accuracy"])
     metrics = dict(
@@ -547,12 +629,12 @@ def finish(args, model, data, test, writer, history, best_val, train_seconds, st
         steps=step,
         train_seconds=train_seconds,
         steps_per_second=step / train_seconds if train_seconds > 0 else 0.0,
-        world_size=world_size,
+        world_size=run.world_size,
         ranks_identical_weights=ranks_identical,  # None in a single process
         args=vars(args),
         history=history,
     )
-    predicted = predict(model, test.x)
+    predicted = predict(run.model, test.x)
     wrong = (predicted != test.y).nonzero().flatten()[:64]
     if len(wrong):
         # back to [0, 1] pixels: (k, 784) -> (k, 1, 28, 28)
@@ -576,6 +658,57 @@ def finish(args, model, data, test, writer, history, best_val, train_seconds, st
     print(f"test accuracy {metrics['test_accuracy']:.2%} (best val {best_val:.2%}, "
           f"best test {metrics['best_test_accuracy']:.2%}); {train_seconds:.1f} s of training, "
           f"{metrics['steps_per_second']:.1f} steps/s; run folder {args.logdir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = resolve_args(argv)
+    stop = Stop()
+    args, state = resume_args(args)
+    rank, world_size, device = init_distributed(args.device)
+    if args.batch_size % world_size:
+        fail(f"--batch-size ({args.batch_size}) must be divisible by the number of processes ({world_size})", EXIT_DATA)
+    if args.logdir is None:
+        args.logdir = os.path.join("runs", f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    data, batches, val, test = load_data(args, device, rank, world_size)
+    steps_per_epoch = 1 if args.dry_run else len(batches)
+    epochs = 1 if args.dry_run else args.epochs
+
+    torch.manual_seed(args.seed)
+    model = build_model(args, device)
+    generator = torch.Generator().manual_seed(args.seed)  # the batch order
+    step_module = cost_module(model, world_size, device)
+    optimizer = make_optimizer(args, model.parameters(), lr_tensor=args.compile)
+    scheduler = make_scheduler(args, optimizer, epochs * steps_per_epoch)
+    progress = Progress(epoch_generator_state=generator.get_state())
+    if state is not None:
+        progress = restore(state, model, optimizer, scheduler, device)
+    writer = open_writer(args.logdir, progress.step if state is not None else None) if rank == 0 else None
+    train_step, fast_step = make_steps(args, model, step_module, optimizer, scheduler, world_size)
+    run = Run(args=args, model=model, optimizer=optimizer, scheduler=scheduler, train_step=train_step,
+              fast_step=fast_step, writer=writer, stop=stop, device=device, rank=rank, world_size=world_size,
+              epochs=epochs, steps_per_epoch=steps_per_epoch, interactive=sys.stdout.isatty() and rank == 0)
+
+    while progress.epoch < epochs:
+        train_loss, stopped = train(run, progress, batches, generator)
+        if train_loss is None:
+            return interrupted_mid_epoch(run, progress)
+        evaluate(run, progress, val, test, train_loss)
+        save_checkpoint(run, progress)
+        if stopped or (stop.requested and world_size == 1):
+            # Ctrl-C at an epoch's last step (or during its evaluation): the epoch-end checkpoint is the resume point
+            if run.main_rank:
+                writer.close()
+                run.echo(f"interrupted after epoch {progress.epoch}; checkpoint written to {run.ckpt_path}")
+            return EXIT_INTERRUPTED
+
+    ranks_identical = ranks_hold_identical_weights(model, world_size) if world_size > 1 else None
+    if run.main_rank:
+        finish(run, progress, data, test, ranks_identical)
+    if world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
