@@ -247,3 +247,18 @@ def test_two_process_ddp_matches_the_single_process_run(tmp_path):
     single_metrics = json.loads((tmp_path / "single" / "metrics.json").read_text())
     assert ddp_metrics["test_accuracy"] == pytest.approx(single_metrics["test_accuracy"], abs=0.005)
     assert [p.name for p in (tmp_path / "ddp").iterdir()].count("checkpoint.pt") == 1
+    # The "δ norm by layer" chart layout is written once per run, as by one process (not per log step).
+    for name in ("ddp", "single"):
+        assert layout_writes(tmp_path / name) == 1, name
+
+
+def layout_writes(logdir: Path) -> int:
+    """How many custom-scalars layouts the event files of ``logdir`` hold."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return sum(
+        value.tag == "custom_scalars__config__"
+        for events in logdir.glob("events.out.tfevents.*")
+        for event in EventFileLoader(str(events)).Load()
+        for value in event.summary.value
+    )

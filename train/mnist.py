@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
     p.add_argument("--download", action="store_true", help="download MNIST into --data-dir if missing (default: False)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step (cost forward+backward+optimizer step) (default: False)")
+                   help="torch.compile the training step (forward, cost, backward and optimizer step; the hand-written "
+                        "MLP.sgd_step where plain SGD runs by hand) (default: False)")
     return p
 
 
@@ -339,8 +340,8 @@ def make_steps(args: argparse.Namespace, model: torchbp.MLP, step_module: nn.Mod
     def hand_step(x, y):
         return model.sgd_step(x, y, args.lr)
 
-    fast_step = torch.compile(train_step) if args.compile else hand_step if by_hand else train_step
-    return train_step, fast_step
+    fast_step = hand_step if by_hand else train_step
+    return train_step, torch.compile(fast_step) if args.compile else fast_step
 
 
 def open_writer(logdir: str, purge_step: int | None) -> SummaryWriter:
@@ -370,6 +371,11 @@ class Run:
     epochs: int  # 1 under --dry-run
     steps_per_epoch: int  # 1 under --dry-run
     interactive: bool  # rank 0 writing to a terminal: a tqdm progress bar per epoch
+
+    def __post_init__(self) -> None:
+        # Under DDP rank 0's own δ statistics are its shard's: delta/norm/* become delta/shard_norm/*.
+        # One wrapper for the whole run, so that log_deltas writes the chart layout once.
+        self.shard_writer = _RenameTags(self.writer, "delta/norm/", "delta/shard_norm/")
 
     @property
     def main_rank(self) -> bool:
@@ -491,8 +497,7 @@ def log_step(run: Run, progress: Progress, monitor: torchbp.DeltaMonitor | None,
     else:
         # The monitor sees rank 0's shard: its ‖Σ_n δ_n‖ goes to delta/shard_norm; delta/norm is
         # the whole global batch's, ∇_{b^l} C = Σ_n δ_n^l from DDP's all-reduced bias gradient.
-        log_deltas(_RenameTags(writer, "delta/norm/", "delta/shard_norm/"), monitor, step,
-                   model=model, hist_every=hist_every)
+        log_deltas(run.shard_writer, monitor, step, model=model, hist_every=hist_every)
         for name, layer in zip(monitor.layer_names, model.linears):
             writer.add_scalar(f"delta/norm/{name}", torch.linalg.vector_norm(layer.bias.grad).item(), step)
     return loss
@@ -563,7 +568,7 @@ def train(run: Run, progress: Progress, batches: Batches, generator: torch.Gener
     if not math.isfinite(loss_sum):
         diverged(run, f"the training loss is {loss_sum} in epoch {progress.epoch + 1}")
     if not stopped and run.world_size > 1:
-        stopped = agree_to_stop(run) and progress.batch_in_epoch < run.steps_per_epoch
+        stopped = agree_to_stop(run)  # a Ctrl-C since the last log step stops the run at this epoch's end
     if stopped and progress.batch_in_epoch < run.steps_per_epoch:
         progress.epoch_loss_sum = loss_sum
         return None, True
