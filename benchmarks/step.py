@@ -9,6 +9,8 @@ already in memory. Variants:
     fused_cost  torchbp.MLP(sizes, fused=True).cost(x, y): network and cost are one node
     sgd_step    torchbp.MLP(sizes).sgd_step(x, y, lr): the whole step by hand, no autograd,
                 no optimizer object
+    network_py  the book's network.py step in numpy, one sample at a time (CPU; not in the
+                default list: name it, e.g. --epoch-variants nn,sgd_step,network_py)
 
 and each of them with a suffix:
 
@@ -92,6 +94,12 @@ def make_step(variant: str, sizes: list[int], device: torch.device, sgd: dict) -
     elif kind == "fused_cost":
         model = torchbp.MLP(sizes, fused=True, device=device)
         cost = model.cost
+    elif kind == "network_py" and not mode and device.type == "cpu":
+        from benchmarks.network_py import Network
+
+        init = torchbp.MLP(sizes)  # the same initial weights as every other variant
+        net = Network([m.weight for m in init.linears], [m.bias for m in init.linears])
+        return lambda x, y: net.update_mini_batch(x.numpy(), y.numpy(), LEARNING_RATE)
     elif kind == "sgd_step" and mode in ("", "compile"):
         model = torchbp.MLP(sizes, device=device)
         sgd_step = torch.compile(model.sgd_step, fullgraph=True) if mode else model.sgd_step
@@ -249,11 +257,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     known = CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS
+    named_only = [] if device.type == "cuda" else ["network_py"]  # too slow for the default list
     variants = args.variants.split(",") if args.variants else known
     models = [m for m in args.models.split(",") if m]  # --models "" times the epoch only
     for v in variants:
-        if v not in known:
-            raise SystemExit(f"--variants: unknown {v!r} for {device.type}; known: {known}")
+        if v not in known + named_only:
+            raise SystemExit(f"--variants: unknown {v!r} for {device.type}; known: {known + named_only}")
     for m in models:
         if m not in MODELS:
             raise SystemExit(f"--models: unknown {m!r}; known: {list(MODELS)}")
@@ -278,8 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.epoch:
         epoch_variants = args.epoch_variants.split(",") if args.epoch_variants else variants
         for v in epoch_variants:
-            if v not in known:
-                raise SystemExit(f"--epoch-variants: unknown {v!r}; known: {known}")
+            if v not in known + named_only:
+                raise SystemExit(f"--epoch-variants: unknown {v!r}; known: {known + named_only}")
         epoch = bench_epoch(epoch_variants, device, sgd, args.repeats, args.warmup)
         out["epoch"] = epoch
         print(f"\nEpoch, [784, 30, 10] at mini-batch 10 (5,000 steps):\n\n{epoch_table(epoch, baseline)}")

@@ -80,3 +80,20 @@ def test_sgd_step_refuses_autocast():
         model.sgd_step(torch.randn(2, 4), torch.rand(2, 3), LR)
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)
+
+
+def test_sgd_step_equals_network_py():
+    """Oracle: the book's network.py step (numpy, one sample at a time, float64) leaves the same parameters (1e-12)."""
+    from benchmarks.network_py import Network
+
+    torch.manual_seed(2)
+    model = torchbp.MLP(SIZES, dtype=torch.float64)
+    book = Network([m.weight for m in model.linears], [m.bias for m in model.linears])
+    for _ in range(3):
+        x = torch.rand(6, SIZES[0], dtype=torch.float64)
+        y = torch.rand(6, SIZES[-1], dtype=torch.float64)
+        model.sgd_step(x, y, LR)
+        book.update_mini_batch(x.numpy(), y.numpy(), LR)
+    for l, layer in enumerate(model.linears):
+        torch.testing.assert_close(layer.weight, torch.from_numpy(book.weights[l]), rtol=0, atol=1e-12)
+        torch.testing.assert_close(layer.bias, torch.from_numpy(book.biases[l]).flatten(), rtol=0, atol=1e-12)
