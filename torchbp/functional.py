@@ -733,7 +733,43 @@ class MLPCostFunction(_MLPCost):
 _MLPCostClassic = _classic(MLPCostFunction)
 
 
+def _network_ok(x: object, weights: Sequence[object], biases: Sequence[object] | None) -> bool:
+    """The common case in one cheap pass: layers chained by shape, one floating dtype, one device.
+
+    Stricter than :func:`_check_network_in_full` (it refuses mixed dtypes, which
+    autocast accepts) and never more lenient, so a False only sends the call
+    through the full checks, which name what is wrong.
+    """
+    if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1 and len(weights) > 0
+            and (biases is None or len(biases) == len(weights))):
+        return False
+    dtype, device, features = x.dtype, x.device, x.shape[-1]
+    for weight, bias in zip(weights, biases or [None] * len(weights)):
+        if not (isinstance(weight, Tensor) and weight.dtype == dtype and weight.device == device
+                and weight.dim() == 2 and weight.shape[1] == features):
+            return False
+        features = weight.shape[0]
+        if bias is not None and not (isinstance(bias, Tensor) and bias.dtype == dtype and bias.device == device
+                                     and bias.shape == (features,)):
+            return False
+    return True
+
+
 def _check_network(fn: str, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None):
+    """(x, [W^1, b^1, ..., W^L, b^L], autocast dtype or None), cast for autocast; raises on bad input."""
+    if not _network_ok(x, weights, biases):
+        return _check_network_in_full(fn, x, weights, biases)
+    params = [p for wb in zip(weights, biases or [None] * len(weights)) for p in wb]
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        x, *params = _cast(dtype, x, *params)
+    return x, params, dtype
+
+
+def _check_network_in_full(
+    fn: str, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None
+):
+    """_check_network one check at a time, each failure naming the argument, expected and actual value."""
     _check_tensor(fn, "input", x, min_dim=1)
     if len(weights) == 0:
         raise ValueError(f"{fn}(): weights must hold at least one layer's weight, got none")
