@@ -70,6 +70,9 @@ def test_sgd_step_rejects_bad_input():
         model.sgd_step(torch.randn(2, 4), torch.rand(2, 4), LR)
     with pytest.raises(ValueError, match=r"cost must be one of \('quadratic', 'cross_entropy'\), got 'hinge'"):
         model.sgd_step(torch.randn(2, 4), torch.rand(2, 3), LR, cost="hinge")
+    for lr in (-0.1, float("nan"), torch.tensor(0.1), True):
+        with pytest.raises(ValueError, match=r"lr must be a real number >= 0 \(not a tensor\), got "):
+            model.sgd_step(torch.randn(2, 4), torch.rand(2, 3), lr)
 
 
 def test_sgd_step_refuses_autocast():

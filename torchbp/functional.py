@@ -30,6 +30,7 @@ Backwards are built from differentiable torch ops, so double backward works.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -879,6 +880,8 @@ def mlp_sgd_step(
         - output: ``C``, scalar (or ``(*)`` with ``reduction="none"``, whose sum is minimised)
     """
     fn = "mlp_sgd_step"
+    if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not lr >= 0:
+        raise ValueError(f"{fn}(): lr must be a real number >= 0 (not a tensor), got {lr!r}")
     if _autocast_dtype(input) is not None:
         raise RuntimeError(
             f"{fn}(): autocast is enabled for {input.device.type}; the step updates the parameters in their "
