@@ -1,0 +1,43 @@
+"""The benchmark scripts run, and the CPU memory figure counts what a step must hold.
+
+Timings are not asserted (they are the benchmarks' job, and this machine is
+shared); what is checked is that every variant runs, the table and JSON hold
+every figure, and the memory walk sees the buffers the notes' backward needs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from benchmarks import memory, step
+
+
+def test_step_benchmark_times_every_variant_and_writes_json(tmp_path, capsys):
+    """A tiny run of `python -m benchmarks.step`: every variant and the epoch get a positive median and a ratio."""
+    variants = ["nn", "bp", "fused", "fused_cost", "sgd_step", "network_py"]
+    out = step.main(["--models", "784-30-10@10", "--variants", ",".join(variants), "--repeats", "2",
+                     "--steps", "2", "--warmup", "1", "--epoch-variants", "nn,sgd_step", "--json",
+                     str(tmp_path / "bench.json")])
+    timings = out["steps"]["784-30-10@10"]
+    assert list(timings) == variants
+    assert all(len(t["seconds_per_step"]) == 2 and min(t["seconds_per_step"]) > 0 for t in timings.values())
+    assert set(out["epoch"]) == {"nn", "sgd_step"}
+    assert json.loads((tmp_path / "bench.json").read_text())["steps"] == out["steps"]
+    printed = capsys.readouterr().out
+    for variant in variants:
+        assert f"| 784-30-10@10 | {variant} |" in printed
+
+
+def test_cpu_memory_peak_counts_the_buffers_backward_needs():
+    """Oracle, by hand: [16, 256, 4] at batch 1024 peaks at three (1024, 256) buffers, plus small tensors.
+
+    At torch.nn's peak, the first sigmoid's backward, a^1, ∇_{a^1} C and δ^1 are
+    live (1 MiB each); the fused node holds the same three there. Everything else
+    (δ^2, the gradients, the cost) is under a quarter of a buffer.
+    """
+    buffer = 1024 * 256 * 4  # one (1024, 256) float32 tensor
+    for variant in ("nn", "fused"):
+        peak = memory.measure(variant, [16, 256, 4], 1024, torch.device("cpu"))["peak_extra_bytes"]
+        assert 3 * buffer <= peak < 3.25 * buffer, (variant, peak / buffer)
