@@ -100,3 +100,16 @@ def test_sgd_step_equals_network_py():
     for l, layer in enumerate(model.linears):
         torch.testing.assert_close(layer.weight, torch.from_numpy(book.weights[l]), rtol=0, atol=1e-12)
         torch.testing.assert_close(layer.bias, torch.from_numpy(book.biases[l]).flatten(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_sgd_step_on_an_empty_batch_moves_nothing(reduction):
+    """No samples: C as torch computes it (nan for a mean, 0 for a sum, no costs) and the parameters unchanged."""
+    model = torchbp.MLP([4, 3])
+    before = [p.clone() for p in model.parameters()]
+    x, y = torch.randn(0, 4), torch.rand(0, 3)
+    c = 0.5 * ((model(x) - y) ** 2).sum(-1).detach()  # torch's own reductions of nothing: nan, 0, empty
+    expected = {"mean": c.mean(), "sum": c.sum(), "none": c}[reduction]
+    torch.testing.assert_close(model.sgd_step(x, y, LR, reduction=reduction), expected, equal_nan=True)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)

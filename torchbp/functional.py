@@ -30,6 +30,7 @@ Backwards are built from differentiable torch ops, so double backward works.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 
@@ -891,10 +892,11 @@ def mlp_sgd_step(
     _check_same(fn, "input", x, "target", target)
     a = [x, *_activations(x, params)]  # a^0..a^L
     diff = a[-1] - target  # ∇_a C = a^L − y for the quadratic cost
-    n = diff.numel() // diff.shape[-1]  # samples
+    n = math.prod(x.shape[:-1])  # samples
     # dC/dC_n of each sample: 1/N for a mean, 1 for a sum or for per-sample costs (their sum is minimised).
-    # It multiplies every δ^l, so it rides on the step size instead of costing a pass over δ.
-    weight = 1.0 / n if reduction == "mean" else 1.0
+    # It multiplies every δ^l, so it rides on the step size instead of costing a pass over δ. With no
+    # samples the mean is nan, as torch's mean of nothing, and no parameter moves.
+    weight = (1.0 / n if n else math.nan) if reduction == "mean" else 1.0
     if cost == "quadratic":
         # C = ½‖a − y‖², summed over all samples at once when reduced
         c = 0.5 * (diff * diff).sum(-1) if reduction == "none" else (diff * diff).sum() * (0.5 * weight)
@@ -902,7 +904,7 @@ def mlp_sgd_step(
     else:
         c = _reduce(_cost(cost, a[-1], target), reduction)
         delta = diff  # δ^L = a^L − y: the cross-entropy's ∇_a C cancels φ'(z^L)
-    step = lr * weight
+    step = lr * weight if n else 0.0
     for l in range(len(params) // 2, 0, -1):  # l = L, ..., 1
         weight_l, bias_l = params[2 * l - 2], params[2 * l - 1]
         if delta_hook is not None:
