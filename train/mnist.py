@@ -20,7 +20,7 @@ of 10, 30 epochs, the quadratic cost (network.py averages the per-sample
 gradients over the mini-batch: torchbp's mean-reduced QuadraticCost is that
 exactly), pixels in [0, 1], one-hot 0/1 targets. Plain SGD in one process
 runs as :meth:`torchbp.MLP.sgd_step`, Nielsen's ``update_mini_batch`` by hand
-(no autograd graph, no optimizer object): the same update, twice as fast.
+(no autograd graph, no optimizer object): the same update, about 2.5 times as fast.
 
 ``fast`` (default): the best test accuracy in the least time for the same kind
 of network (sigmoid on every layer, output included, quadratic cost):
@@ -333,7 +333,7 @@ def make_steps(args: argparse.Namespace, model: torchbp.MLP, step_module: nn.Mod
         return cost.detach()
 
     # Plain SGD in one process needs neither autograd nor an optimizer object: MLP.sgd_step runs
-    # forward, the notes' recursion and p <- p - η∇C by hand, about twice as fast at mini-batch 10.
+    # forward, the notes' recursion and p <- p - η∇C by hand, about 2.5 times as fast at mini-batch 10.
     # Log steps still go through train_step, so weight-gradient norms are logged.
     by_hand = world_size == 1 and args.optimizer == "sgd" and args.momentum == 0 and scheduler is None
 
