@@ -883,12 +883,12 @@ def mlp_sgd_step(
     fn = "mlp_sgd_step"
     if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not lr >= 0:
         raise ValueError(f"{fn}(): lr must be a real number >= 0 (not a tensor), got {lr!r}")
-    if _autocast_dtype(input) is not None:
+    x, params, autocast_dtype = _check_network_cost(fn, input, target, weights, biases, cost, reduction)
+    if autocast_dtype is not None:
         raise RuntimeError(
             f"{fn}(): autocast is enabled for {input.device.type}; the step updates the parameters in their "
             "own dtype, so run it outside autocast (or use mlp_cost(...).backward() with an optimizer)"
         )
-    x, params, _ = _check_network_cost(fn, input, target, weights, biases, cost, reduction)
     _check_same(fn, "input", x, "target", target)
     a = [x, *_activations(x, params)]  # a^0..a^L
     diff = a[-1] - target  # ∇_a C = a^L − y for the quadratic cost
