@@ -29,6 +29,8 @@ import torch
 
 from benchmarks.step import KINDS, data, make_step
 
+VARIANTS = [*KINDS, "sgd_step"]
+
 MIB = 2**20
 
 
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--sizes", default="784,800,800,10", help="layer widths, input first (default: 784,800,800,10)")
     p.add_argument("--batch", type=int, default=4096, help="mini-batch size (default: 4096)")
-    p.add_argument("--variants", default="nn,bp,fused,fused_cost", help=f"comma-separated, from {list(KINDS)} (default: nn,bp,fused,fused_cost)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS} (default: all)")
     p.add_argument("--json", default=None, help="write the figures to this file (default: none)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one variant, in this process
     args = p.parse_args(argv)
@@ -82,8 +84,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     variants = args.variants.split(",")
     for v in variants:
-        if v not in KINDS:
-            raise SystemExit(f"--variants: unknown {v!r}; known: {list(KINDS)}")
+        if v not in VARIANTS:
+            raise SystemExit(f"--variants: unknown {v!r}; known: {VARIANTS}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
     results = []

@@ -196,6 +196,11 @@ def _pick(function: type, classic: type, traced: type) -> type:
 _sigmoid_backward = torch.ops.aten.sigmoid_backward
 
 
+def _sigmoid_backward_(grad: Tensor, a: Tensor) -> Tensor:
+    """:func:`_sigmoid_backward` written over ``grad``; only where no graph records it (mlp_sgd_step)."""
+    return torch.ops.aten.sigmoid_backward.grad_input(grad, a, grad_input=grad)
+
+
 def _rows(t: Tensor) -> Tensor:
     """(*, features) -> (N, features): samples as rows for the sums over samples."""
     return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])  # a 2-D batch already is
@@ -890,7 +895,7 @@ def mlp_sgd_step(
             "own dtype, so run it outside autocast (or use mlp_cost(...).backward() with an optimizer)"
         )
     _check_same(fn, "input", x, "target", target)
-    a = [x, *_activations(x, params)]  # a^0..a^L
+    a = [x, *_activations(x, params)]  # a^0..a^L; each is dropped once its layer is done with it
     diff = a[-1] - target  # ∇_a C = a^L − y for the quadratic cost
     n = math.prod(x.shape[:-1])  # samples
     # dC/dC_n of each sample: 1/N for a mean, 1 for a sum or for per-sample costs (their sum is minimised).
@@ -900,21 +905,26 @@ def mlp_sgd_step(
     if cost == "quadratic":
         # C = ½‖a − y‖², summed over all samples at once when reduced
         c = 0.5 * (diff * diff).sum(-1) if reduction == "none" else (diff * diff).sum() * (0.5 * weight)
-        delta = _sigmoid_backward(diff, a[-1])  # δ^L = (a^L − y) ∘ φ'(z^L), per sample
+        delta = _sigmoid_backward_(diff, a[-1])  # δ^L = (a^L − y) ∘ φ'(z^L), per sample, over a^L − y
     else:
         c = _reduce(_cost(cost, a[-1], target), reduction)
         delta = diff  # δ^L = a^L − y: the cross-entropy's ∇_a C cancels φ'(z^L)
+    diff = a[-1] = None  # a^L is spent
     step = lr * weight if n else 0.0
     for l in range(len(params) // 2, 0, -1):  # l = L, ..., 1
         weight_l, bias_l = params[2 * l - 2], params[2 * l - 1]
         if delta_hook is not None:
             delta_hook(l - 1, delta * weight)  # the δ^l of the reduced cost, as autograd would see it
-        # δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l, taken before W^l moves: (*, out) @ (out, in) -> (*, in)
-        below = _sigmoid_backward(delta @ weight_l, a[l - 1]) if l > 1 else None
+        # (W^l)^T δ^l, taken before W^l moves: (*, out) @ (out, in) -> (*, in)
+        back = delta @ weight_l if l > 1 else None
         rows = _rows(delta)
         # W^l ← W^l − η δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
         weight_l.addmm_(rows.mT, _rows(a[l - 1]), alpha=-step)
         if bias_l is not None:
             bias_l.sub_(rows.sum(0), alpha=step)  # b^l ← b^l − η δ^l, summed over samples: (N, out) -> (out,)
-        delta = below
+        delta = rows = None  # δ^l is spent
+        if back is not None:
+            # δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l, written over (W^l)^T δ^l: no graph needs it
+            delta = _sigmoid_backward_(back, a[l - 1])
+        a[l - 1] = None  # a^{l-1} is spent too: layer l-1 holds a^0..a^{l-2}, δ^{l-1} and its (W^{l-1})^T δ^{l-1}
     return c
