@@ -79,12 +79,12 @@ def _check_tensor(fn: str, name: str, t: object, min_dim: int = 0) -> None:
         )
 
 
-def _check_same(fn: str, ref_name: str, ref: Tensor, name: str, t: Tensor) -> None:
+def _check_same(fn: str, ref_name: str, ref: Tensor, name: str, t: Tensor, dtype: bool = True) -> None:
     if t.device != ref.device:
         raise ValueError(
             f"{fn}(): {name} must be on the same device as {ref_name} ({ref.device}), got {t.device}"
         )
-    if t.dtype != ref.dtype:
+    if dtype and t.dtype != ref.dtype:
         raise TypeError(
             f"{fn}(): {name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}"
         )
@@ -129,6 +129,28 @@ def _check_layer(fn: str, i: int, input: Tensor, a_features: int, weight: object
                 f"{fn}(): {bname} must have shape ({weight.shape[0]},) ({wname}'s out_features), "
                 f"got {tuple(bias.shape)}"
             )
+
+
+def _network_ok(x: object, weights: Sequence[object], biases: Sequence[object] | None) -> bool:
+    """The common case in one cheap pass: layers chained by shape, one floating dtype, one device.
+
+    Stricter than the full checks of :func:`linear` and :func:`_check_network_in_full`
+    (it refuses mixed dtypes, which autocast accepts) and never more lenient, so
+    a False only sends the call through the full checks, which name what is wrong.
+    """
+    if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1 and len(weights) > 0
+            and (biases is None or len(biases) == len(weights))):
+        return False
+    dtype, device, features = x.dtype, x.device, x.shape[-1]
+    for weight, bias in zip(weights, biases or [None] * len(weights)):
+        if not (isinstance(weight, Tensor) and weight.dtype == dtype and weight.device == device
+                and weight.dim() == 2 and weight.shape[1] == features):
+            return False
+        features = weight.shape[0]
+        if bias is not None and not (isinstance(bias, Tensor) and bias.dtype == dtype and bias.device == device
+                                     and bias.shape == (features,)):
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------
@@ -282,15 +304,18 @@ def linear(
         - bias: ``(out_features,)`` or ``None``
         - output: ``(*, out_features)``
     """
-    _check_tensor("linear", "input", input, min_dim=1)
-    _check_layer("linear", -1, input, input.shape[-1], weight, bias)
+    if not _network_ok(input, (weight,), (bias,)):  # the common case in one cheap pass
+        _check_tensor("linear", "input", input, min_dim=1)
+        _check_layer("linear", -1, input, input.shape[-1], weight, bias)
+        # Under autocast the dtypes may differ (all are cast below); the device may not.
+        dtypes = _autocast_dtype(input) is None
+        _check_same("linear", "input", input, "weight", weight, dtype=dtypes)
+        if bias is not None:
+            _check_same("linear", "input", input, "bias", bias, dtype=dtypes)
     dtype = _autocast_dtype(input)
     if dtype is not None:
         # Autocast runs F.linear in its lower precision: input, weight and bias all cast.
         input, weight, bias = _cast(dtype, input, weight, bias)
-    _check_same("linear", "input", input, "weight", weight)
-    if bias is not None:
-        _check_same("linear", "input", input, "bias", bias)
     function = _pick(LinearFunction, _LinearClassic, _Linear)
     if dtype is None:
         return function.apply(input, weight, bias, delta_hook)
@@ -738,28 +763,6 @@ class MLPCostFunction(_MLPCost):
 
 
 _MLPCostClassic = _classic(MLPCostFunction)
-
-
-def _network_ok(x: object, weights: Sequence[object], biases: Sequence[object] | None) -> bool:
-    """The common case in one cheap pass: layers chained by shape, one floating dtype, one device.
-
-    Stricter than :func:`_check_network_in_full` (it refuses mixed dtypes, which
-    autocast accepts) and never more lenient, so a False only sends the call
-    through the full checks, which name what is wrong.
-    """
-    if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1 and len(weights) > 0
-            and (biases is None or len(biases) == len(weights))):
-        return False
-    dtype, device, features = x.dtype, x.device, x.shape[-1]
-    for weight, bias in zip(weights, biases or [None] * len(weights)):
-        if not (isinstance(weight, Tensor) and weight.dtype == dtype and weight.device == device
-                and weight.dim() == 2 and weight.shape[1] == features):
-            return False
-        features = weight.shape[0]
-        if bias is not None and not (isinstance(bias, Tensor) and bias.dtype == dtype and bias.device == device
-                                     and bias.shape == (features,)):
-            return False
-    return True
 
 
 def _check_network(fn: str, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None):
