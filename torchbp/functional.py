@@ -767,8 +767,8 @@ _MLPCostClassic = _classic(MLPCostFunction)
 
 def _check_network(fn: str, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None):
     """(x, [W^1, b^1, ..., W^L, b^L], autocast dtype or None), cast for autocast; raises on bad input."""
-    if not _network_ok(x, weights, biases):
-        return _check_network_in_full(fn, x, weights, biases)
+    if not _network_ok(x, weights, biases):  # the common case in one cheap pass
+        _check_network_in_full(fn, x, weights, biases)
     params = [p for wb in zip(weights, biases or [None] * len(weights)) for p in wb]
     dtype = _autocast_dtype(x)
     if dtype is not None:
@@ -778,8 +778,8 @@ def _check_network(fn: str, x: Tensor, weights: Sequence[Tensor], biases: Sequen
 
 def _check_network_in_full(
     fn: str, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None
-):
-    """_check_network one check at a time, each failure naming the argument, expected and actual value."""
+) -> None:
+    """_check_network's checks one at a time, each failure naming the argument, expected and actual value."""
     _check_tensor(fn, "input", x, min_dim=1)
     if len(weights) == 0:
         raise ValueError(f"{fn}(): weights must hold at least one layer's weight, got none")
@@ -791,15 +791,12 @@ def _check_network_in_full(
     for i, (weight, bias) in enumerate(zip(weights, biases)):
         _check_layer(fn, i, x, features, weight, bias)
         features = weight.shape[0]
-    dtype = _autocast_dtype(x)
-    params = [p for wb in zip(weights, biases) for p in wb]
-    if dtype is not None:
-        # Autocast: every linear in its lower precision, as for F.linear.
-        x, *params = _cast(dtype, x, *params)
-    for i, p in enumerate(params):
-        if p is not None:
-            _check_same(fn, "input", x, f"{('weights', 'biases')[i % 2]}[{i // 2}]", p)
-    return x, params, dtype
+    # Under autocast the dtypes may differ (every linear runs cast to its lower precision); the device may not.
+    dtypes = _autocast_dtype(x) is None
+    for i, (weight, bias) in enumerate(zip(weights, biases)):
+        _check_same(fn, "input", x, f"weights[{i}]", weight, dtype=dtypes)
+        if bias is not None:
+            _check_same(fn, "input", x, f"biases[{i}]", bias, dtype=dtypes)
 
 
 def _check_network_cost(
