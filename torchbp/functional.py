@@ -653,13 +653,13 @@ def _tangents(
     return out
 
 
-def _output_delta(cost: str, a_L: Tensor, y: Tensor, weight: Tensor | float) -> Tensor:
-    """δ^L of the output layer for ``cost``, each sample's share scaled by ``weight`` (dC/dC_n)."""
+def _output_delta(cost: str, a_L: Tensor, diff: Tensor) -> Tensor:
+    """δ^L of the output layer for ``cost`` from ``diff`` = a^L − y, each sample's row scaled by dC/dC_n."""
     if cost == "quadratic":
         # δ^L = ∇_a C ∘ φ'(z^L) = (a^L − y) ∘ a^L(1 − a^L)
-        return _sigmoid_backward((a_L - y) * weight, a_L)
+        return _sigmoid_backward(diff, a_L)
     # δ^L = (a^L − y) / (a^L(1 − a^L)) ∘ a^L(1 − a^L) = a^L − y: φ' cancels
-    return (a_L - y) * weight
+    return diff
 
 
 def _save_network(ctx, x: Tensor, params: Sequence[Tensor | None], a: Sequence[Tensor], *extra: Tensor) -> None:
@@ -740,7 +740,7 @@ class _MLPCost(torch.autograd.Function):
         a_L = _as(a[-1], y.dtype)  # the cost's dtype
         if grad_c is not None:
             weight = _sample_weight(grad_c, y, ctx.reduction)
-            delta = _as(_output_delta(ctx.cost, a_L, y, weight), a[-1].dtype)  # back to the network's dtype
+            delta = _as(_output_delta(ctx.cost, a_L, (a_L - y) * weight), a[-1].dtype)  # in the network's dtype
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[5:])
         grads = _backprop(grad_a, a, weights, needs, ctx.hook, delta_L=delta)
         grad_y = None
@@ -903,12 +903,11 @@ def mlp_sgd_step(
     # samples the mean is nan, as torch's mean of nothing, and no parameter moves.
     weight = (1.0 / n if n else math.nan) if reduction == "mean" else 1.0
     if cost == "quadratic":
-        # C = ½‖a − y‖², summed over all samples at once when reduced
+        # C = ½‖a − y‖² from the a − y at hand, summed over all samples at once when reduced
         c = 0.5 * (diff * diff).sum(-1) if reduction == "none" else (diff * diff).sum() * (0.5 * weight)
-        delta = _sigmoid_backward_(diff, a[-1])  # δ^L = (a^L − y) ∘ φ'(z^L), per sample, over a^L − y
     else:
         c = _reduce(_cost(cost, a[-1], target), reduction)
-        delta = diff  # δ^L = a^L − y: the cross-entropy's ∇_a C cancels φ'(z^L)
+    delta = _output_delta(cost, a[-1], diff)  # δ^L per sample: dC/dC_n enters through the step size
     diff = a[-1] = None  # a^L is spent
     step = lr * weight if n else 0.0
     for l in range(len(params) // 2, 0, -1):  # l = L, ..., 1
