@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -372,10 +373,13 @@ class Run:
     steps_per_epoch: int  # 1 under --dry-run
     interactive: bool  # rank 0 writing to a terminal: a tqdm progress bar per epoch
 
-    def __post_init__(self) -> None:
-        # Under DDP rank 0's own δ statistics are its shard's: delta/norm/* become delta/shard_norm/*.
-        # One wrapper for the whole run, so that log_deltas writes the chart layout once.
-        self.shard_writer = _RenameTags(self.writer, "delta/norm/", "delta/shard_norm/")
+    @functools.cached_property
+    def shard_writer(self) -> _RenameTags:
+        """Under DDP rank 0's own δ statistics are its shard's: delta/norm/* become delta/shard_norm/*.
+
+        One wrapper for the whole run, so that log_deltas writes the chart layout once.
+        """
+        return _RenameTags(self.writer, "delta/norm/", "delta/shard_norm/")
 
     @property
     def main_rank(self) -> bool:
