@@ -171,6 +171,32 @@ def test_gradcheck_and_gradgradcheck(name, layout):
     )
 
 
+@pytest.mark.parametrize("layout", ["batch7", "3d"])
+@pytest.mark.parametrize("name", ["mlp", "mlp_nobias", "mlp_cost_quadratic_mean", "mlp_cost_cross_entropy_none"])
+def test_backward_in_blocks_of_samples(name, layout, monkeypatch):
+    """With no gradient asked of the input, the fused backward runs a block of samples at a time.
+
+    Blocks of 2 samples here (7 or 6 samples: 4 or 3 blocks, the last one short). Oracles: finite
+    differences (gradcheck, gradgradcheck, batched gradients included) and torch's own ops (1e-12, float64).
+    """
+    monkeypatch.setattr(F, "_BLOCK_ELEMENTS", 2 * HIDDEN)  # the widest layer is HIDDEN wide
+    blocks = []
+    backprop_block = F._backprop_block
+    monkeypatch.setattr(F, "_backprop_block", lambda *args: blocks.append(len(args[1][0])) or backprop_block(*args))
+    fn, oracle, kinds = _case(name)
+    inputs = _inputs(kinds, BATCHES[layout], torch.Generator().manual_seed(3))
+    inputs[0].requires_grad_(False)  # x: no ∇_x C, so δ^1 is needed only in sums over samples
+    outputs, expected = _outputs(fn(*inputs)), _outputs(oracle(*inputs))
+    grad_outputs = _grad_outputs(expected, torch.Generator().manual_seed(4))
+    wanted = [t for t in inputs if t.requires_grad]
+    grads, expected_grads = (torch.autograd.grad(o, wanted, grad_outputs) for o in (outputs, expected))
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert blocks == {"batch7": [2, 2, 2, 1], "3d": [2, 2, 2]}[layout]  # samples per block
+    assert gradcheck(fn, inputs, check_batched_grad=True)
+    assert gradgradcheck(fn, inputs, check_batched_grad=True)
+
+
 # --------------------------------------------------------------------------
 # torch's own ops as the oracle
 # --------------------------------------------------------------------------

@@ -583,10 +583,15 @@ def _activations(x: Tensor, params: Sequence[Tensor | None]) -> list[Tensor]:
     """a^1..a^L, with a^l = φ(W^l a^{l-1} + b^l) and a^0 = x."""
     activations, a = [], x
     for weight, bias in zip(params[0::2], params[1::2]):
-        # z^l = W^l a^{l-1} + b^l: (*, in) -> (*, out); a^l = φ(z^l)
-        a = torch.sigmoid(torch.nn.functional.linear(a, weight, bias))
+        # z^l = W^l a^{l-1} + b^l: (*, in) -> (*, out); a^l = φ(z^l), written over z^l (no one keeps z)
+        a = torch.sigmoid_(torch.nn.functional.linear(a, weight, bias))
         activations.append(a)
     return activations
+
+
+# Samples per block in _backprop: the widest (B, width) buffer holds 2^20 elements, 4 MiB in float32
+# (smaller blocks cost speed: each adds its sums into the whole ∇_W C).
+_BLOCK_ELEMENTS = 2**20
 
 
 def _backprop(
@@ -600,9 +605,36 @@ def _backprop(
     the δ^L a cost already formed, ``a`` the activations a^0..a^L, ``weights``
     W^1..W^L and ``needs`` the needs_input_grad flags of (a^0, W^1, b^1, ...).
     Differentiable ops only, so that double backward works.
+
+    A sample's δ^l depends on that sample alone; only ∇_W C and ∇_b C sum over
+    samples, as the notes' mini-batch update sums the gradients of single
+    examples. So unless the input's gradient or a delta hook asks for whole
+    δ^l, the recursion runs on a block of samples at a time and the blocks'
+    parameter gradients are added up: no (N, width) buffer of δ^l or
+    (W^l)^T δ^l ever exists, and the backward holds little beyond the saved
+    activations, where autograd's per-layer nodes hold a^{l-1}, (W^l)^T δ^l
+    and δ^{l-1} at once.
     """
+    samples = math.prod(a[0].shape[:-1])
+    block = max(1, _BLOCK_ELEMENTS // max(t.shape[-1] for t in a))
+    if samples <= block or needs[0] or hook is not None:
+        return _backprop_block(grad_a, a, weights, needs, hook, delta_L, [None] * (1 + 2 * len(weights)))
+    grad_a, a, delta_L = ([None if t is None else _rows(t).split(block) for t in ts] for ts in (grad_a, a, [delta_L]))
+    grads: list[Tensor | None] = [None] * (1 + 2 * len(weights))
+    for i in range(len(a[0])):  # blocks of samples, each adding its sums to grads
+        _backprop_block(
+            [None if t is None else t[i] for t in grad_a], [t[i] for t in a], weights, needs, None,
+            None if delta_L[0] is None else delta_L[0][i], grads,
+        )
+    return grads
+
+
+def _backprop_block(
+    grad_a: Sequence[Tensor | None], a: Sequence[Tensor], weights: Sequence[Tensor],
+    needs: Sequence[bool], hook: DeltaHook | None, delta_L: Tensor | None, grads: list[Tensor | None],
+) -> list[Tensor | None]:
+    """:func:`_backprop` over all the samples of ``a`` at once, its sums added to ``grads`` (None: nothing yet)."""
     n_layers = len(weights)
-    grads: list[Tensor | None] = [None] * (1 + 2 * n_layers)
     back = None  # (W^{l+1})^T δ^{l+1}, the gradient layer l+1 sends down to a^l
     for l in range(n_layers, 0, -1):  # l = L, ..., 1
         g = grad_a[l - 1] if back is None else back if grad_a[l - 1] is None else back + grad_a[l - 1]
@@ -616,12 +648,13 @@ def _backprop(
             continue  # no gradient reaches layer l
         if hook is not None:
             hook(l - 1, delta)
+        rows, w, b = _rows(delta), grads[2 * l - 1], grads[2 * l]
         if needs[2 * l - 1]:
             # ∇_{W^l} C = δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
-            grads[2 * l - 1] = _rows(delta).mT @ _rows(a[l - 1])
+            grads[2 * l - 1] = rows.mT @ _rows(a[l - 1]) if w is None else w.addmm_(rows.mT, _rows(a[l - 1]))
         if needs[2 * l]:
             # ∇_{b^l} C = δ^l, summed over samples: (N, out) -> (out,)
-            grads[2 * l] = _rows(delta).sum(0)
+            grads[2 * l] = rows.sum(0) if b is None else b.add_(rows.sum(0))
         if l == 1:
             if needs[0]:
                 grads[0] = delta @ weights[0]  # ∇_x C = (W^1)^T δ^1: (*, out) @ (out, in) -> (*, in)
@@ -629,7 +662,7 @@ def _backprop(
             back = delta @ weights[l - 1]  # (W^l)^T δ^l: (*, out) @ (out, in) -> (*, in)
         else:
             break  # nothing below layer l asks for a gradient
-        delta = None  # free δ^l before δ^{l-1} is formed: two (N, width) buffers at a time, as autograd
+        delta = rows = None  # free δ^l before δ^{l-1} is formed: two (N, width) buffers at a time, as autograd
     return grads
 
 
