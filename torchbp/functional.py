@@ -131,8 +131,11 @@ def _check_layer(fn: str, i: int, input: Tensor, a_features: int, weight: object
             )
 
 
-def _network_ok(x: object, weights: Sequence[object], biases: Sequence[object] | None) -> bool:
-    """The common case in one cheap pass: layers chained by shape, one floating dtype, one device.
+def _network_ok(
+    x: object, weights: Sequence[object], biases: Sequence[object] | None, target: object = None
+) -> bool:
+    """The common case in one cheap pass: layers chained by shape, one floating dtype, one device,
+    and the ``target``, if given, shaped like the output.
 
     Stricter than the full checks of :func:`linear` and :func:`_check_network_in_full`
     (it refuses mixed dtypes, which autocast accepts) and never more lenient, so
@@ -150,7 +153,8 @@ def _network_ok(x: object, weights: Sequence[object], biases: Sequence[object] |
         if bias is not None and not (isinstance(bias, Tensor) and bias.dtype == dtype and bias.device == device
                                      and bias.shape == (features,)):
             return False
-    return True
+    return target is None or (isinstance(target, Tensor) and target.dtype == dtype and target.device == device
+                              and target.shape == (*x.shape[:-1], features))
 
 
 # --------------------------------------------------------------------------
@@ -802,6 +806,11 @@ def _check_network(fn: str, x: Tensor, weights: Sequence[Tensor], biases: Sequen
     """(x, [W^1, b^1, ..., W^L, b^L], autocast dtype or None), cast for autocast; raises on bad input."""
     if not _network_ok(x, weights, biases):  # the common case in one cheap pass
         _check_network_in_full(fn, x, weights, biases)
+    return _network_params(x, weights, biases)
+
+
+def _network_params(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None):
+    """(x, [W^1, b^1, ..., W^L, b^L], autocast dtype or None), cast for autocast."""
     params = [p for wb in zip(weights, biases or [None] * len(weights)) for p in wb]
     dtype = _autocast_dtype(x)
     if dtype is not None:
@@ -836,15 +845,20 @@ def _check_network_cost(
     fn: str, x: Tensor, target: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None,
     cost: str, reduction: str,
 ):
-    """_check_network, plus the cost's arguments: target shaped like the output."""
-    _check_cost(fn, cost)
-    _check_reduction(fn, reduction)
-    x, params, dtype = _check_network(fn, x, weights, biases)
-    _check_tensor(fn, "target", target, min_dim=1)
-    expected = (*x.shape[:-1], params[-2].shape[0])
-    if tuple(target.shape) != expected:
-        raise ValueError(f"{fn}(): target must have shape {expected} (the output's), got {tuple(target.shape)}")
-    return x, params, dtype
+    """_check_network, plus the cost's arguments: target shaped like the output, on its device.
+
+    The target has the input's dtype too, except under autocast (the cost then runs in float32).
+    """
+    if not (cost in COSTS and reduction in REDUCTIONS and _network_ok(x, weights, biases, target)):
+        _check_cost(fn, cost)
+        _check_reduction(fn, reduction)
+        _check_network_in_full(fn, x, weights, biases)
+        _check_tensor(fn, "target", target, min_dim=1)
+        expected = (*x.shape[:-1], weights[-1].shape[0])
+        if tuple(target.shape) != expected:
+            raise ValueError(f"{fn}(): target must have shape {expected} (the output's), got {tuple(target.shape)}")
+        _check_same(fn, "input", x, "target", target, dtype=_autocast_dtype(x) is None)
+    return _network_params(x, weights, biases)
 
 
 def mlp(
@@ -889,7 +903,6 @@ def mlp_cost(
     x, params, dtype = _check_network_cost("mlp_cost", input, target, weights, biases, cost, reduction)
     function = _pick(MLPCostFunction, _MLPCostClassic, _MLPCost)
     if dtype is None:
-        _check_same("mlp_cost", "input", x, "target", target)
         c, *activations = function.apply(x, target, cost, reduction, delta_hook, *params)
     else:
         # The cost runs in float32 under autocast, as torch's losses do; the network in x.dtype.
@@ -927,7 +940,6 @@ def mlp_sgd_step(
             f"{fn}(): autocast is enabled for {input.device.type}; the step updates the parameters in their "
             "own dtype, so run it outside autocast (or use mlp_cost(...).backward() with an optimizer)"
         )
-    _check_same(fn, "input", x, "target", target)
     a = [x, *_activations(x, params)]  # a^0..a^L; each is dropped once its layer is done with it
     diff = a[-1] - target  # ∇_a C = a^L − y for the quadratic cost
     n = math.prod(x.shape[:-1])  # samples
