@@ -623,12 +623,15 @@ def _backprop(
     block = max(1, _BLOCK_ELEMENTS // max(t.shape[-1] for t in a))
     if samples <= block or needs[0] or hook is not None:
         return _backprop_block(grad_a, a, weights, needs, hook, delta_L, [None] * (1 + 2 * len(weights)))
-    grad_a, a, delta_L = ([None if t is None else _rows(t).split(block) for t in ts] for ts in (grad_a, a, [delta_L]))
+    # Every per-sample tensor as its blocks of samples: (*, width) -> views (B, width), B = block or fewer
+    a_blocks = [_rows(t).split(block) for t in a]
+    grad_blocks = [None if g is None else _rows(g).split(block) for g in grad_a]
+    delta_L_blocks = None if delta_L is None else _rows(delta_L).split(block)
     grads: list[Tensor | None] = [None] * (1 + 2 * len(weights))
-    for i in range(len(a[0])):  # blocks of samples, each adding its sums to grads
+    for i in range(len(a_blocks[0])):  # each block adds its sums over samples to grads
         _backprop_block(
-            [None if t is None else t[i] for t in grad_a], [t[i] for t in a], weights, needs, None,
-            None if delta_L[0] is None else delta_L[0][i], grads,
+            [None if g is None else g[i] for g in grad_blocks], [t[i] for t in a_blocks], weights, needs,
+            None, None if delta_L_blocks is None else delta_L_blocks[i], grads,
         )
     return grads
 

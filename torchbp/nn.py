@@ -189,7 +189,9 @@ class MLP(nn.Module):
         fused: If ``True``, the whole network is one autograd node
             (:class:`torchbp.functional.MLPFunction`) whose backward runs the
             notes' recursion over all layers in one call; same parameters and
-            gradients, less overhead. Default: ``False``
+            gradients, less overhead and, where the input needs no gradient,
+            less memory (the backward then runs on blocks of samples).
+            Default: ``False``
 
     Shape:
         - Input: :math:`(*, \text{sizes}[0])`
