@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from benchmarks.step import KINDS, data, make_step
+from benchmarks.step import KINDS, data, make_step, ratio
 
 VARIANTS = [*KINDS, "sgd_step"]
 
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"({results[0]['method']}), one fresh process per variant:\n")
     print("| variant | step peak over live (MiB) | × nn eager |\n|---|---:|---:|")
     for r in results:
-        ratio = f"{r['peak_extra_bytes'] / base:.2f}" if base else "–"
-        print(f"| {r['variant']} | {r['peak_extra_bytes'] / MIB:.1f} | {ratio} |")
+        print(f"| {r['variant']} | {r['peak_extra_bytes'] / MIB:.1f} | {ratio(r['peak_extra_bytes'], base)} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -209,24 +209,29 @@ def bench_epoch(variants: list[str], device: torch.device, sgd: dict, repeats: i
     return {v: {"seconds_per_epoch": [t * blocks for t in ts]} for v, ts in times.items()}
 
 
+def ratio(value: float, base: float | None) -> str:
+    """``value / base`` for a table's "× nn eager" column; a dash without a baseline."""
+    return f"{value / base:.2f}" if base else "–"
+
+
+def medians(by_variant: dict, key: str, baseline: str) -> tuple[dict[str, float], float | None]:
+    """The median of ``key`` per variant, and the baseline's (None when the baseline was not run)."""
+    m = {variant: statistics.median(r[key]) for variant, r in by_variant.items()}
+    return m, m.get(baseline)
+
+
 def table(results: dict, baseline: str) -> str:
     lines = ["| model | variant | ms / step (median) | × nn eager |", "|---|---|---:|---:|"]
     for model, by_variant in results.items():
-        base = statistics.median(by_variant[baseline]["seconds_per_step"]) if baseline in by_variant else None
-        for variant, r in by_variant.items():
-            median = statistics.median(r["seconds_per_step"])
-            ratio = f"{median / base:.2f}" if base else "–"
-            lines.append(f"| {model} | {variant} | {1e3 * median:.3f} | {ratio} |")
+        m, base = medians(by_variant, "seconds_per_step", baseline)
+        lines += [f"| {model} | {v} | {1e3 * median:.3f} | {ratio(median, base)} |" for v, median in m.items()]
     return "\n".join(lines)
 
 
 def epoch_table(results: dict, baseline: str) -> str:
     lines = ["| variant | s / epoch (median) | × nn eager |", "|---|---:|---:|"]
-    base = statistics.median(results[baseline]["seconds_per_epoch"]) if baseline in results else None
-    for variant, r in results.items():
-        median = statistics.median(r["seconds_per_epoch"])
-        ratio = f"{median / base:.2f}" if base else "–"
-        lines.append(f"| {variant} | {median:.3f} | {ratio} |")
+    m, base = medians(results, "seconds_per_epoch", baseline)
+    lines += [f"| {v} | {median:.3f} | {ratio(median, base)} |" for v, median in m.items()]
     return "\n".join(lines)
 
 
@@ -259,10 +264,13 @@ def main(argv: list[str] | None = None) -> dict:
     known = CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS
     named_only = [] if device.type == "cuda" else ["network_py"]  # too slow for the default list
     variants = args.variants.split(",") if args.variants else known
+    epoch_variants = args.epoch_variants.split(",") if args.epoch_variants else variants
     models = [m for m in args.models.split(",") if m]  # --models "" times the epoch only
-    for v in variants:
-        if v not in known + named_only:
-            raise SystemExit(f"--variants: unknown {v!r} for {device.type}; known: {known + named_only}")
+    # Both lists checked before anything is timed: a typo must not cost a whole run.
+    for flag, names in (("--variants", variants), ("--epoch-variants", epoch_variants if args.epoch else [])):
+        for v in names:
+            if v not in known + named_only:
+                raise SystemExit(f"{flag}: unknown {v!r} for {device.type}; known: {known + named_only}")
     for m in models:
         if m not in MODELS:
             raise SystemExit(f"--models: unknown {m!r}; known: {list(MODELS)}")
@@ -285,10 +293,6 @@ def main(argv: list[str] | None = None) -> dict:
     if results:
         print(f"\n{header}\n\n{table(results, baseline)}")
     if args.epoch:
-        epoch_variants = args.epoch_variants.split(",") if args.epoch_variants else variants
-        for v in epoch_variants:
-            if v not in known + named_only:
-                raise SystemExit(f"--epoch-variants: unknown {v!r}; known: {known + named_only}")
         epoch = bench_epoch(epoch_variants, device, sgd, args.repeats, args.warmup)
         out["epoch"] = epoch
         print(f"\nEpoch, [784, 30, 10] at mini-batch 10 (5,000 steps):\n\n{epoch_table(epoch, baseline)}")
