@@ -22,6 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import torchbp.functional as F
 
+from oracles import oracle_cost
+
 IN, HIDDEN, OUT = 3, 4, 2  # a two-layer network 3 -> 4 -> 2; small so finite differences stay quick
 
 # Leading (sample) dimensions of the inputs: a batch of one, a batch of seven, 3-D and 4-D inputs.
@@ -34,22 +36,6 @@ TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 # --------------------------------------------------------------------------
 # The Functions under test, each with its oracle written with torch's own ops.
 # --------------------------------------------------------------------------
-
-
-def _reduce(c: torch.Tensor, reduction: str) -> torch.Tensor:
-    return {"mean": c.mean, "sum": c.sum, "none": lambda: c}[reduction]()
-
-
-def _oracle_quadratic(a, y, reduction="mean"):
-    # The notes' C = ½‖a − y‖² per sample (over the last dimension), then reduced over samples.
-    return _reduce(0.5 * ((a - y) ** 2).sum(-1), reduction)
-
-
-def _oracle_cross_entropy(a, y, reduction="mean"):
-    return _reduce(TF.binary_cross_entropy(a, y, reduction="none").sum(-1), reduction)
-
-
-ORACLE_COSTS = {"quadratic": _oracle_quadratic, "cross_entropy": _oracle_cross_entropy}
 
 
 def _oracle_mlp(x, weights, biases):
@@ -82,8 +68,8 @@ def _case(name: str):
     kind, _, reduction = name.rpartition("_")
     if kind in ("quadratic_cost", "cross_entropy_cost"):
         fn = F.quadratic_cost if kind == "quadratic_cost" else F.cross_entropy_cost
-        oracle = ORACLE_COSTS[kind.removesuffix("_cost")]
-        return (lambda a, y: fn(a, y, reduction)), (lambda a, y: oracle(a, y, reduction)), ("a", "y")
+        cost = kind.removesuffix("_cost")
+        return (lambda a, y: fn(a, y, reduction)), (lambda a, y: oracle_cost(a, y, cost, reduction)), ("a", "y")
     if name in ("mlp", "mlp_nobias"):
         bias = name == "mlp"
 
@@ -106,7 +92,7 @@ def _case(name: str):
         def oracle(x, y, *params):
             weights, biases = _split(params, bias)
             a = _oracle_mlp(x, weights, biases or [None] * len(weights))
-            return ORACLE_COSTS[cost](a, y, reduction), a
+            return oracle_cost(a, y, cost, reduction), a
 
         return mlp_cost, oracle, ("x", "y", "w1", "b1", "w2", "b2") if bias else ("x", "y", "w1", "w2")
     raise AssertionError(name)

@@ -15,15 +15,10 @@ from torch import nn
 
 import torchbp
 
+from oracles import nn_sequential
+
 TOL = dict(rtol=1e-6, atol=1e-6)
 DT = torch.float64
-
-
-def nn_mlp(sizes):
-    layers = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(n_in, n_out, dtype=DT), nn.Sigmoid()]
-    return nn.Sequential(*layers)
 
 
 def oracle_stats(model: nn.Module, x, y, reduction="mean"):
@@ -70,7 +65,7 @@ def mean_stats(per_pass):
 def test_mlp_stats_match_autograd_averaged_over_passes(fused, flush_every):
     """Three backward passes (different batches, one smaller) then one pop: the mean of the oracle's per-pass stats."""
     torch.manual_seed(0)
-    ref = nn_mlp([6, 5, 4, 3])
+    ref = nn_sequential([6, 5, 4, 3], dtype=DT)
     model = torchbp.MLP([6, 5, 4, 3], fused=fused, dtype=DT)
     model.load_state_dict(ref.state_dict())
     batches = [(torch.randn(n, 6, dtype=DT), torch.rand(n, 3, dtype=DT)) for n in (7, 7, 4)]
@@ -84,7 +79,7 @@ def test_mlp_stats_match_autograd_averaged_over_passes(fused, flush_every):
 def test_sum_reduction_has_no_batch_factor():
     """reduction="sum": sample_norm is the plain mean of ‖δ_n‖ of a summed cost."""
     torch.manual_seed(1)
-    ref = nn_mlp([4, 3, 2])
+    ref = nn_sequential([4, 3, 2], dtype=DT)
     model = torchbp.MLP([4, 3, 2], dtype=DT)
     model.load_state_dict(ref.state_dict())
     x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)
@@ -154,7 +149,7 @@ def test_close_removes_hooks():
 def test_paused_skips_gradcheck_and_keep_last_holds_delta():
     """Passes inside paused() are not recorded; keep_last holds the last recorded δ, detached."""
     torch.manual_seed(4)
-    ref = nn_mlp([4, 3, 2])
+    ref = nn_sequential([4, 3, 2], dtype=DT)
     model = torchbp.MLP([4, 3, 2], dtype=DT)
     model.load_state_dict(ref.state_dict())
     x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)
@@ -204,7 +199,7 @@ def test_ddp_keeps_inner_names(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed not available")
     torch.manual_seed(5)
-    ref = nn_mlp([4, 3, 2])
+    ref = nn_sequential([4, 3, 2], dtype=DT)
     model = torchbp.MLP([4, 3, 2], dtype=DT)
     model.load_state_dict(ref.state_dict())
     store = dist.FileStore(os.fspath(tmp_path / "store"), 1)

@@ -19,31 +19,10 @@ from torch import nn
 import torchbp
 from torchbp import functional as F
 
+from oracles import close, oracle_cost, sequential_like
+
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}  # same operations, only rounding may differ
 SIZES = [6, 5, 4, 3]  # a three-layer network, as in the notes' examples
-
-
-def _close(actual, expected, tol=1e-12, what=""):
-    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}" if what else m)
-
-
-def _sequential_like(model: torchbp.MLP) -> nn.Sequential:
-    """The torch.nn network with the same layers, loaded from ``model``'s state_dict (strict)."""
-    layers = []
-    for n_in, n_out in zip(model.sizes[:-1], model.sizes[1:]):
-        layers += [nn.Linear(n_in, n_out, bias=model.linears[0].bias is not None), nn.Sigmoid()]
-    reference = nn.Sequential(*layers).to(dtype=model.linears[0].weight.dtype, device=model.linears[0].weight.device)
-    reference.load_state_dict(model.state_dict(), strict=True)
-    return reference
-
-
-def _oracle_cost(a, y, cost="quadratic", reduction="mean"):
-    """The notes' C = ½‖a − y‖² (or the cross entropy) per sample, reduced over samples, with torch ops."""
-    if cost == "quadratic":
-        c = 0.5 * ((a - y) ** 2).sum(-1)
-    else:
-        c = nn.functional.binary_cross_entropy(a, y, reduction="none").sum(-1)
-    return {"mean": c.mean, "sum": c.sum, "none": lambda: c}[reduction]()
 
 
 def _grads(outputs, inputs):
@@ -67,19 +46,19 @@ def test_linear_matches_nn_linear(bias, dtype, device):
     x = torch.randn(2, 5, 4, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(2, 5, 3, device=device, dtype=dtype)
     z, z_ref = layer(x), reference(x)
-    _close(z, z_ref, TOL[dtype], "output")
+    close(z, z_ref, TOL[dtype], "output")
     params, params_ref = list(layer.parameters()), list(reference.parameters())
     for got, expected in zip(torch.autograd.grad(z, [x, *params], g), torch.autograd.grad(z_ref, [x, *params_ref], g)):
-        _close(got, expected, TOL[dtype], "gradient")
+        close(got, expected, TOL[dtype], "gradient")
 
 
 def test_sigmoid_matches_nn_sigmoid(device):
     """torchbp.Sigmoid's output and input gradient equal nn.Sigmoid's (float64, 1e-12)."""
     z = torch.randn(3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
     a, a_ref = torchbp.Sigmoid()(z), nn.Sigmoid()(z)
-    _close(a, a_ref)
+    close(a, a_ref)
     g = torch.randn_like(a)
-    _close(torch.autograd.grad(a, z, g)[0], torch.autograd.grad(a_ref, z, g)[0])
+    close(torch.autograd.grad(a, z, g)[0], torch.autograd.grad(a_ref, z, g)[0])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -89,10 +68,10 @@ def test_cost_modules_match_formula(cost, reduction):
     module = (torchbp.QuadraticCost if cost == "quadratic" else torchbp.CrossEntropyCost)(reduction)
     a = (0.1 + 0.8 * torch.rand(3, 4, 5, dtype=torch.float64)).requires_grad_()
     y = torch.rand(3, 4, 5, dtype=torch.float64, requires_grad=True)
-    c, c_ref = module(a, y), _oracle_cost(a, y, cost, reduction)
-    _close(c, c_ref)
+    c, c_ref = module(a, y), oracle_cost(a, y, cost, reduction)
+    close(c, c_ref)
     for got, expected in zip(_grads([c], [a, y]), _grads([c_ref], [a, y])):
-        _close(got, expected)
+        close(got, expected)
     assert repr(module) == f"{type(module).__name__}(reduction={reduction!r})"
 
 
@@ -167,7 +146,7 @@ def test_linear_accepts_factory_kwargs():
 def test_mlp_state_dict_round_trip_with_sequential(bias):
     """MLP's state_dict loads strictly into the equivalent nn.Sequential and back, with the same keys."""
     model = torchbp.MLP(SIZES, bias=bias)
-    reference = _sequential_like(model)  # loads model -> Sequential strictly
+    reference = sequential_like(model)  # loads model -> Sequential strictly
     assert list(model.state_dict()) == list(reference.state_dict())
     for p in reference.parameters():
         nn.init.normal_(p)
@@ -185,15 +164,15 @@ def test_mlp_matches_sequential(fused, dtype, device):
     """Output and gradients (input and every parameter) equal nn.Sequential's; 3-D input."""
     torch.manual_seed(0)
     model = torchbp.MLP(SIZES, fused=fused, device=device, dtype=dtype)
-    reference = _sequential_like(model)
+    reference = sequential_like(model)
     x = torch.randn(2, 7, SIZES[0], dtype=dtype, device=device, requires_grad=True)
     a, a_ref = model(x), reference(x)
-    _close(a, a_ref, TOL[dtype], "output")
+    close(a, a_ref, TOL[dtype], "output")
     g = torch.randn_like(a)
     got = torch.autograd.grad(a, [x, *model.parameters()], g)
     expected = torch.autograd.grad(a_ref, [x, *reference.parameters()], g)
     for name, gg, ee in zip(["input", *dict(model.named_parameters())], got, expected):
-        _close(gg, ee, TOL[dtype], name)
+        close(gg, ee, TOL[dtype], name)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -203,13 +182,13 @@ def test_mlp_cost_matches_sequential(fused, cost, reduction):
     """MLP.cost equals the cost of nn.Sequential's output; gradients of input, target and parameters too."""
     torch.manual_seed(1)
     model = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
-    reference = _sequential_like(model)
+    reference = sequential_like(model)
     x = torch.randn(7, SIZES[0], dtype=torch.float64, requires_grad=True)
     y = torch.rand(7, SIZES[-1], dtype=torch.float64, requires_grad=True)
-    c, c_ref = model.cost(x, y, cost, reduction), _oracle_cost(reference(x), y, cost, reduction)
-    _close(c, c_ref, what="cost")
+    c, c_ref = model.cost(x, y, cost, reduction), oracle_cost(reference(x), y, cost, reduction)
+    close(c, c_ref, what="cost")
     for gg, ee in zip(_grads([c], [x, y, *model.parameters()]), _grads([c_ref], [x, y, *reference.parameters()])):
-        _close(gg, ee, what="gradient")
+        close(gg, ee, what="gradient")
 
 
 def test_fused_and_unfused_mlp_agree():
@@ -221,11 +200,11 @@ def test_fused_and_unfused_mlp_agree():
     x = torch.randn(7, SIZES[0], dtype=torch.float64)
     y = torch.rand(7, SIZES[-1], dtype=torch.float64)
     c_unfused, c_fused = unfused.cost(x, y), fused.cost(x, y)
-    _close(c_fused, c_unfused)
+    close(c_fused, c_unfused)
     c_unfused.backward()
     c_fused.backward()
     for p_unfused, p_fused in zip(unfused.parameters(), fused.parameters()):
-        _close(p_fused.grad, p_unfused.grad)
+        close(p_fused.grad, p_unfused.grad)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
@@ -303,10 +282,10 @@ def test_gradients_equal_the_notes_recursion_by_hand(fused, path):
         c = torchbp.QuadraticCost("sum")(model(x_row), y.T)
     c.backward()
     grad_x, grad_w, grad_b = _by_hand(model, x, y, cost)
-    _close(x_row.grad, grad_x.T, what="∇_x C")
+    close(x_row.grad, grad_x.T, what="∇_x C")
     for l, layer in enumerate(model.linears):
-        _close(layer.weight.grad, grad_w[l], what=f"∇_W C of layer {l + 1}")
-        _close(layer.bias.grad, grad_b[l].reshape(-1), what=f"∇_b C of layer {l + 1}")
+        close(layer.weight.grad, grad_w[l], what=f"∇_W C of layer {l + 1}")
+        close(layer.bias.grad, grad_b[l].reshape(-1), what=f"∇_b C of layer {l + 1}")
 
 
 # --------------------------------------------------------------------------
@@ -319,17 +298,17 @@ def test_frozen_parameters_get_no_grad(fused):
     """A frozen weight and an input without requires_grad get no .grad; the others equal nn.Sequential's."""
     torch.manual_seed(4)
     model = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
-    reference = _sequential_like(model)
+    reference = sequential_like(model)
     for m in (model, reference):
         m[2].weight.requires_grad_(False)  # layer 2's weight frozen
     x = torch.randn(5, SIZES[0], dtype=torch.float64)  # no requires_grad
     y = torch.rand(5, SIZES[-1], dtype=torch.float64)
     model.cost(x, y).backward()
-    _oracle_cost(reference(x), y).backward()
+    oracle_cost(reference(x), y).backward()
     assert model[2].weight.grad is None and x.grad is None
     for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
         if p.requires_grad:
-            _close(p.grad, p_ref.grad, what=name)
+            close(p.grad, p_ref.grad, what=name)
 
 
 def test_linear_without_any_gradient_needed_builds_no_graph():
@@ -390,11 +369,11 @@ def test_convert_keeps_outputs_and_gradients():
     model = torchbp.convert(original)
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     a, a_ref = model(x), original(x)
-    _close(a, a_ref)
+    close(a, a_ref)
     g = torch.randn_like(a)
     for gg, ee in zip(torch.autograd.grad(a, [x, *model.parameters()], g),
                       torch.autograd.grad(a_ref, [x, *original.parameters()], g)):
-        _close(gg, ee)
+        close(gg, ee)
 
 
 def test_convert_copy_leaves_original_untouched():
@@ -426,7 +405,7 @@ def test_convert_inplace_shares_parameters_and_optimizer_keeps_working():
     expected = [(p - 0.5 * p.grad).detach() for p in params]  # plain SGD: W ← W − η ∇_W C
     optimizer.step()
     for p, e in zip(model.parameters(), expected):
-        _close(p.detach(), e)
+        close(p.detach(), e)
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -465,12 +444,12 @@ def test_convert_rejects_uninitialized_lazy_linear():
 
 def _reference_deltas(model: torchbp.MLP, x, y, cost="quadratic"):
     """δ^l = torch.autograd.grad(C, z^l) on the equivalent nn.Sequential, z^l caught by forward hooks."""
-    reference = _sequential_like(model)
+    reference = sequential_like(model)
     zs = []
     for m in reference:
         if isinstance(m, nn.Linear):
             m.register_forward_hook(lambda module, inputs, z: zs.append(z))
-    c = _oracle_cost(reference(x), y, cost)
+    c = oracle_cost(reference(x), y, cost)
     return torch.autograd.grad(c, zs)
 
 
@@ -501,7 +480,7 @@ def test_delta_hooks_receive_dC_dz(fused, via, cost):
     assert [module for module, _ in calls] == model.linears[::-1]  # backward runs from the output layer down
     for (module, delta), l in zip(calls, range(len(expected) - 1, -1, -1)):
         assert delta.shape == (2, 3, SIZES[l + 1])
-        _close(delta, expected[l], what=f"δ of layer {l + 1}")
+        close(delta, expected[l], what=f"δ of layer {l + 1}")
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
@@ -529,7 +508,7 @@ def test_delta_hook_of_a_single_linear():
     g = torch.randn_like(z)
     z.backward(g)
     assert len(seen) == 1 and seen[0][0] is layer
-    _close(seen[0][1], g)
+    close(seen[0][1], g)
     handle.remove()
     layer(torch.randn(5, 4, dtype=torch.float64)).sum().backward()
     assert len(seen) == 1
@@ -548,7 +527,7 @@ def test_fused_and_unfused_hooks_see_the_same_deltas():
     fused.cost(x, y).backward()
     assert [fused.linears.index(m) for m, _ in calls_fused] == [unfused.linears.index(m) for m, _ in calls_unfused]
     for (_, d_fused), (_, d_unfused) in zip(calls_fused, calls_unfused):
-        _close(d_fused, d_unfused)
+        close(d_fused, d_unfused)
 
 
 def test_functional_mlp_delta_hook_gets_layer_index():
@@ -564,4 +543,4 @@ def test_functional_mlp_delta_hook_gets_layer_index():
     expected = _reference_deltas(model, x, y)
     assert [l for l, _ in seen] == [2, 1, 0]
     for l, delta in seen:
-        _close(delta, expected[l])
+        close(delta, expected[l])

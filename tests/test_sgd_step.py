@@ -9,6 +9,8 @@ import torch
 
 import torchbp
 
+from oracles import oracle_cost, sequential_like
+
 SIZES = [7, 5, 4, 3]
 LR = 0.5
 
@@ -20,20 +22,12 @@ def test_sgd_step_equals_autograd_and_torch_sgd(fused, cost, reduction):
     """Three steps of sgd_step leave the same parameters (1e-12, float64) and costs as backward() + SGD.step()."""
     torch.manual_seed(0)
     by_hand = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
-    oracle = torch.nn.Sequential(*[
-        m for n_in, n_out in zip(SIZES[:-1], SIZES[1:]) for m in (torch.nn.Linear(n_in, n_out), torch.nn.Sigmoid())
-    ]).double()
-    oracle.load_state_dict(by_hand.state_dict())
+    oracle = sequential_like(by_hand)
     optimizer = torch.optim.SGD(oracle.parameters(), lr=LR)
     x = torch.randn(2, 3, SIZES[0], dtype=torch.float64)  # 3-D input: samples are the leading dims
     y = torch.rand(2, 3, SIZES[-1], dtype=torch.float64)
     for _ in range(3):
-        a = oracle(x)
-        if cost == "quadratic":
-            c = 0.5 * ((a - y) ** 2).sum(-1)
-        else:
-            c = torch.nn.functional.binary_cross_entropy(a, y, reduction="none").sum(-1)
-        c = {"mean": c.mean(), "sum": c.sum(), "none": c}[reduction]
+        c = oracle_cost(oracle(x), y, cost, reduction)
         optimizer.zero_grad()
         c.sum().backward()
         optimizer.step()

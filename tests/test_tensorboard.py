@@ -31,6 +31,8 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from torchbp.tensorboard import log_deltas  # noqa: E402
 
+from oracles import nn_sequential  # noqa: E402
+
 DT = torch.float64
 SIZES = [6, 5, 4, 3]
 LAYERS = ("0", "2", "4")
@@ -52,10 +54,7 @@ def expected_deltas(ref: nn.Sequential, x, y) -> dict[str, torch.Tensor]:
 def write_run(logdir, steps=(0, 1, 2, 3), hist_every=2):
     """Train-like loop: one backward per step, log_deltas at every step; returns the expected scalars."""
     torch.manual_seed(0)
-    layers = []
-    for n_in, n_out in zip(SIZES[:-1], SIZES[1:]):
-        layers += [nn.Linear(n_in, n_out, dtype=DT), nn.Sigmoid()]
-    ref = nn.Sequential(*layers)
+    ref = nn_sequential(SIZES, dtype=DT)
     model = torchbp.MLP(SIZES, dtype=DT)
     model.load_state_dict(ref.state_dict())
     expected = {}

@@ -18,6 +18,8 @@ import pytest
 import torch
 from torch import nn
 
+from oracles import nn_sequential
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get("TORCHBP_DATA_DIR")
 pytestmark = pytest.mark.skipif(not DATA_DIR, reason="TORCHBP_DATA_DIR is not set")
@@ -50,11 +52,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def sequential(state: dict) -> nn.Sequential:
     """The checkpoint's weights in a plain torch.nn network (Linear, Sigmoid, ...)."""
-    sizes = state["args"]["sizes"]
-    layers = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(n_in, n_out), nn.Sigmoid()]
-    net = nn.Sequential(*layers)
+    net = nn_sequential(state["args"]["sizes"])
     net.load_state_dict(state["model"])
     return net
 

@@ -23,30 +23,10 @@ from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
 import torchbp
 from torchbp import functional as F
 
+from oracles import close, oracle_cost, sequential_like
+
 SIZES = [6, 5, 3]
 N = 4
-
-
-def _close(actual, expected, tol=1e-12, what=""):
-    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}" if what else m)
-
-
-def _sequential_like(model: torchbp.MLP) -> nn.Sequential:
-    """The torch.nn network with the same layers, loaded from ``model``'s state_dict (strict)."""
-    layers = []
-    for n_in, n_out in zip(model.sizes[:-1], model.sizes[1:]):
-        layers += [nn.Linear(n_in, n_out), nn.Sigmoid()]
-    p = model.linears[0].weight
-    reference = nn.Sequential(*layers).to(dtype=p.dtype, device=p.device)
-    reference.load_state_dict(model.state_dict(), strict=True)
-    return reference
-
-
-def _oracle_cost(a, y, cost="quadratic"):
-    """The notes' C = ½‖a − y‖² (or the cross entropy) per sample, averaged over samples, with torch ops."""
-    if cost == "quadratic":
-        return (0.5 * (a - y) ** 2).sum(-1).mean()
-    return -(y * torch.log(a) + (1 - y) * torch.log(1 - a)).sum(-1).mean()
 
 
 def _oracle_mlp(x, w1, b1, w2, b2):
@@ -58,7 +38,7 @@ def _oracle_mlp(x, w1, b1, w2, b2):
 FUNCTIONS = {
     "linear": (F.linear, TF.linear, [("x", (N, 6)), ("w", (5, 6)), ("b", (5,))]),
     "sigmoid": (F.sigmoid, torch.sigmoid, [("z", (N, 5))]),
-    "quadratic_cost": (F.quadratic_cost, _oracle_cost, [("a", (N, 3)), ("y", (N, 3))]),
+    "quadratic_cost": (F.quadratic_cost, oracle_cost, [("a", (N, 3)), ("y", (N, 3))]),
     "cross_entropy_cost": (
         lambda a, y: F.cross_entropy_cost(a, y, "none"),
         lambda a, y: TF.binary_cross_entropy(a, y, reduction="none").sum(-1),
@@ -71,7 +51,7 @@ FUNCTIONS = {
     ),
     "mlp_cost": (
         lambda x, y, w1, b1, w2, b2: F.mlp_cost(x, y, [w1, w2], [b1, b2], cost="cross_entropy"),
-        lambda x, y, w1, b1, w2, b2: (_oracle_cost(a := _oracle_mlp(x, w1, b1, w2, b2), y, "cross_entropy"), a),
+        lambda x, y, w1, b1, w2, b2: (oracle_cost(a := _oracle_mlp(x, w1, b1, w2, b2), y, "cross_entropy"), a),
         [("x", (N, 6)), ("y", (N, 3)), ("w1", (5, 6)), ("b1", (5,)), ("w2", (3, 5)), ("b2", (3,))],
     ),
 }
@@ -98,7 +78,7 @@ def test_jacrev_matches_torch_ops(name):
     argnums = tuple(range(len(args)))
     got, expected = jacrev(fn, argnums=argnums)(*args), jacrev(oracle, argnums=argnums)(*args)
     for g, e in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected), strict=True):
-        _close(g, e)
+        close(g, e)
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
@@ -111,7 +91,7 @@ def test_jvp_matches_torch_ops(name):
     (out, out_t), (exp, exp_t) = jvp(fn, args, tangents), jvp(oracle, args, tangents)
     for g, e in zip(torch.utils._pytree.tree_leaves((out, out_t)), torch.utils._pytree.tree_leaves((exp, exp_t)),
                     strict=True):
-        _close(g, e)
+        close(g, e)
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
@@ -123,7 +103,7 @@ def test_vmap_matches_loop(name):
     loop = [fn(*(a[i] for a in args)) for i in range(3)]
     expected = torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *loop)
     for g, e in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected), strict=True):
-        _close(g, e)
+        close(g, e)
 
 
 def test_hessian_of_fused_cost_matches_torch_ops():
@@ -132,7 +112,7 @@ def test_hessian_of_fused_cost_matches_torch_ops():
     x, *rest = _args(spec, torch.Generator().manual_seed(3))
     got = hessian(lambda x: fn(x, *rest)[0])(x)
     expected = hessian(lambda x: oracle(x, *rest)[0])(x)
-    _close(got, expected)
+    close(got, expected)
 
 
 class _CostOf(nn.Module):
@@ -173,7 +153,7 @@ def test_per_sample_gradients_equal_a_loop(fused, path):
         else:
             module(x[n], y[n]).backward()
         for name, p in module.named_parameters():
-            _close(per_sample[name][n], p.grad, what=f"sample {n}, {name}")
+            close(per_sample[name][n], p.grad, what=f"sample {n}, {name}")
 
 
 # --------------------------------------------------------------------------
@@ -208,13 +188,13 @@ def test_compile_fullgraph_matches_eager(path, fresh_dynamo):
     grads_compiled = torch.autograd.grad(c_compiled, [x, *model.parameters()])
     c_eager = run(x)
     grads_eager = torch.autograd.grad(c_eager, [x, *model.parameters()])
-    _close(c_compiled, c_eager, COMPILE_TOL, "output")
+    close(c_compiled, c_eager, COMPILE_TOL, "output")
     for name, g, e in zip(["input", *dict(model.named_parameters())], grads_compiled, grads_eager):
-        _close(g, e, COMPILE_TOL, name)
+        close(g, e, COMPILE_TOL, name)
     # And eager mode is right: the same as torch.nn's network.
-    reference = _sequential_like(model)
-    expected = _oracle_cost(reference(x), y) if path == "fused-cost" else reference(x).square().sum()
-    _close(c_eager, expected, 1e-12, "eager vs torch.nn")
+    reference = sequential_like(model)
+    expected = oracle_cost(reference(x), y) if path == "fused-cost" else reference(x).square().sum()
+    close(c_eager, expected, 1e-12, "eager vs torch.nn")
 
 
 def test_compiled_sgd_step_matches_eager(fresh_dynamo):
@@ -226,9 +206,9 @@ def test_compiled_sgd_step_matches_eager(fresh_dynamo):
     for _ in range(3):  # new x each step: a compiled graph replayed on changing data and weights
         x = torch.randn(N, SIZES[0], dtype=torch.float64)
         y = torch.rand(N, SIZES[-1], dtype=torch.float64)
-        _close(step(x, y, 0.5), eager.sgd_step(x, y, 0.5), COMPILE_TOL, "cost")
+        close(step(x, y, 0.5), eager.sgd_step(x, y, 0.5), COMPILE_TOL, "cost")
     for (name, p), q in zip(compiled_model.named_parameters(), eager.parameters()):
-        _close(p, q, COMPILE_TOL, f"{name} after 3 steps")
+        close(p, q, COMPILE_TOL, f"{name} after 3 steps")
 
 
 # --------------------------------------------------------------------------
@@ -256,7 +236,7 @@ def _close_relative_to_max(actual, expected, tol, what):
 def _autocast_models(device, fused):
     torch.manual_seed(6)
     model = torchbp.MLP([20, 16, 10], fused=fused, device=device)  # float32 parameters
-    return model, _sequential_like(model)
+    return model, sequential_like(model)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
@@ -289,7 +269,7 @@ def test_autocast_cost_matches_torch_nn(device, dtype, fused, cost):
     with torch.autocast(device, dtype=dtype):
         c = model.cost(x, y, cost)
         # torch's losses run in float32 under autocast (mse_loss, binary_cross_entropy are on its float32 list)
-        c_ref = _oracle_cost(reference(x).float(), y, cost)
+        c_ref = oracle_cost(reference(x).float(), y, cost)
     assert c.dtype == c_ref.dtype == torch.float32
     tol = AUTOCAST_TOL[dtype]
     _close_relative_to_max(c, c_ref, tol, "cost")
@@ -309,4 +289,4 @@ def test_autocast_functional_costs_run_in_float32(device, dtype):
         for fn, cost in ((F.quadratic_cost, "quadratic"), (F.cross_entropy_cost, "cross_entropy")):
             c = fn(a, y)
             assert c.dtype == torch.float32
-            _close(c, _oracle_cost(a.float(), y, cost), 1e-5, cost)
+            close(c, oracle_cost(a.float(), y, cost), 1e-5, cost)

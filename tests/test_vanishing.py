@@ -12,14 +12,13 @@ from torch import nn
 
 from train import vanishing
 
+from oracles import nn_sequential
+
 
 def oracle_bias_grad_norms(sizes, images, targets, seed, init):
     """‖∇_{b^l} C‖ of every hidden layer from torch.nn + torch.autograd, seeded and initialised like the experiment."""
     torch.manual_seed(seed)
-    layers = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(n_in, n_out, dtype=torch.float64), nn.Sigmoid()]
-    model = nn.Sequential(*layers)
+    model = nn_sequential(sizes, dtype=torch.float64)
     linears = [m for m in model if isinstance(m, nn.Linear)]
     if init == "gaussian-scaled":
         with torch.no_grad():

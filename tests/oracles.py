@@ -1,0 +1,37 @@
+"""The oracles the tests share: the notes' network and costs written with torch.nn and torch's own ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import torchbp
+
+
+def close(actual, expected, tol=1e-12, what=""):
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}" if what else m)
+
+
+def nn_sequential(sizes, bias=True, dtype=None, device=None) -> nn.Sequential:
+    """``nn.Sequential(nn.Linear, nn.Sigmoid, ...)`` for the layer widths ``sizes``, input first."""
+    layers = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out, bias=bias, dtype=dtype, device=device), nn.Sigmoid()]
+    return nn.Sequential(*layers)
+
+
+def sequential_like(model: torchbp.MLP) -> nn.Sequential:
+    """The torch.nn network with the same layers, loaded from ``model``'s state_dict (strict)."""
+    weight = model.linears[0].weight
+    reference = nn_sequential(model.sizes, model.linears[0].bias is not None, weight.dtype, weight.device)
+    reference.load_state_dict(model.state_dict(), strict=True)
+    return reference
+
+
+def oracle_cost(a, y, cost="quadratic", reduction="mean"):
+    """The notes' C = ½‖a − y‖² (or the cross entropy) per sample, reduced over samples, with torch ops."""
+    if cost == "quadratic":
+        c = 0.5 * ((a - y) ** 2).sum(-1)
+    else:
+        c = nn.functional.binary_cross_entropy(a, y, reduction="none").sum(-1)
+    return {"mean": c.mean, "sum": c.sum, "none": lambda: c}[reduction]()
