@@ -1,4 +1,4 @@
-"""MLP.sgd_step: the whole SGD step by hand equals autograd + torch.optim.SGD."""
+"""MLP.sgd_step and MLP.sgd_epoch: the SGD steps by hand equal autograd + torch.optim.SGD."""
 
 from __future__ import annotations
 
@@ -69,12 +69,14 @@ def test_sgd_step_rejects_bad_input():
             model.sgd_step(torch.randn(2, 4), torch.rand(2, 3), lr)
 
 
-def test_sgd_step_refuses_autocast():
+@pytest.mark.parametrize("method", ["sgd_step", "sgd_epoch"])
+def test_sgd_step_refuses_autocast(method):
     """Under autocast the step would update casts of the parameters, not the parameters: it must refuse."""
     model = torchbp.MLP([4, 3])
     before = [p.clone() for p in model.parameters()]
+    args = (LR,) if method == "sgd_step" else (LR, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="autocast is enabled for cpu"):
-        model.sgd_step(torch.randn(2, 4), torch.rand(2, 3), LR)
+        getattr(model, method)(torch.randn(2, 4), torch.rand(2, 3), *args)
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)
 
@@ -105,5 +107,118 @@ def test_sgd_step_on_an_empty_batch_moves_nothing(reduction):
     c = 0.5 * ((model(x) - y) ** 2).sum(-1).detach()  # torch's own reductions of nothing: nan, 0, empty
     expected = {"mean": c.mean(), "sum": c.sum(), "none": c}[reduction]
     torch.testing.assert_close(model.sgd_step(x, y, LR, reduction=reduction), expected, equal_nan=True)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+
+
+def test_sgd_step_under_no_grad_still_calls_delta_hooks():
+    """The step by hand runs its backward whatever the grad mode: hooks see δ^l inside torch.no_grad() too."""
+    model = torchbp.MLP([4, 3, 2])
+    calls = []
+    for layer in model.linears:
+        layer.register_delta_hook(lambda m, d: calls.append(m))
+    with torch.no_grad():
+        model.sgd_step(torch.randn(5, 4), torch.rand(5, 2), LR)
+        model.sgd_epoch(torch.randn(5, 4), torch.rand(5, 2), LR, batch_size=2)
+    assert calls == [model[2], model[0]] * 4  # one step, then three: output layer first each time
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("cost", ["quadratic", "cross_entropy"])
+def test_sgd_epoch_equals_autograd_and_torch_sgd_on_each_mini_batch(cost, reduction):
+    """Oracle: backward() + SGD.step() on x[0:3], x[3:6], x[6:7] in turn: same costs and parameters (1e-12, float64).
+
+    Seven samples at batch_size 3 leave a last mini-batch of one, which takes a step of its own; the
+    input is 3-D, so a mini-batch of 3 rows holds 3 x 2 samples.
+    """
+    torch.manual_seed(3)
+    model = torchbp.MLP(SIZES, dtype=torch.float64)
+    oracle = sequential_like(model)
+    optimizer = torch.optim.SGD(oracle.parameters(), lr=LR)
+    x = torch.randn(7, 2, SIZES[0], dtype=torch.float64)
+    y = torch.rand(7, 2, SIZES[-1], dtype=torch.float64)
+    expected = []
+    for i in range(0, 7, 3):
+        c = oracle_cost(oracle(x[i : i + 3]), y[i : i + 3], cost, reduction)
+        optimizer.zero_grad()
+        c.sum().backward()
+        optimizer.step()
+        expected.append(c.detach())
+    costs = model.sgd_epoch(x, y, LR, 3, cost, reduction)
+    torch.testing.assert_close(costs, torch.cat(expected) if reduction == "none" else torch.stack(expected),
+                               rtol=0, atol=1e-12)
+    assert costs.shape == ((7, 2) if reduction == "none" else (3,))
+    for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=f"{name} after the epoch")
+        assert p.grad is None, f"{name}.grad must be left alone"
+
+
+def test_sgd_epoch_equals_network_py_sgd_epoch():
+    """Oracle: network.py's update_mini_batch on each mini-batch of 4 of 10 shuffled samples (numpy, float64)."""
+    from benchmarks.network_py import Network
+
+    torch.manual_seed(4)
+    model = torchbp.MLP(SIZES, dtype=torch.float64)
+    book = Network([m.weight for m in model.linears], [m.bias for m in model.linears])
+    x, y = torch.rand(10, SIZES[0], dtype=torch.float64), torch.rand(10, SIZES[-1], dtype=torch.float64)
+    perm = torch.randperm(10)
+    model.sgd_epoch(x[perm], y[perm], LR, batch_size=4)
+    for i in range(0, 10, 4):
+        book.update_mini_batch(x[perm][i : i + 4].numpy(), y[perm][i : i + 4].numpy(), LR)
+    for l, layer in enumerate(model.linears):
+        torch.testing.assert_close(layer.weight, torch.from_numpy(book.weights[l]), rtol=0, atol=1e-12)
+        torch.testing.assert_close(layer.bias, torch.from_numpy(book.biases[l]).flatten(), rtol=0, atol=1e-12)
+
+
+def test_sgd_epoch_delta_hooks_see_every_steps_delta():
+    """The hooks see each mini-batch's δ^l: the same as autograd's δ = ∂C/∂z^l of that step (1e-12, float64)."""
+    torch.manual_seed(5)
+    model = torchbp.MLP([6, 4, 2], dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=LR)
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.rand(5, 2, dtype=torch.float64)
+    seen = []
+    for l, layer in enumerate(model.linears):
+        layer.register_delta_hook(lambda m, d, l=l: seen.append((l, d.clone())))
+    z = []
+    for layer in reference.linears:
+        layer.register_forward_hook(lambda m, inp, out: z.append(out))
+    expected = []
+    for i in range(0, 5, 2):
+        z.clear()
+        c = reference.cost(x[i : i + 2], y[i : i + 2])
+        optimizer.zero_grad()
+        deltas = torch.autograd.grad(c, z, retain_graph=True)
+        expected += [(1, deltas[1]), (0, deltas[0])]  # the output layer's first
+        c.backward()
+        optimizer.step()
+    model.sgd_epoch(x, y, LR, batch_size=2)
+    assert [l for l, _ in seen] == [l for l, _ in expected]
+    for (l, delta), (_, reference_delta) in zip(seen, expected):
+        torch.testing.assert_close(delta, reference_delta, rtol=0, atol=1e-12, msg=f"layer {l}")
+
+
+def test_sgd_epoch_rejects_bad_input():
+    model = torchbp.MLP([4, 3])
+    x, y = torch.randn(4, 4), torch.rand(4, 3)
+    for batch_size in (0, -1, 2.0, True, None):
+        with pytest.raises(ValueError, match=r"mlp_sgd_epoch\(\): batch_size must be a positive int, got "):
+            model.sgd_epoch(x, y, LR, batch_size)
+    with pytest.raises(ValueError, match=r"mlp_sgd_epoch\(\): input must have a leading samples dimension, "
+                                         r"\(N, \*, in_features\), got shape \(4,\)"):
+        model.sgd_epoch(x[0], y[0], LR, 1)
+    with pytest.raises(ValueError, match=r"mlp_sgd_epoch\(\): target must have shape \(4, 3\) \(the output's\), got \(3, 3\)"):
+        model.sgd_epoch(x, y[:3], LR, 2)
+    with pytest.raises(ValueError, match=r"mlp_sgd_epoch\(\): lr must be a real number >= 0"):
+        model.sgd_epoch(x, y, -1.0, 2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_sgd_epoch_on_no_samples_takes_no_step(reduction):
+    """No samples: no mini-batch, no step; the costs are empty, of shape (0,) (``none``: the input's (0, 2))."""
+    model = torchbp.MLP([4, 3])
+    before = [p.clone() for p in model.parameters()]
+    costs = model.sgd_epoch(torch.randn(0, 2, 4), torch.rand(0, 2, 3), LR, 5, reduction=reduction)
+    assert costs.shape == ((0, 2) if reduction == "none" else (0,))
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)

@@ -260,15 +260,34 @@ class MLP(nn.Module):
         update as ``self.cost(input, target).backward()`` then
         ``torch.optim.SGD(self.parameters(), lr).step()``, in a fraction of the time.
         """
-        weights, biases, hook = self._params()
+        weights, biases, hook = self._params(by_hand=True)
         return F.mlp_sgd_step(input, target, weights, biases, lr, cost, reduction, delta_hook=hook)
 
-    def _params(self) -> tuple[list[Tensor], list[Tensor | None], F.DeltaHook | None]:
-        """W^1..W^L, b^1..b^L and, while any layer has a delta hook, the hook for the fused backward."""
+    def sgd_epoch(
+        self, input: Tensor, target: Tensor, lr: float, batch_size: int, cost: str = "quadratic",
+        reduction: str = "mean",
+    ) -> Tensor:
+        """:meth:`sgd_step` on every mini-batch of ``batch_size`` samples of ``input``, in order; returns each step's C.
+
+        Nielsen's ``SGD`` epoch on data the caller has shuffled
+        (:func:`torchbp.functional.mlp_sgd_epoch`): the arguments are checked
+        once, then every step runs only its tensor ops, with no host sync. A last,
+        smaller mini-batch takes a step of its own. Output shape ``(steps,)``,
+        or ``(N, *)`` with ``reduction="none"``.
+        """
+        weights, biases, hook = self._params(by_hand=True)
+        return F.mlp_sgd_epoch(input, target, weights, biases, lr, batch_size, cost, reduction, delta_hook=hook)
+
+    def _params(self, by_hand: bool = False) -> tuple[list[Tensor], list[Tensor | None], F.DeltaHook | None]:
+        """W^1..W^L, b^1..b^L and, while any layer has a delta hook, the hook for the fused backward.
+
+        An autograd backward runs only with grad mode on, so the hook goes along only then;
+        the steps by hand (``by_hand``) run their backward under ``torch.no_grad()`` too.
+        """
         linears = self.linears
         hook = None
         hooked = any(m._delta_hooks for m in linears)
-        if hooked and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if hooked and (by_hand or torch.is_grad_enabled()) and not torch.compiler.is_compiling():
             def hook(l: int, delta: Tensor) -> None:
                 linears[l]._call_delta_hooks(delta)
         return [m.weight for m in linears], [m.bias for m in linears], hook
