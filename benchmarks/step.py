@@ -11,6 +11,8 @@ already in memory. Variants:
                 no optimizer object
     network_py  the book's network.py step in numpy, one sample at a time (CPU; not in the
                 default list: name it, e.g. --epoch-variants nn,sgd_step,network_py)
+    sgd_epoch   (epoch only) torchbp.MLP(sizes).sgd_epoch(x, y, lr, batch_size): the steps of
+                sgd_step over a whole block of mini-batches in one call, arguments checked once
 
 and each of them with a suffix:
 
@@ -184,25 +186,39 @@ def bench_model(
     return {v: {"steps": steps, "seconds_per_step": [t / steps for t in ts]} for v, ts in times.items()}
 
 
+def make_steps(variant: str, sizes: list[int], device: torch.device, sgd: dict, batch: int) -> Step:
+    """A fresh model of ``variant`` and a function that trains it on consecutive mini-batches of ``(x, y)``."""
+    if variant == "sgd_epoch":
+        torch.manual_seed(0)
+        model = torchbp.MLP(sizes, device=device)
+        return lambda x, y: model.sgd_epoch(x, y, LEARNING_RATE, batch)
+    step = make_step(variant, sizes, device, sgd)
+
+    def steps(x: Tensor, y: Tensor) -> None:
+        for i in range(0, len(x), batch):
+            step(x[i : i + batch], y[i : i + batch])
+
+    return steps
+
+
 def bench_epoch(variants: list[str], device: torch.device, sgd: dict, repeats: int, warmup: int) -> dict:
     """The Nielsen recipe: [784, 30, 10], mini-batch 10, 5,000 steps over 50,000 in-memory samples."""
     sizes, batch = [784, 30, 10], 10
     torch.compiler.reset()
     x, y = data(EPOCH_SAMPLES, sizes, device)
     now = timer(device)
-    blocks = EPOCH_SAMPLES // (batch * EPOCH_BLOCK)
+    samples = EPOCH_BLOCK * batch  # per timed block
+    blocks = EPOCH_SAMPLES // samples
     runs = {}
     for variant in variants:
-        step = make_step(variant, sizes, device, sgd)
-        for i in range(warmup):
-            step(x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch])
+        steps = make_steps(variant, sizes, device, sgd, batch)
+        steps(x[: warmup * batch], y[: warmup * batch])
         position = [0]  # the next block of the epoch this variant runs
 
-        def run(step: Step = step, position: list[int] = position) -> None:
-            first = position[0] * EPOCH_BLOCK * batch
+        def run(steps: Step = steps, position: list[int] = position) -> None:
+            first = position[0] * samples
             position[0] = (position[0] + 1) % blocks
-            for i in range(first, first + EPOCH_BLOCK * batch, batch):
-                step(x[i : i + batch], y[i : i + batch])
+            steps(x[first : first + samples], y[first : first + samples])
 
         runs[variant] = run
     times = interleaved(runs, repeats, now)
@@ -249,7 +265,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--epoch", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the Nielsen epoch ([784, 30, 10] at mini-batch 10, 5,000 steps) (default: on)")
-    p.add_argument("--epoch-variants", default=None, help="comma-separated (default: --variants)")
+    p.add_argument("--epoch-variants", default=None, help="comma-separated, sgd_epoch among them "
+                   "(default: --variants, plus sgd_epoch when --variants is unset)")
     p.add_argument("--json", default=None, help="write the raw timings and medians to this file (default: none)")
     return p.parse_args(argv)
 
@@ -263,14 +280,17 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     known = CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS
     named_only = [] if device.type == "cuda" else ["network_py"]  # too slow for the default list
+    epoch_only = ["sgd_epoch"]  # trains on a block of mini-batches, not on one
     variants = args.variants.split(",") if args.variants else known
-    epoch_variants = args.epoch_variants.split(",") if args.epoch_variants else variants
+    epoch_variants = (args.epoch_variants.split(",") if args.epoch_variants
+                      else variants if args.variants else variants + epoch_only)
     models = [m for m in args.models.split(",") if m]  # --models "" times the epoch only
     # Both lists checked before anything is timed: a typo must not cost a whole run.
-    for flag, names in (("--variants", variants), ("--epoch-variants", epoch_variants if args.epoch else [])):
+    for flag, names, allowed in (("--variants", variants, known + named_only),
+                                 ("--epoch-variants", epoch_variants if args.epoch else [], known + named_only + epoch_only)):
         for v in names:
-            if v not in known + named_only:
-                raise SystemExit(f"{flag}: unknown {v!r} for {device.type}; known: {known + named_only}")
+            if v not in allowed:
+                raise SystemExit(f"{flag}: unknown {v!r} for {device.type}; known: {allowed}")
     for m in models:
         if m not in MODELS:
             raise SystemExit(f"--models: unknown {m!r}; known: {list(MODELS)}")

@@ -18,12 +18,12 @@ def test_step_benchmark_times_every_variant_and_writes_json(tmp_path, capsys):
     """A tiny run of `python -m benchmarks.step`: every variant and the epoch get a positive median and a ratio."""
     variants = ["nn", "bp", "fused", "fused_cost", "sgd_step", "network_py"]
     out = step.main(["--models", "784-30-10@10", "--variants", ",".join(variants), "--repeats", "2",
-                     "--steps", "2", "--warmup", "1", "--epoch-variants", "nn,sgd_step", "--json",
+                     "--steps", "2", "--warmup", "1", "--epoch-variants", "nn,sgd_step,sgd_epoch", "--json",
                      str(tmp_path / "bench.json")])
     timings = out["steps"]["784-30-10@10"]
     assert list(timings) == variants
     assert all(len(t["seconds_per_step"]) == 2 and min(t["seconds_per_step"]) > 0 for t in timings.values())
-    assert set(out["epoch"]) == {"nn", "sgd_step"}
+    assert set(out["epoch"]) == {"nn", "sgd_step", "sgd_epoch"}
     assert json.loads((tmp_path / "bench.json").read_text())["steps"] == out["steps"]
     printed = capsys.readouterr().out
     for variant in variants:
