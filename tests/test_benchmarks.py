@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import memory, step
@@ -28,6 +29,12 @@ def test_step_benchmark_times_every_variant_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     for variant in variants:
         assert f"| 784-30-10@10 | {variant} |" in printed
+
+
+def test_step_benchmark_refuses_an_epoch_only_variant_per_step():
+    """sgd_epoch trains on a block of mini-batches: the epoch table takes it, the per-step table refuses it."""
+    with pytest.raises(SystemExit, match="--variants: unknown 'sgd_epoch' for cpu"):
+        step.main(["--models", "784-30-10@10", "--variants", "nn,sgd_epoch"])
 
 
 def test_cpu_memory_peak_counts_the_buffers_backward_needs():

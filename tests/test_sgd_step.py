@@ -222,3 +222,15 @@ def test_sgd_epoch_on_no_samples_takes_no_step(reduction):
     assert costs.shape == ((0, 2) if reduction == "none" else (0,))
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)
+
+
+def test_sgd_epoch_with_a_batch_larger_than_the_data_takes_one_step():
+    """batch_size 10**12 over 5 samples: one step, the same as sgd_step on all of them (1e-12, float64)."""
+    torch.manual_seed(6)
+    model = torchbp.MLP(SIZES, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(5, SIZES[0], dtype=torch.float64), torch.rand(5, SIZES[-1], dtype=torch.float64)
+    costs = model.sgd_epoch(x, y, LR, 10**12)
+    torch.testing.assert_close(costs, reference.sgd_step(x, y, LR).reshape(1), rtol=0, atol=1e-12)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)

@@ -920,7 +920,12 @@ def _check_sgd(
     fn: str, input: Tensor, target: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None,
     lr: float, cost: str, reduction: str,
 ) -> tuple[Tensor, list[Tensor | None]]:
-    """(x, [W^1, b^1, ..., W^L, b^L]) for the SGD steps by hand; raises on bad input and under autocast."""
+    """(x, [W^1, b^1, ..., W^L, b^L]) for the SGD steps by hand; raises on bad input and under autocast.
+
+    The parameters come back detached: under no_grad a tensor that requires grad still costs every op
+    autograd's bookkeeping, its detached alias does not, and updating the alias in place (same storage,
+    same version counter) updates the parameter.
+    """
     if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not lr >= 0:
         raise ValueError(f"{fn}(): lr must be a real number >= 0 (not a tensor), got {lr!r}")
     x, params, autocast_dtype = _check_network_cost(fn, input, target, weights, biases, cost, reduction)
@@ -929,7 +934,7 @@ def _check_sgd(
             f"{fn}(): autocast is enabled for {input.device.type}; the step updates the parameters in their "
             "own dtype, so run it outside autocast (or use mlp_cost(...).backward() with an optimizer)"
         )
-    return x, params
+    return x, [None if p is None else p.detach() for p in params]
 
 
 @torch.no_grad()
@@ -952,7 +957,7 @@ def mlp_sgd_step(
         - output: ``C``, scalar (or ``(*)`` with ``reduction="none"``, whose sum is minimised)
     """
     x, params = _check_sgd("mlp_sgd_step", input, target, weights, biases, lr, cost, reduction)
-    return _sgd_step(x, target, params, lr, cost, reduction, delta_hook)
+    return _sgd_step(x, target, params, lr, cost, reduction, delta_hook, x.new_ones(math.prod(x.shape[:-1])))
 
 
 @torch.no_grad()
@@ -984,13 +989,16 @@ def mlp_sgd_epoch(
     if x.dim() < 2:
         raise ValueError(f"{fn}(): input must have a leading samples dimension, (N, *, in_features), "
                          f"got shape {tuple(x.shape)}")
-    # Under no_grad a parameter that requires grad still costs each op autograd's bookkeeping; its
-    # detached alias (same storage) does not, and updating it in place updates the parameter.
-    params = [None if p is None else p.detach() for p in params]
-    costs = [
-        _sgd_step(x[i : i + batch_size], target[i : i + batch_size], params, lr, cost, reduction, delta_hook)
-        for i in range(0, x.shape[0], batch_size)
-    ]
+    per_row = math.prod(x.shape[1:-1])  # samples in each of input's rows: 1 for (N, in_features)
+    ones = x.new_ones(min(batch_size, len(x)) * per_row)  # one per sample of a whole mini-batch
+    costs = []
+    # Every mini-batch as a view, all made in one call: (N, *, in) -> (B, *, in), B = batch_size but for
+    # a shorter last one. (No samples, no mini-batch: split would still give one empty chunk.)
+    batches = zip(x.split(batch_size), target.split(batch_size)) if len(x) else ()
+    for x_batch, y_batch in batches:
+        samples = len(x_batch) * per_row
+        costs.append(_sgd_step(x_batch, y_batch, params, lr, cost, reduction, delta_hook,
+                               ones if samples == len(ones) else ones[:samples]))
     if reduction == "none":
         return torch.cat(costs) if costs else x.new_empty(x.shape[:-1])  # (N, *)
     return torch.stack(costs) if costs else x.new_empty(0)  # (steps,)
@@ -998,9 +1006,14 @@ def mlp_sgd_epoch(
 
 def _sgd_step(
     x: Tensor, target: Tensor, params: Sequence[Tensor | None], lr: float, cost: str, reduction: str,
-    delta_hook: DeltaHook | None,
+    delta_hook: DeltaHook | None, ones: Tensor,
 ) -> Tensor:
-    """:func:`mlp_sgd_step` on checked arguments, under ``torch.no_grad()``."""
+    """:func:`mlp_sgd_step` on checked arguments, under ``torch.no_grad()``; ``ones`` holds one 1 per sample.
+
+    Each op of a small step costs more in dispatch than in arithmetic, so the step takes as few as
+    it can: sums over samples are one BLAS call each (``dot``, ``addmv_`` with ``ones``) rather than
+    a product, a reduction and an update.
+    """
     a = [x, *_activations(x, params)]  # a^0..a^L; each is dropped once its layer is done with it
     diff = a[-1] - target  # ∇_a C = a^L − y for the quadratic cost
     n = math.prod(x.shape[:-1])  # samples
@@ -1010,7 +1023,11 @@ def _sgd_step(
     weight = (1.0 / n if n else math.nan) if reduction == "mean" else 1.0
     if cost == "quadratic":
         # C = ½‖a − y‖² from the a − y at hand, summed over all samples at once when reduced
-        c = 0.5 * (diff * diff).sum(-1) if reduction == "none" else (diff * diff).sum() * (0.5 * weight)
+        if reduction == "none":
+            c = 0.5 * (diff * diff).sum(-1)
+        else:
+            flat = diff.reshape(-1)
+            c = torch.dot(flat, flat) * (0.5 * weight)  # Σ_n ‖a_n − y_n‖², times ½ and dC/dC_n
     else:
         c = _reduce(_cost(cost, a[-1], target), reduction)
     delta = _output_delta(cost, a[-1], diff)  # δ^L per sample: dC/dC_n enters through the step size
@@ -1022,12 +1039,12 @@ def _sgd_step(
             delta_hook(l - 1, delta * weight)  # the δ^l of the reduced cost, as autograd would see it
         # (W^l)^T δ^l, taken before W^l moves: (*, out) @ (out, in) -> (*, in)
         back = delta @ weight_l if l > 1 else None
-        rows = _rows(delta)
+        delta_t = _rows(delta).mT  # δ^l with samples as columns, as in the notes: (out, N)
         # W^l ← W^l − η δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
-        weight_l.addmm_(rows.mT, _rows(a[l - 1]), alpha=-step)
+        weight_l.addmm_(delta_t, _rows(a[l - 1]), alpha=-step)
         if bias_l is not None:
-            bias_l.sub_(rows.sum(0), alpha=step)  # b^l ← b^l − η δ^l, summed over samples: (N, out) -> (out,)
-        delta = rows = None  # δ^l is spent
+            bias_l.addmv_(delta_t, ones, alpha=-step)  # b^l ← b^l − η δ^l, summed over samples: (out, N) @ (N,) -> (out,)
+        delta = delta_t = None  # δ^l is spent
         if back is not None:
             # δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l, written over (W^l)^T δ^l: no graph needs it
             delta = _sigmoid_backward_(back, a[l - 1])
