@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+import torchbp
 from oracles import nn_sequential
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,22 +190,25 @@ def test_a_checkpoint_with_pickled_code_is_refused(tmp_path):
 
 def test_a_non_finite_loss_stops_the_run_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     """In-process: the cost turns NaN from the second epoch on (20 steps per epoch here)."""
-    import torchbp
     import train.mnist
 
     calls = []
 
     def nan_after_20_steps(real):
-        # Steps go through MLP.sgd_step (plain SGD by hand) and, on log steps, MLP.cost.
+        # Steps go through MLP.sgd_epoch (plain SGD by hand, a cost per step, several steps a call)
+        # and, on log steps, MLP.cost: every step's cost from the 21st on turns NaN.
         def patched(self, *args, **kwargs):
-            calls.append(None)
             c = real(self, *args, **kwargs)
-            return c * float("nan") if len(calls) > 20 else c
+            first = len(calls)
+            calls.extend([None] * c.numel())
+            late = (torch.arange(first, first + c.numel()) >= 20).reshape(c.shape)
+            # (no NaN at all on time: through where's backward it would still reach the gradients)
+            return torch.where(late, c * float("nan"), c) if late.any() else c
 
         return patched
 
     monkeypatch.setattr(torchbp.MLP, "cost", nan_after_20_steps(torchbp.MLP.cost))
-    monkeypatch.setattr(torchbp.MLP, "sgd_step", nan_after_20_steps(torchbp.MLP.sgd_step))
+    monkeypatch.setattr(torchbp.MLP, "sgd_epoch", nan_after_20_steps(torchbp.MLP.sgd_epoch))
     sigint = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as info:
@@ -216,6 +220,48 @@ def test_a_non_finite_loss_stops_the_run_with_exit_1_and_keeps_the_last_good_che
     assert "training loss is nan at step 25 (epoch 2)" in capsys.readouterr().err
     state = load(tmp_path / "checkpoint.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def run_in_process(args: list[str]) -> None:
+    import train.mnist
+
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        assert train.mnist.main(["--data-dir", DATA_DIR, *args]) == 0
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-monitor"]], ids=["monitor", "no-monitor"])
+def test_plain_sgd_in_spans_of_steps_equals_one_step_at_a_time(tmp_path, monkeypatch, flags):
+    """Oracle: the same run with every step a separate MLP.sgd_step call. Taking the steps between log
+    steps in one MLP.sgd_epoch call must change nothing: same weights, bit for bit, and the same losses.
+
+    30 steps per epoch, a log step every 7 (steps 7, 14, ..., 56). The monitor takes each log step
+    through autograd on its own, so the spans end just before it; without the monitor they end at it.
+    Either way a span ends at the epoch's end.
+    """
+    import train.mnist
+
+    args = ["--recipe", "nielsen", "--hidden", "8", "--limit-train", "300", "--epochs", "2", "--log-every", "7",
+            *flags]
+    spans = []
+    real_sgd_epoch = torchbp.MLP.sgd_epoch
+    monkeypatch.setattr(torchbp.MLP, "sgd_epoch", lambda self, x, *a: spans.append(len(x)) or real_sgd_epoch(self, x, *a))
+    run_in_process([*args, "--logdir", str(tmp_path / "spans")])
+    # steps per span: 1-6, 8-13, 15-20, 22-27, 29-30 | 31-34, 36-41, 43-48, 50-55, 57-60 with the monitor
+    expected = [6, 6, 6, 6, 2, 4, 6, 6, 6, 4] if not flags else [7, 7, 7, 7, 2, 5, 7, 7, 7, 4]
+    assert spans == [10 * n for n in expected]
+
+    real_make_steps = train.mnist.make_steps
+    monkeypatch.setattr(train.mnist, "make_steps", lambda *a: (*real_make_steps(*a)[:2], None))
+    run_in_process([*args, "--logdir", str(tmp_path / "one_at_a_time")])
+    assert spans == [10 * n for n in expected], "the oracle run must not use sgd_epoch"
+    spans_state, oracle_state = load(tmp_path / "spans" / "checkpoint.pt"), load(tmp_path / "one_at_a_time" / "checkpoint.pt")
+    assert_same_weights(spans_state["model"], oracle_state["model"])
+    for a, b in zip(spans_state["history"], oracle_state["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)  # float32 sums in another order
+        assert a["test_accuracy"] == b["test_accuracy"]
 
 
 def test_two_process_ddp_matches_the_single_process_run(tmp_path):

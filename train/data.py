@@ -175,16 +175,31 @@ class Batches:
 
     def epoch(self, generator: torch.Generator, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """The epoch's batches from ``start`` on; draws the permutation from ``generator`` at once."""
+        self.shuffle(generator)
+        return self._slices(start)
+
+    def shuffle(self, generator: torch.Generator) -> None:
+        """Start an epoch: draw its permutation from ``generator``; :meth:`span` then gives its batches."""
         perm = torch.randperm(len(self.split), generator=generator).to(self._x.device)
         # (N, 784) gathered in the epoch's order, into the buffers of the previous epoch
         torch.index_select(self.split.x, 0, perm, out=self._x)
         torch.index_select(self.split.y, 0, perm, out=self._y)
-        return self._slices(start)
+
+    def span(self, first: int, count: int = 1) -> tuple[Tensor, Tensor]:
+        """Batches ``first .. first + count - 1`` of the current epoch as one view ``(count * batch_size, ...)``.
+
+        This rank's shard of batch ``first`` when ``count`` is 1; several batches at once only in one
+        process, where they lie next to each other (a rank's shards do not).
+        """
+        if count > 1 and self.shard != self.batch_size:
+            raise ValueError(f"Batches.span: count must be 1 when the batches are sharded across ranks, got {count}")
+        i = first * self.batch_size + self.rank * self.shard
+        j = i + (count - 1) * self.batch_size + self.shard
+        return self._x[i:j], self._y[i:j]
 
     def _slices(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
         for step in range(start, self.n_batches):
-            i = step * self.batch_size + self.rank * self.shard
-            yield self._x[i : i + self.shard], self._y[i : i + self.shard]
+            yield self.span(step)
 
 
 def _benchmark(root: str, batch_size: int, repeats: int) -> None:
