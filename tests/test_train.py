@@ -306,3 +306,16 @@ def layout_writes(logdir: Path) -> int:
         for event in EventFileLoader(str(events)).Load()
         for value in event.summary.value
     )
+
+
+def test_threads_reaches_torch_and_is_checked(tmp_path, monkeypatch, capsys):
+    """--threads N is handed to torch.set_num_threads; a count below 1 is refused (exit 2, naming the flag)."""
+    import train.mnist
+
+    with pytest.raises(SystemExit) as info:
+        train.mnist.resolve_args(["--threads", "0"])
+    assert info.value.code == 2 and "--threads must be at least 1, got 0" in capsys.readouterr().err
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    run_in_process(["--dry-run", "--hidden", "8", "--threads", "1", "--logdir", str(tmp_path)])
+    assert calls == [1]

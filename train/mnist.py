@@ -147,13 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batch order (default: 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda when available (default: auto)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch's ops (torch.set_num_threads); at mini-batch 10 one thread is "
+                        "fastest, the matmuls being too small to share (default: torch's choice)")
     p.add_argument("--logdir", help="run folder (default: runs/<recipe>-<timestamp>)")
     p.add_argument("--log-every", type=int, default=100, help="steps between loss/δ logs (default: 100)")
     p.add_argument("--delta-hist-every", type=int, default=0,
                    help="steps between δ histograms, 0 for none (default: 0)")
     p.add_argument("--no-monitor", action="store_true", help="do not record δ statistics (default: False)")
     p.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint.pt in its folder, with its hyperparameters; "
-                   "--data-dir, --download, --device and --compile come from this command (default: None)")
+                   "--data-dir, --download, --device, --threads and --compile come from this command (default: None)")
     p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N of the 50,000 images (default: all)")
     p.add_argument("--dry-run", action="store_true", help="one training batch and a one-batch evaluation (default: False)")
     p.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
@@ -181,6 +184,8 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.limit_train is not None and not 1 <= args.limit_train <= 50_000:
         parser.error(f"--limit-train must be in 1..50000, got {args.limit_train}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.delta_hist_every < 0:
         parser.error(f"--delta-hist-every must be at least 0, got {args.delta_hist_every}")
     if not math.isfinite(args.lr) or args.lr <= 0:
@@ -439,7 +444,7 @@ def resume_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | No
     # The run's hyperparameters come from the checkpoint; where things are comes from this command.
     resumed = argparse.Namespace(**state["args"])
     resumed.resume, resumed.data_dir, resumed.download = args.resume, args.data_dir, args.download
-    resumed.device, resumed.compile = args.device, args.compile
+    resumed.device, resumed.threads, resumed.compile = args.device, args.threads, args.compile
     resumed.logdir = os.path.dirname(os.path.abspath(args.resume))
     return resumed, state
 
@@ -693,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     args = resolve_args(argv)
     stop = Stop()
     args, state = resume_args(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rank, world_size, device = init_distributed(args.device)
     if args.batch_size % world_size:
         fail(f"--batch-size ({args.batch_size}) must be divisible by the number of processes ({world_size})", EXIT_DATA)
