@@ -972,11 +972,12 @@ def mlp_sgd_epoch(
     ``input[batch_size:2 * batch_size]``, and so on, in that order: shuffle
     beforehand, as ``SGD`` does (``perm = torch.randperm(len(x))``, then
     ``x[perm]``, ``y[perm]``). A last, smaller mini-batch takes a step of its
-    own, as in network.py. The arguments are checked once for all the steps,
-    so each step costs only its tensor ops: at Nielsen's mini-batch of 10 the
-    checks and calls of a separate :func:`mlp_sgd_step` per mini-batch are a
-    third of the step's time. Returns every step's cost before its step, with
-    no host sync on the way.
+    own, as in network.py. The steps are those of :func:`mlp_sgd_step`, bit
+    for bit, but the arguments are checked once for all of them, so each step
+    costs only its tensor ops: at Nielsen's mini-batch of 10 the checks and
+    calls of a separate :func:`mlp_sgd_step` per mini-batch are a third of the
+    step's time or more. Returns every step's cost before its step, with no
+    host sync on the way.
 
     Shape:
         - input: ``(N, *, in_features)``; target: ``(N, *, out_features)``

@@ -50,8 +50,8 @@ of network (sigmoid on every layer, output included, quadratic cost):
 - PyTorch's default (Kaiming-uniform) initialisation, ``MLP(fused=True)`` and
   ``model.cost(x, y)``: network and cost are one autograd node.
 
-Determinism: the same seed on the same machine gives the same weights and
-metrics (all randomness comes from the seeded CPU RNG and the batch
+Determinism: the same seed on the same machine, with the same ``--threads``,
+gives the same weights and metrics (all randomness comes from the seeded CPU RNG and the batch
 generator). A run killed after epoch k and resumed with ``--resume`` ends
 with the same weights, bit for bit, as the uninterrupted run.
 
@@ -354,7 +354,7 @@ def make_steps(args: argparse.Namespace, model: torchbp.MLP, step_module: nn.Mod
         return model.sgd_step(x, y, args.lr)
 
     # MLP.sgd_epoch checks its arguments once for all the batches it is given: at mini-batch 10
-    # the checks of a separate sgd_step per batch are about a third of the step's time.
+    # the checks of a separate sgd_step per batch are a third of the step's time or more.
     def hand_steps(x, y):
         return model.sgd_epoch(x, y, args.lr, args.batch_size).sum()
 
