@@ -76,6 +76,30 @@ def test_mlp_stats_match_autograd_averaged_over_passes(fused, flush_every):
     assert_close(popped, mean_stats([oracle_stats(ref, x, y) for x, y in batches]))
 
 
+def test_sgd_epoch_under_no_grad_is_recorded_step_by_step():
+    """MLP.sgd_epoch runs its backward by hand, under torch.no_grad() too: the monitor gets every step's δ.
+
+    Oracle: autograd's δ of each mini-batch (7, 7, 4 samples) on the torch.nn twin, with the same
+    SGD update between the mini-batches.
+    """
+    torch.manual_seed(1)
+    ref = nn_sequential([6, 5, 4, 3], dtype=DT)
+    model = torchbp.MLP([6, 5, 4, 3], dtype=DT)
+    model.load_state_dict(ref.state_dict())
+    x, y = torch.randn(18, 6, dtype=DT), torch.rand(18, 3, dtype=DT)
+    optimizer = torch.optim.SGD(ref.parameters(), lr=0.5)
+    expected = []
+    for i in range(0, 18, 7):
+        expected.append(oracle_stats(ref, x[i : i + 7], y[i : i + 7]))
+        optimizer.zero_grad()
+        (0.5 * ((ref(x[i : i + 7]) - y[i : i + 7]) ** 2).sum(-1).mean()).backward()
+        optimizer.step()
+    with torchbp.DeltaMonitor(model) as monitor, torch.no_grad():
+        model.sgd_epoch(x, y, 0.5, batch_size=7)
+        popped = monitor.pop()
+    assert_close(popped, mean_stats(expected))
+
+
 def test_sum_reduction_has_no_batch_factor():
     """reduction="sum": sample_norm is the plain mean of ‖δ_n‖ of a summed cost."""
     torch.manual_seed(1)

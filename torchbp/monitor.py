@@ -24,7 +24,9 @@ monitor no hook exists and torchbp does no extra work.
 
 What is recorded where:
 
-- ``torch.no_grad()``: no backward pass, nothing recorded.
+- ``torch.no_grad()``: no autograd backward pass, nothing recorded; but the
+  steps by hand (:meth:`torchbp.MLP.sgd_step`, :meth:`torchbp.MLP.sgd_epoch`)
+  run their backward anyway, and every step's δ is recorded.
 - ``torch.func`` transforms (``grad``, ``vjp``, ``vmap`` over them): the hooks
   do run, on functorch's wrapped tensors; the monitor skips those passes
   (recording from inside a transform would mutate a captured tensor, which
