@@ -9,7 +9,7 @@ set -u
 OUT="${OUT:-$(mktemp -d)}"
 DEVICE="${DEVICE:-cuda}"
 PYTHON="${PYTHON:-python3}"
-STEP_ARGS="${STEP_ARGS:---models 784-30-10@10,784-100-10@64,784-800-800-10@4096 --variants nn,bp,fused,fused_cost,sgd_step,nn+compile,fused_cost+compile,nn+graphs,fused_cost+graphs --epoch-variants nn,fused_cost,sgd_step,fused_cost+compile,fused_cost+graphs}"
+STEP_ARGS="${STEP_ARGS:---models 784-30-10@10,784-100-10@64,784-800-800-10@4096 --variants nn,bp,fused,fused_cost,sgd_step,nn+compile,fused_cost+compile,nn+graphs,fused_cost+graphs --epoch-variants nn,fused_cost,sgd_step,sgd_epoch,fused_cost+compile,fused_cost+graphs}"
 MEMORY_ARGS="${MEMORY_ARGS:-}"
 RUN_TESTS="${RUN_TESTS:-1}"
 mkdir -p "$OUT"

@@ -234,3 +234,18 @@ def test_sgd_epoch_with_a_batch_larger_than_the_data_takes_one_step():
     torch.testing.assert_close(costs, reference.sgd_step(x, y, LR).reshape(1), rtol=0, atol=1e-12)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
+def test_sgd_epoch_on_every_device_equals_sgd_step_per_mini_batch(device):
+    """On each device (CUDA where there is one): sgd_epoch's parameters and costs equal one sgd_step per
+    mini-batch on the same device, float32, to 1e-6 (the same ops, so in practice bit for bit)."""
+    torch.manual_seed(7)
+    model = torchbp.MLP([20, 8, 3], device=device)
+    reference = copy.deepcopy(model)
+    x, y = torch.rand(23, 20, device=device), torch.rand(23, 3, device=device)
+    costs = model.sgd_epoch(x, y, LR, 5)
+    expected = torch.stack([reference.sgd_step(x[i : i + 5], y[i : i + 5], LR) for i in range(0, 23, 5)])
+    assert costs.device == x.device
+    torch.testing.assert_close(costs, expected, rtol=1e-6, atol=1e-6)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
