@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -211,6 +212,7 @@ def test_sgd_epoch_rejects_bad_input():
         model.sgd_epoch(x, y[:3], LR, 2)
     with pytest.raises(ValueError, match=r"mlp_sgd_epoch\(\): lr must be a real number >= 0"):
         model.sgd_epoch(x, y, -1.0, 2)
+    assert model.sgd_epoch(x, y, LR, np.int64(3)).shape == (2,)  # any integer type will do: steps of 3 and 1
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -984,8 +984,9 @@ def mlp_sgd_epoch(
         - output: ``(steps,)``, ``steps = ceil(N / batch_size)``; ``(N, *)`` with ``reduction="none"``
     """
     fn = "mlp_sgd_epoch"
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"{fn}(): batch_size must be a positive int, got {batch_size!r}")
+    batch_size = int(batch_size)  # a numpy integer, say, as a plain int
     x, params = _check_sgd(fn, input, target, weights, biases, lr, cost, reduction)
     if x.dim() < 2:
         raise ValueError(f"{fn}(): input must have a leading samples dimension, (N, *, in_features), "
