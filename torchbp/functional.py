@@ -1045,7 +1045,8 @@ def _sgd_step(
         # W^l ← W^l − η δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
         weight_l.addmm_(delta_t, _rows(a[l - 1]), alpha=-step)
         if bias_l is not None:
-            bias_l.addmv_(delta_t, ones, alpha=-step)  # b^l ← b^l − η δ^l, summed over samples: (out, N) @ (N,) -> (out,)
+            # b^l ← b^l − η δ^l, summed over samples: (out, N) @ (N,) -> (out,)
+            bias_l.addmv_(delta_t, ones, alpha=-step)
         delta = delta_t = None  # δ^l is spent
         if back is not None:
             # δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l, written over (W^l)^T δ^l: no graph needs it

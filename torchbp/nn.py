@@ -288,8 +288,10 @@ class MLP(nn.Module):
         hook = None
         hooked = any(m._delta_hooks for m in linears)
         if hooked and (by_hand or torch.is_grad_enabled()) and not torch.compiler.is_compiling():
-            def hook(l: int, delta: Tensor) -> None:
+            def call_delta_hooks(l: int, delta: Tensor) -> None:
                 linears[l]._call_delta_hooks(delta)
+
+            hook = call_delta_hooks
         return [m.weight for m in linears], [m.bias for m in linears], hook
 
     def extra_repr(self) -> str:
