@@ -23,7 +23,7 @@ runs by hand (no autograd graph, no optimizer object): the steps between two
 log steps are one :meth:`torchbp.MLP.sgd_epoch` call, Nielsen's
 ``update_mini_batch`` on each mini-batch in turn, with the arguments checked
 once; the same updates, bit for bit, as one :meth:`torchbp.MLP.sgd_step` per
-mini-batch, and about 3 times as fast as autograd with an optimizer.
+mini-batch, and over 3 times as fast as autograd with an optimizer.
 
 ``fast`` (default): the best test accuracy in the least time for the same kind
 of network (sigmoid on every layer, output included, quadratic cost):
@@ -51,8 +51,8 @@ of network (sigmoid on every layer, output included, quadratic cost):
   ``model.cost(x, y)``: network and cost are one autograd node.
 
 Determinism: the same seed on the same machine, with the same ``--threads``,
-gives the same weights and metrics (all randomness comes from the seeded CPU RNG and the batch
-generator). A run killed after epoch k and resumed with ``--resume`` ends
+gives the same weights and metrics (all randomness comes from the seeded CPU
+RNG and the batch generator). A run killed after epoch k and resumed with ``--resume`` ends
 with the same weights, bit for bit, as the uninterrupted run.
 
 Host syncs: a step never reads a value back from the device. The loss is
