@@ -52,8 +52,8 @@ of network (sigmoid on every layer, output included, quadratic cost):
 
 Determinism: the same seed on the same machine, with the same ``--threads``,
 gives the same weights and metrics (all randomness comes from the seeded CPU
-RNG and the batch generator). A run killed after epoch k and resumed with ``--resume`` ends
-with the same weights, bit for bit, as the uninterrupted run.
+RNG and the batch generator). A run killed after epoch k and resumed with
+``--resume`` ends with the same weights, bit for bit, as the uninterrupted run.
 
 Host syncs: a step never reads a value back from the device. The loss is
 accumulated as a device tensor and read at log steps and at the end of an
