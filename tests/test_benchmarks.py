@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import memory, step
+from benchmarks import memory, monitor_overhead, step
 
 
 def test_step_benchmark_times_every_variant_and_writes_json(tmp_path, capsys):
@@ -35,6 +35,15 @@ def test_step_benchmark_refuses_an_epoch_only_variant_per_step():
     """sgd_epoch trains on a block of mini-batches: the epoch table takes it, the per-step table refuses it."""
     with pytest.raises(SystemExit, match="--variants: unknown 'sgd_epoch' for cpu"):
         step.main(["--models", "784-30-10@10", "--variants", "nn,sgd_epoch"])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_monitor_overhead_benchmark_times_every_mode(fused):
+    """A tiny run of benchmarks.monitor_overhead.measure: positive times for off, on and empty hooks, and ratios."""
+    r = monitor_overhead.measure(fused, repeats=3, steps=2)
+    assert r["fused"] is fused
+    assert min(r["off_s"], r["on_s"], r["empty_s"]) > 0 and r["ratio"] > 0 and r["empty_ratio"] > 0
+    assert monitor_overhead.hook_cost(passes=4) > 0
 
 
 def test_cpu_memory_peak_counts_the_buffers_backward_needs():
