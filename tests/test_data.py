@@ -95,6 +95,23 @@ def test_batches_resume_mid_epoch_and_shard_across_ranks():
         assert torch.equal(torch.cat([r0, r1]), global_batch)
 
 
+def test_a_span_of_batches_is_those_batches_back_to_back_in_one_process_only():
+    """Oracle: the epoch's batches one by one. span(i, k) holds batches i..i+k-1; sharded ranks get single batches."""
+    split = Split(torch.randn(50, 3), torch.arange(50))
+    batches = Batches(split, 6)
+    one_by_one = [(x.clone(), y.clone()) for x, y in batches.epoch(torch.Generator().manual_seed(5))]
+    batches.shuffle(torch.Generator().manual_seed(5))
+    x, y = batches.span(2, 4)
+    assert torch.equal(x, torch.cat([b[0] for b in one_by_one[2:6]]))
+    assert torch.equal(y, torch.cat([b[1] for b in one_by_one[2:6]]))
+    assert torch.equal(batches.span(7)[1], one_by_one[7][1])
+    sharded = Batches(split, 6, rank=1, world_size=2)
+    sharded.shuffle(torch.Generator().manual_seed(5))
+    assert torch.equal(sharded.span(7)[1], one_by_one[7][1][3:])  # rank 1's half of batch 7
+    with pytest.raises(ValueError, match=r"Batches.span: count must be 1 when the batches are sharded across ranks, got 2"):
+        sharded.span(0, 2)
+
+
 def test_batches_reject_a_batch_size_the_ranks_cannot_share():
     split = Split(torch.randn(10, 2), torch.arange(10))
     with pytest.raises(ValueError, match="divisible"):
