@@ -15,7 +15,7 @@ from torch import nn
 
 import torchbp
 
-from oracles import nn_sequential
+from oracles import nn_sequential, oracle_cost
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 DT = torch.float64
@@ -92,7 +92,7 @@ def test_sgd_epoch_under_no_grad_is_recorded_step_by_step():
     for i in range(0, 18, 7):
         expected.append(oracle_stats(ref, x[i : i + 7], y[i : i + 7]))
         optimizer.zero_grad()
-        (0.5 * ((ref(x[i : i + 7]) - y[i : i + 7]) ** 2).sum(-1).mean()).backward()
+        oracle_cost(ref(x[i : i + 7]), y[i : i + 7]).backward()
         optimizer.step()
     with torchbp.DeltaMonitor(model) as monitor, torch.no_grad():
         model.sgd_epoch(x, y, 0.5, batch_size=7)

@@ -16,6 +16,26 @@ SIZES = [7, 5, 4, 3]
 LR = 0.5
 
 
+def autograd_deltas(model: torchbp.MLP, x, y):
+    """(C, (δ^1, ..., δ^L)) of ``model.cost(x, y)``: torch.autograd.grad of C on each layer's output z^l.
+
+    The graph is kept, so that ``C.backward()`` can follow.
+    """
+    z = []
+    handles = [layer.register_forward_hook(lambda m, inp, out: z.append(out)) for layer in model.linears]
+    c = model.cost(x, y)
+    for handle in handles:
+        handle.remove()
+    return c, torch.autograd.grad(c, z, retain_graph=True)
+
+
+def assert_equals_book(model: torchbp.MLP, book) -> None:
+    """The model's weights and biases equal network.py's (``book``), to 1e-12."""
+    for l, layer in enumerate(model.linears):
+        torch.testing.assert_close(layer.weight, torch.from_numpy(book.weights[l]), rtol=0, atol=1e-12)
+        torch.testing.assert_close(layer.bias, torch.from_numpy(book.biases[l]).flatten(), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("cost", ["quadratic", "cross_entropy"])
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
@@ -48,11 +68,7 @@ def test_sgd_step_without_bias_and_with_delta_hooks():
     seen = {}
     for layer in model.linears:
         layer.register_delta_hook(lambda m, d: seen.__setitem__(id(m), d.clone()))
-    z = []
-    for layer in reference.linears:
-        layer.register_forward_hook(lambda m, inp, out: z.append(out))
-    c = reference.cost(x, y)
-    expected = torch.autograd.grad(c, z)
+    _, expected = autograd_deltas(reference, x, y)
     model.sgd_step(x, y, LR)
     for layer, delta in zip(model.linears, expected):
         torch.testing.assert_close(seen[id(layer)], delta, rtol=0, atol=1e-12)
@@ -94,9 +110,7 @@ def test_sgd_step_equals_network_py():
         y = torch.rand(6, SIZES[-1], dtype=torch.float64)
         model.sgd_step(x, y, LR)
         book.update_mini_batch(x.numpy(), y.numpy(), LR)
-    for l, layer in enumerate(model.linears):
-        torch.testing.assert_close(layer.weight, torch.from_numpy(book.weights[l]), rtol=0, atol=1e-12)
-        torch.testing.assert_close(layer.bias, torch.from_numpy(book.biases[l]).flatten(), rtol=0, atol=1e-12)
+    assert_equals_book(model, book)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -166,9 +180,7 @@ def test_sgd_epoch_equals_network_py_sgd_epoch():
     model.sgd_epoch(x[perm], y[perm], LR, batch_size=4)
     for i in range(0, 10, 4):
         book.update_mini_batch(x[perm][i : i + 4].numpy(), y[perm][i : i + 4].numpy(), LR)
-    for l, layer in enumerate(model.linears):
-        torch.testing.assert_close(layer.weight, torch.from_numpy(book.weights[l]), rtol=0, atol=1e-12)
-        torch.testing.assert_close(layer.bias, torch.from_numpy(book.biases[l]).flatten(), rtol=0, atol=1e-12)
+    assert_equals_book(model, book)
 
 
 def test_sgd_epoch_delta_hooks_see_every_steps_delta():
@@ -181,15 +193,10 @@ def test_sgd_epoch_delta_hooks_see_every_steps_delta():
     seen = []
     for l, layer in enumerate(model.linears):
         layer.register_delta_hook(lambda m, d, l=l: seen.append((l, d.clone())))
-    z = []
-    for layer in reference.linears:
-        layer.register_forward_hook(lambda m, inp, out: z.append(out))
     expected = []
     for i in range(0, 5, 2):
-        z.clear()
-        c = reference.cost(x[i : i + 2], y[i : i + 2])
+        c, deltas = autograd_deltas(reference, x[i : i + 2], y[i : i + 2])
         optimizer.zero_grad()
-        deltas = torch.autograd.grad(c, z, retain_graph=True)
         expected += [(1, deltas[1]), (0, deltas[0])]  # the output layer's first
         c.backward()
         optimizer.step()
