@@ -1018,7 +1018,7 @@ def _sgd_step(
     """
     a = [x, *_activations(x, params)]  # a^0..a^L; each is dropped once its layer is done with it
     diff = a[-1] - target  # ∇_a C = a^L − y for the quadratic cost
-    n = math.prod(x.shape[:-1])  # samples
+    n = len(ones)  # samples: the caller counted them for ones
     # dC/dC_n of each sample: 1/N for a mean, 1 for a sum or for per-sample costs (their sum is minimised).
     # It multiplies every δ^l, so it rides on the step size instead of costing a pass over δ. With no
     # samples the mean is nan, as torch's mean of nothing, and no parameter moves.
