@@ -393,6 +393,20 @@ def _cost(cost: str, a: Tensor, y: Tensor) -> Tensor:
     return -(torch.xlogy(y, a) + torch.xlogy(1 - y, 1 - a)).sum(-1)
 
 
+def _reduced_cost(cost: str, a: Tensor, y: Tensor, reduction: str, diff: Tensor | None = None) -> Tensor:
+    """``_reduce(_cost(cost, a, y), reduction)``, the reduced quadratic cost in fewer ops.
+
+    Σ_n ½‖a_n − y_n‖² = ½ (a − y)·(a − y) over all elements: one ``dot`` instead of a square,
+    a sum per sample and their reduction; equal to rounding. ``diff`` is a − y where the caller has it.
+    """
+    if cost != "quadratic" or reduction == "none":
+        return _reduce(_cost(cost, a, y), reduction)
+    flat = (a - y if diff is None else diff).reshape(-1)
+    n = math.prod(a.shape[:-1])  # samples
+    # dC/dC_n: 1/N for a mean (nan with no samples, as torch's mean of nothing), 1 for a sum
+    return torch.dot(flat, flat) * (0.5 if reduction == "sum" else 0.5 / n if n else math.nan)
+
+
 def _cost_grad_a(cost: str, a: Tensor, y: Tensor) -> Tensor:
     if cost == "quadratic":
         return a - y  # ∇_a C = a − y
@@ -462,7 +476,7 @@ class _QuadraticCost(torch.autograd.Function):
 
     @staticmethod
     def forward(a: Tensor, y: Tensor, reduction: str) -> Tensor:
-        return _reduce(_cost("quadratic", a, y), reduction)  # C = ½‖a − y‖² per sample
+        return _reduced_cost("quadratic", a, y, reduction)  # C = ½‖a − y‖² per sample, reduced
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -519,7 +533,7 @@ class _CrossEntropyCost(torch.autograd.Function):
     @staticmethod
     def forward(a: Tensor, y: Tensor, reduction: str) -> Tensor:
         # C = −Σ_j [y_j ln a_j + (1 − y_j) ln(1 − a_j)] per sample
-        return _reduce(_cost("cross_entropy", a, y), reduction)
+        return _reduced_cost("cross_entropy", a, y, reduction)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -765,7 +779,7 @@ class _MLPCost(torch.autograd.Function):
     ) -> tuple[Tensor, ...]:
         activations = _activations(x, params)
         # The cost in the target's dtype: float32 under autocast, as for torch's losses.
-        return (_reduce(_cost(cost, _as(activations[-1], y.dtype), y), reduction), *activations)
+        return (_reduced_cost(cost, _as(activations[-1], y.dtype), y, reduction), *activations)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -957,7 +971,8 @@ def mlp_sgd_step(
         - output: ``C``, scalar (or ``(*)`` with ``reduction="none"``, whose sum is minimised)
     """
     x, params = _check_sgd("mlp_sgd_step", input, target, weights, biases, lr, cost, reduction)
-    return _sgd_step(x, target, params, lr, cost, reduction, delta_hook, x.new_ones(math.prod(x.shape[:-1])))
+    a_L, diff = _sgd_step(x, target, params, lr, cost, reduction, delta_hook, x.new_ones(math.prod(x.shape[:-1])))
+    return _reduced_cost(cost, a_L, target, reduction, diff)
 
 
 @torch.no_grad()
@@ -977,7 +992,8 @@ def mlp_sgd_epoch(
     costs only its tensor ops: at Nielsen's mini-batch of 10 the checks and
     calls of a separate :func:`mlp_sgd_step` per mini-batch are a third of the
     step's time or more. Returns every step's cost before its step, with no
-    host sync on the way.
+    host sync on the way; the costs are formed once, after the last step,
+    from each step's a^L (equal to :func:`mlp_sgd_step`'s to rounding).
 
     Shape:
         - input: ``(N, *, in_features)``; target: ``(N, *, out_features)``
@@ -993,47 +1009,51 @@ def mlp_sgd_epoch(
                          f"got shape {tuple(x.shape)}")
     per_row = math.prod(x.shape[1:-1])  # samples in each of input's rows: 1 for (N, in_features)
     ones = x.new_ones(min(batch_size, len(x)) * per_row)  # one per sample of a whole mini-batch
-    costs = []
+    outputs = []  # each step's a^L, from the parameters before its update
     # Every mini-batch as a view, all made in one call: (N, *, in) -> (B, *, in), B = batch_size but for
     # a shorter last one. (No samples, no mini-batch: split would still give one empty chunk.)
     batches = zip(x.split(batch_size), target.split(batch_size)) if len(x) else ()
     for x_batch, y_batch in batches:
         samples = len(x_batch) * per_row
-        costs.append(_sgd_step(x_batch, y_batch, params, lr, cost, reduction, delta_hook,
-                               ones if samples == len(ones) else ones[:samples]))
+        outputs.append(_sgd_step(x_batch, y_batch, params, lr, cost, reduction, delta_hook,
+                                 ones if samples == len(ones) else ones[:samples])[0])
+    if not outputs:
+        return x.new_empty(x.shape[:-1] if reduction == "none" else 0)
+    # The costs wait for the end: a few ops over the whole epoch instead of a reduction in every step.
+    c = _cost(cost, torch.cat(outputs), target)  # each sample's C before its step: (N, *)
     if reduction == "none":
-        return torch.cat(costs) if costs else x.new_empty(x.shape[:-1])  # (N, *)
-    return torch.stack(costs) if costs else x.new_empty(0)  # (steps,)
+        return c
+    # (N, *) -> (steps,): the whole mini-batches as the rows of one tensor, then the shorter last one
+    whole = len(x) // batch_size * batch_size
+    per_step = c[:whole].reshape(whole // batch_size, batch_size * per_row)  # (whole steps, B samples)
+    per_step = per_step.mean(1) if reduction == "mean" else per_step.sum(1)
+    if whole == len(x):
+        return per_step
+    return torch.cat((per_step, _reduce(c[whole:], reduction).reshape(1)))
 
 
 def _sgd_step(
     x: Tensor, target: Tensor, params: Sequence[Tensor | None], lr: float, cost: str, reduction: str,
     delta_hook: DeltaHook | None, ones: Tensor,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """:func:`mlp_sgd_step` on checked arguments, under ``torch.no_grad()``; ``ones`` holds one 1 per sample.
 
-    Each op of a small step costs more in dispatch than in arithmetic, so the step takes as few as
-    it can: sums over samples are one BLAS call each (``dot``, ``addmv_`` with ``ones``) rather than
-    a product, a reduction and an update.
+    Returns a^L, the output before the step, and a^L − y, from which the caller forms the cost (an
+    epoch forms all its steps' costs at once). Each op of a small step costs more in dispatch than in arithmetic, so
+    the step takes as few as it can: the sums over samples in the bias updates are one ``addmv_`` with
+    ``ones`` each rather than a reduction and an update.
     """
     a = [x, *_activations(x, params)]  # a^0..a^L; each is dropped once its layer is done with it
-    diff = a[-1] - target  # ∇_a C = a^L − y for the quadratic cost
+    a_L = a[-1]
     n = len(ones)  # samples: the caller counted them for ones
     # dC/dC_n of each sample: 1/N for a mean, 1 for a sum or for per-sample costs (their sum is minimised).
     # It multiplies every δ^l, so it rides on the step size instead of costing a pass over δ. With no
     # samples the mean is nan, as torch's mean of nothing, and no parameter moves.
     weight = (1.0 / n if n else math.nan) if reduction == "mean" else 1.0
-    if cost == "quadratic":
-        # C = ½‖a − y‖² from the a − y at hand, summed over all samples at once when reduced
-        if reduction == "none":
-            c = 0.5 * (diff * diff).sum(-1)
-        else:
-            flat = diff.reshape(-1)
-            c = torch.dot(flat, flat) * (0.5 * weight)  # Σ_n ‖a_n − y_n‖², times ½ and dC/dC_n
-    else:
-        c = _reduce(_cost(cost, a[-1], target), reduction)
-    delta = _output_delta(cost, a[-1], diff)  # δ^L per sample: dC/dC_n enters through the step size
-    diff = a[-1] = None  # a^L is spent
+    # δ^L per sample, from ∇_a C = a^L − y: dC/dC_n enters through the step size
+    diff = a_L - target
+    delta = _output_delta(cost, a_L, diff)
+    a[-1] = None  # a^L is spent
     step = lr * weight if n else 0.0
     for l in range(len(params) // 2, 0, -1):  # l = L, ..., 1
         weight_l, bias_l = params[2 * l - 2], params[2 * l - 1]
@@ -1052,4 +1072,4 @@ def _sgd_step(
             # δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l, written over (W^l)^T δ^l: no graph needs it
             delta = _sigmoid_backward_(back, a[l - 1])
         a[l - 1] = None  # a^{l-1} is spent too: layer l-1 holds a^0..a^{l-2}, δ^{l-1} and its (W^{l-1})^T δ^{l-1}
-    return c
+    return a_L, diff
