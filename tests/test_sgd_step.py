@@ -233,6 +233,21 @@ def test_sgd_epoch_on_no_samples_takes_no_step(reduction):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_sgd_epoch_on_rows_of_no_samples_equals_sgd_step_per_mini_batch(reduction):
+    """Input (5, 0, in): five rows that hold no samples. Oracle: sgd_step on x[0:2], x[2:4], x[4:5]; each
+    step's cost is that of no samples (mean nan, as torch's mean of nothing; sum 0) and no parameter moves."""
+    model = torchbp.MLP([4, 3])
+    before = [p.clone() for p in model.parameters()]
+    x, y = torch.randn(5, 0, 4), torch.rand(5, 0, 3)
+    costs = model.sgd_epoch(x, y, LR, 2, reduction=reduction)
+    expected = [model.sgd_step(x[i : i + 2], y[i : i + 2], LR, reduction=reduction) for i in range(0, 5, 2)]
+    torch.testing.assert_close(costs, torch.cat(expected) if reduction == "none" else torch.stack(expected),
+                               rtol=0, atol=0, equal_nan=True)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+
+
 def test_sgd_epoch_with_a_batch_larger_than_the_data_takes_one_step():
     """batch_size 10**12 over 5 samples: one step, the same as sgd_step on all of them (1e-12, float64)."""
     torch.manual_seed(6)

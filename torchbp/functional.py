@@ -992,8 +992,9 @@ def mlp_sgd_epoch(
     costs only its tensor ops: at Nielsen's mini-batch of 10 the checks and
     calls of a separate :func:`mlp_sgd_step` per mini-batch are a third of the
     step's time or more. Returns every step's cost before its step, with no
-    host sync on the way; the costs are formed once, after the last step,
-    from each step's a^L (equal to :func:`mlp_sgd_step`'s to rounding).
+    host sync on the way. The costs are formed once, after the last step,
+    from each step's a^L (kept until then: one tensor the size of ``target``),
+    and equal :func:`mlp_sgd_step`'s to rounding.
 
     Shape:
         - input: ``(N, *, in_features)``; target: ``(N, *, out_features)``
@@ -1038,10 +1039,10 @@ def _sgd_step(
 ) -> tuple[Tensor, Tensor]:
     """:func:`mlp_sgd_step` on checked arguments, under ``torch.no_grad()``; ``ones`` holds one 1 per sample.
 
-    Returns a^L, the output before the step, and a^L − y, from which the caller forms the cost (an
-    epoch forms all its steps' costs at once). Each op of a small step costs more in dispatch than in arithmetic, so
-    the step takes as few as it can: the sums over samples in the bias updates are one ``addmv_`` with
-    ``ones`` each rather than a reduction and an update.
+    Returns a^L, the output before the step, and a^L − y: the caller forms the cost from them (an
+    epoch forms all its steps' costs at once, after the last). Each op of a small step costs more in
+    dispatch than in arithmetic, so the step takes as few as it can: each bias update sums over
+    samples in one ``addmv_`` with ``ones`` rather than a reduction and an update.
     """
     a = [x, *_activations(x, params)]  # a^0..a^L; each is dropped once its layer is done with it
     a_L = a[-1]
@@ -1053,7 +1054,7 @@ def _sgd_step(
     # δ^L per sample, from ∇_a C = a^L − y: dC/dC_n enters through the step size
     diff = a_L - target
     delta = _output_delta(cost, a_L, diff)
-    a[-1] = None  # a^L is spent
+    a[-1] = None  # the backward is done with a^L (the caller gets it back for the cost)
     step = lr * weight if n else 0.0
     for l in range(len(params) // 2, 0, -1):  # l = L, ..., 1
         weight_l, bias_l = params[2 * l - 2], params[2 * l - 1]
