@@ -393,6 +393,12 @@ def _cost(cost: str, a: Tensor, y: Tensor) -> Tensor:
     return -(torch.xlogy(y, a) + torch.xlogy(1 - y, 1 - a)).sum(-1)
 
 
+def _per_sample_weight(n: int, reduction: str) -> float:
+    """dC/dC_n of each of ``n`` samples: 1/N for a mean, 1 for a sum or for per-sample costs (their sum is
+    minimised). With no samples the mean's is nan, as torch's mean of nothing."""
+    return (1.0 / n if n else math.nan) if reduction == "mean" else 1.0
+
+
 def _reduced_cost(cost: str, a: Tensor, y: Tensor, reduction: str, diff: Tensor | None = None) -> Tensor:
     """``_reduce(_cost(cost, a, y), reduction)``, the reduced quadratic cost in fewer ops.
 
@@ -402,9 +408,7 @@ def _reduced_cost(cost: str, a: Tensor, y: Tensor, reduction: str, diff: Tensor 
     if cost != "quadratic" or reduction == "none":
         return _reduce(_cost(cost, a, y), reduction)
     flat = (a - y if diff is None else diff).reshape(-1)
-    n = math.prod(a.shape[:-1])  # samples
-    # dC/dC_n: 1/N for a mean (nan with no samples, as torch's mean of nothing), 1 for a sum
-    return torch.dot(flat, flat) * (0.5 if reduction == "sum" else 0.5 / n if n else math.nan)
+    return torch.dot(flat, flat) * (0.5 * _per_sample_weight(math.prod(a.shape[:-1]), reduction))
 
 
 def _cost_grad_a(cost: str, a: Tensor, y: Tensor) -> Tensor:
@@ -1044,18 +1048,15 @@ def _sgd_step(
     dispatch than in arithmetic, so the step takes as few as it can: each bias update sums over
     samples in one ``addmv_`` with ``ones`` rather than a reduction and an update.
     """
-    a = [x, *_activations(x, params)]  # a^0..a^L; each is dropped once its layer is done with it
-    a_L = a[-1]
+    a = [x, *_activations(x, params)]  # a^0..a^L; a^0..a^{L-1} are dropped as their layers finish
+    a_L = a[-1]  # goes back to the caller, for the cost
     n = len(ones)  # samples: the caller counted them for ones
-    # dC/dC_n of each sample: 1/N for a mean, 1 for a sum or for per-sample costs (their sum is minimised).
-    # It multiplies every δ^l, so it rides on the step size instead of costing a pass over δ. With no
-    # samples the mean is nan, as torch's mean of nothing, and no parameter moves.
-    weight = (1.0 / n if n else math.nan) if reduction == "mean" else 1.0
+    # dC/dC_n multiplies every δ^l, so it rides on the step size instead of costing a pass over δ
+    weight = _per_sample_weight(n, reduction)
     # δ^L per sample, from ∇_a C = a^L − y: dC/dC_n enters through the step size
     diff = a_L - target
     delta = _output_delta(cost, a_L, diff)
-    a[-1] = None  # the backward is done with a^L (the caller gets it back for the cost)
-    step = lr * weight if n else 0.0
+    step = lr * weight if n else 0.0  # with no samples no parameter moves (the mean's weight is nan)
     for l in range(len(params) // 2, 0, -1):  # l = L, ..., 1
         weight_l, bias_l = params[2 * l - 2], params[2 * l - 1]
         if delta_hook is not None:
