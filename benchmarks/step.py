@@ -23,9 +23,11 @@ and each of them with a suffix:
                    optimizer.step() included (Dynamo splits the graph at backward)
     +graphs        (CUDA only) +compile with mode="reduce-overhead": CUDA graphs
 
-Timings are interleaved (every variant once per repeat, A B C A B C ...) after
-a warm-up that also compiles; the table gives the median per step and its
-ratio to the median of ``nn``. The "epoch" section is the Nielsen recipe,
+Timings are interleaved (every variant once per repeat, in an order that
+rotates: A B C, B C A, C A B, ...) after a warm-up that also compiles; the
+table gives the median per step and the median of its per-repeat ratios to
+``nn`` (each ratio of two timings taken moments apart, so that the machine's
+slow spells cancel). The "epoch" section is the Nielsen recipe,
 [784, 30, 10] at mini-batch 10: 5,000 steps walking through 50,000 in-memory
 samples, timed as interleaved blocks of 1,000 steps; seconds per epoch =
 5 x the median block.
@@ -142,12 +144,17 @@ def timer(device: torch.device) -> Callable[[], float]:
 
 
 def interleaved(runs: dict[str, Callable[[], None]], repeats: int, now: Callable[[], float]) -> dict[str, list[float]]:
-    """Seconds per call of every run, A B C A B C ..., ``repeats`` times."""
+    """Seconds per call of every run, each once per repeat, ``repeats`` times.
+
+    The order rotates (A B C, B C A, C A B, ...): no run always follows the same
+    other run, whose leftovers in caches and threads it would otherwise inherit.
+    """
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
+    names = list(runs)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = now()
-            run()
+            runs[name]()
             times[name].append(now() - start)
     return times
 
@@ -225,29 +232,38 @@ def bench_epoch(variants: list[str], device: torch.device, sgd: dict, repeats: i
     return {v: {"seconds_per_epoch": [t * blocks for t in ts]} for v, ts in times.items()}
 
 
-def ratio(value: float, base: float | None) -> str:
-    """``value / base`` for a table's "× nn eager" column; a dash without a baseline."""
-    return f"{value / base:.2f}" if base else "–"
+def summary(by_variant: dict, key: str, baseline: str) -> dict[str, tuple[float, float | None]]:
+    """Per variant: the median of ``key``, and the median of its per-repeat ratios to the baseline.
+
+    A ratio within a repeat compares timings taken moments apart, so a slow
+    spell of the machine (other processes' load) that spans a repeat cancels;
+    None when the baseline was not run.
+    """
+    base = by_variant.get(baseline, {}).get(key)
+    return {
+        variant: (statistics.median(r[key]), None if base is None else statistics.median(
+            t / b for t, b in zip(r[key], base)))
+        for variant, r in by_variant.items()
+    }
 
 
-def medians(by_variant: dict, key: str, baseline: str) -> tuple[dict[str, float], float | None]:
-    """The median of ``key`` per variant, and the baseline's (None when the baseline was not run)."""
-    m = {variant: statistics.median(r[key]) for variant, r in by_variant.items()}
-    return m, m.get(baseline)
+def ratio(value: float | None) -> str:
+    """A table's "× nn eager" cell; a dash without a baseline."""
+    return "–" if value is None else f"{value:.2f}"
 
 
 def table(results: dict, baseline: str) -> str:
     lines = ["| model | variant | ms / step (median) | × nn eager |", "|---|---|---:|---:|"]
     for model, by_variant in results.items():
-        m, base = medians(by_variant, "seconds_per_step", baseline)
-        lines += [f"| {model} | {v} | {1e3 * median:.3f} | {ratio(median, base)} |" for v, median in m.items()]
+        lines += [f"| {model} | {v} | {1e3 * median:.3f} | {ratio(r)} |"
+                  for v, (median, r) in summary(by_variant, "seconds_per_step", baseline).items()]
     return "\n".join(lines)
 
 
 def epoch_table(results: dict, baseline: str) -> str:
     lines = ["| variant | s / epoch (median) | × nn eager |", "|---|---:|---:|"]
-    m, base = medians(results, "seconds_per_epoch", baseline)
-    lines += [f"| {v} | {median:.3f} | {ratio(median, base)} |" for v, median in m.items()]
+    lines += [f"| {v} | {median:.3f} | {ratio(r)} |"
+              for v, (median, r) in summary(results, "seconds_per_epoch", baseline).items()]
     return "\n".join(lines)
 
 
@@ -302,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
     header = (
         f"torch {torch.__version__}, {device.type}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads")
-        + f", python {platform.python_version()}, SGD {args.sgd}, {args.repeats} interleaved repeats, medians"
+        + f", python {platform.python_version()}, SGD {args.sgd}, {args.repeats} rotated repeats, medians (ratios: of per-repeat ratios)"
     )
     print(header, file=sys.stderr)
     results = {}

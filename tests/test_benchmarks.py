@@ -60,3 +60,16 @@ def test_cpu_memory_peak_counts_the_buffers_backward_needs():
     for variant, buffers in (("nn", 3), ("fused", 2), ("sgd_step", 2)):
         peak = memory.measure(variant, [16, 256, 4], 8192, torch.device("cpu"))["peak_extra_bytes"]
         assert buffers * buffer <= peak < (buffers + 0.25) * buffer, (variant, peak / buffer)
+
+
+def test_step_benchmark_rotates_the_order_and_pairs_the_ratios():
+    """interleaved() starts each repeat one run later; summary() takes the median of per-repeat ratios, by hand."""
+    order: list[str] = []
+    runs = {name: (lambda name=name: order.append(name)) for name in "ABC"}
+    times = step.interleaved(runs, 4, iter(range(100)).__next__)  # a clock that ticks 1 per call
+    assert order == list("ABC" "BCA" "CAB" "ABC")
+    assert times == {name: [1, 1, 1, 1] for name in "ABC"}
+    # The baseline's slow second repeat cancels in the paired ratios (2/2), not in a ratio of medians.
+    by_variant = {"nn": {"s": [1.0, 2.0, 1.0]}, "fused": {"s": [0.9, 2.0, 1.2]}}
+    assert step.summary(by_variant, "s", "nn") == {"nn": (1.0, 1.0), "fused": (1.2, 1.0)}
+    assert step.summary(by_variant, "s", "bp") == {"nn": (1.0, None), "fused": (1.2, None)}
