@@ -266,6 +266,35 @@ def test_cross_entropy_delta_is_a_minus_y():
     torch.testing.assert_close(delta, (torch.sigmoid(z) - y).detach(), rtol=1e-12, atol=1e-12)
 
 
+def test_cross_entropy_where_the_output_saturates_equals_binary_cross_entropy():
+    """a at exactly 0 or 1 (a float sigmoid past |z| ≈ 17): cost and ∇_a equal torch's binary_cross_entropy,
+    which clamps ln at −100 and a(1 − a) at 1e-12; no inf, no nan. Through a sigmoid the unfused δ = 0 there."""
+    a = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    c = F.cross_entropy_cost(a, y, "none")
+    c_ref = TF.binary_cross_entropy(a, y, reduction="none").sum(-1)
+    torch.testing.assert_close(c, c_ref, rtol=1e-12, atol=1e-12)
+    (g,) = torch.autograd.grad(c.sum(), a)
+    (g_ref,) = torch.autograd.grad(c_ref.sum(), a)
+    torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=0)  # 1e-8: torch's 1e-12 is a float32 constant
+    z = torch.full((1, 1), 40.0, requires_grad=True)  # float32: sigmoid(40) == 1.0 exactly
+    (delta,) = torch.autograd.grad(F.cross_entropy_cost(F.sigmoid(z), torch.ones(1, 1)), z)
+    assert delta.item() == 0.0
+
+
+@pytest.mark.parametrize("fn", [F.quadratic_cost, F.cross_entropy_cost], ids=["quadratic", "cross_entropy"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_costs_of_samples_with_no_features(fn, reduction):
+    """(3, 0): every sample's cost is an empty sum, 0, and ∇_a is empty, as with torch's ops."""
+    a = torch.rand(3, 0, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(3, 0, dtype=torch.float64)
+    c = fn(a, y, reduction)
+    cost = "quadratic" if fn is F.quadratic_cost else "cross_entropy"
+    torch.testing.assert_close(c, oracle_cost(a, y, cost, reduction), rtol=0, atol=0)
+    c.backward()
+    assert a.grad.shape == (3, 0)
+
+
 # --------------------------------------------------------------------------
 # needs_input_grad: no backward work for what needs no gradient
 # --------------------------------------------------------------------------

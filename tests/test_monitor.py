@@ -157,6 +157,26 @@ def test_pop_resets_and_leaves_out_layers_without_a_pass():
     monitor.close()
 
 
+@pytest.mark.parametrize("flush_every", [1, 32])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_a_pass_with_no_samples_is_not_counted(fused, flush_every):
+    """An empty batch (through backward and through sgd_step) records nothing and breaks nothing: the next
+    pop holds exactly the one real pass, as the oracle gives it."""
+    torch.manual_seed(4)
+    model = torchbp.MLP([4, 3, 2], fused=fused, dtype=DT)
+    x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)
+    monitor = torchbp.DeltaMonitor(model, flush_every=flush_every)
+    model.cost(x[:0], y[:0], reduction="sum").backward()
+    model.sgd_step(x[:0], y[:0], 0.1)
+    assert monitor.pop() == {}
+    reference = nn_sequential([4, 3, 2], dtype=DT)
+    reference.load_state_dict(model.state_dict())
+    expected = oracle_stats(reference, x, y)
+    model.cost(x, y).backward()
+    assert_close(monitor.pop(), expected)
+    monitor.close()
+
+
 def test_close_removes_hooks():
     model = torchbp.MLP([4, 3, 2], dtype=DT)
     x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -222,6 +223,13 @@ def test_mlp_rejects_bad_sizes(sizes):
         torchbp.MLP(sizes)
 
 
+def test_mlp_takes_numpy_integer_sizes():
+    """sizes from numpy (np.array([784, 30, 10]), say) are ints too: the same network, stored as plain ints."""
+    model = torchbp.MLP(np.array([5, 4, 2]))
+    assert model.sizes == (5, 4, 2) and all(type(n) is int for n in model.sizes)
+    assert [tuple(m.weight.shape) for m in model.linears] == [(4, 5), (2, 4)]
+
+
 def test_mlp_repr_names_sizes_and_path():
     """repr shows the layers like nn.Sequential plus sizes and whether the network is fused."""
     text = repr(torchbp.MLP([3, 2], fused=True))
@@ -429,6 +437,40 @@ def test_convert_a_bare_module_and_bad_argument():
     assert torchbp.convert(relu, inplace=True) is relu
     with pytest.raises(TypeError, match="convert\\(\\): module must be a torch.nn.Module, got list"):
         torchbp.convert([nn.Linear(3, 2)])
+
+
+def test_convert_keeps_hooks_attributes_and_shared_layers():
+    """A converted layer keeps its forward hooks (their handles still remove them) and attributes, and one
+    layer used twice stays one layer; its output equals the original's (oracle: the unconverted copy)."""
+    layer = nn.Linear(3, 3, dtype=torch.float64)
+    layer.tag = "encoder"
+    calls = []
+    handle = layer.register_forward_hook(lambda m, inp, out: calls.append(type(m)))
+    original = nn.Sequential(layer, nn.Sigmoid(), layer)  # weight sharing by reusing the module
+    model = torchbp.convert(original)
+    assert model[0] is model[2] and type(model[0]) is torchbp.Linear and model[0].tag == "encoder"
+    x = torch.randn(4, 3, dtype=torch.float64)
+    close(model(x), original(x))
+    assert calls == [torchbp.Linear] * 2 + [nn.Linear] * 2  # the copy's hook fired in torchbp's Linear
+    torchbp.convert(original, inplace=True)
+    handle.remove()  # the handle taken before converting still removes the hook
+    original(x)
+    assert len(calls) == 4
+
+
+def test_convert_leaves_subclasses_alone():
+    """A subclass of nn.Linear may compute something else (here 2z; a parametrized layer is one too): kept as is."""
+
+    class Doubled(nn.Linear):
+        def forward(self, input):
+            return 2 * super().forward(input)
+
+    original = nn.Sequential(Doubled(3, 2), nn.Linear(2, 2))
+    nn.utils.parametrize.register_parametrization(original[1], "weight", nn.Identity())
+    model = torchbp.convert(original)
+    assert type(model[0]) is Doubled and not isinstance(model[1], torchbp.Linear)
+    x = torch.randn(4, 3)
+    close(model(x), original(x), 0)
 
 
 def test_convert_rejects_uninitialized_lazy_linear():

@@ -75,6 +75,55 @@ def test_sgd_step_without_bias_and_with_delta_hooks():
     assert model[0].bias is None
 
 
+@pytest.mark.parametrize("method", ["sgd_step", "sgd_epoch"])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_frozen_parameters_stay_as_autograd_and_torch_sgd_leave_them(fused, method):
+    """Parameters with requires_grad=False do not move; the others move as backward() + SGD.step() moves them.
+
+    Frozen: the first layer's weight and the last layer's bias, so the recursion must still reach layer 1
+    for its bias. Then a frozen first layer: the step stops above it. Oracle: torch.nn and torch.optim.SGD
+    (whose frozen parameters get no .grad and are skipped), float64, 1e-12.
+    """
+    torch.manual_seed(2)
+    by_hand = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    x, y = torch.randn(6, SIZES[0], dtype=torch.float64), torch.rand(6, SIZES[-1], dtype=torch.float64)
+    for frozen in (("0.weight", "4.bias"), ("0.weight", "0.bias")):
+        oracle = sequential_like(by_hand)
+        for model in (by_hand, oracle):
+            for name, p in model.named_parameters():
+                p.requires_grad_(name not in frozen)
+        before = {name: p.detach().clone() for name, p in by_hand.named_parameters()}
+        optimizer = torch.optim.SGD(oracle.parameters(), lr=LR)
+        for i in range(0, 6, 3):  # two mini-batches of 3
+            optimizer.zero_grad()
+            oracle_cost(oracle(x[i : i + 3]), y[i : i + 3]).backward()
+            optimizer.step()
+        if method == "sgd_step":
+            for i in range(0, 6, 3):
+                by_hand.sgd_step(x[i : i + 3], y[i : i + 3], LR)
+        else:
+            by_hand.sgd_epoch(x, y, LR, 3)
+        for (name, p), q in zip(by_hand.named_parameters(), oracle.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=f"{name}, frozen {frozen}")
+            assert torch.equal(p, before[name]) == (name in frozen), name
+
+
+def test_sgd_step_refuses_a_model_with_nothing_to_train_and_tied_weights():
+    """No parameter requires grad: refused, as backward() would be. A weight passed twice: refused, nothing moves."""
+    model = torchbp.MLP([3, 3, 3], dtype=torch.float64)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.rand(4, 3, dtype=torch.float64)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"sgd_step\(\): no weight or bias requires grad, so there is nothing to train"):
+        model.sgd_step(x, y, LR)
+    model.requires_grad_(True)
+    model[2].weight = model[0].weight  # tied: one Parameter in both layers
+    before = [p.clone() for p in model.parameters()]
+    for method, args in (("sgd_step", (LR,)), ("sgd_epoch", (LR, 2))):
+        with pytest.raises(ValueError, match=r"weights and biases must be distinct tensors, got one passed twice"):
+            getattr(model, method)(x, y, *args)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 def test_sgd_step_rejects_bad_input():
     model = torchbp.MLP([4, 3])
     with pytest.raises(ValueError, match=r"target must have shape \(2, 3\) \(the output's\), got \(2, 4\)"):

@@ -290,3 +290,21 @@ def test_autocast_functional_costs_run_in_float32(device, dtype):
             c = fn(a, y)
             assert c.dtype == torch.float32
             close(c, oracle_cost(a.float(), y, cost), 1e-5, cost)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("device, dtype", AUTOCAST)
+def test_autocast_leaves_float64_alone(device, dtype, fused):
+    """Autocast never casts a float64 tensor: a float64 network and its cost run in float64, as torch.nn's do."""
+    torch.manual_seed(7)
+    model = torchbp.MLP([6, 5, 3], fused=fused, dtype=torch.float64, device=device)
+    reference = sequential_like(model)
+    x = torch.randn(4, 6, dtype=torch.float64, device=device)
+    y = torch.rand(4, 3, dtype=torch.float64, device=device)
+    with torch.autocast(device, dtype=dtype):
+        a, a_ref = model(x), reference(x)
+        c, c_ref = model.cost(x, y, "cross_entropy"), TF.binary_cross_entropy(reference(x), y, reduction="sum") / 4
+        q = F.quadratic_cost(a, y)
+    assert a.dtype == a_ref.dtype == c.dtype == c_ref.dtype == q.dtype == torch.float64
+    close(a, a_ref)
+    close(c, c_ref)

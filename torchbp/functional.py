@@ -182,7 +182,8 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _cast(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
-    return [t if t is None else _as(t, dtype) for t in tensors]
+    """``tensors`` in ``dtype``, as autocast casts an op's arguments: float64 ones (and None) as they are."""
+    return [t if t is None or t.dtype == torch.float64 else _as(t, dtype) for t in tensors]
 
 
 def _no_autocast(t: Tensor) -> torch.autocast:
@@ -383,14 +384,20 @@ def sigmoid(z: Tensor) -> Tensor:
 # --------------------------------------------------------------------------
 
 
+# The cross-entropy's guards, torch's binary_cross_entropy's: ln a clamped at −100 in the cost, and
+# a(1 − a) at 1e-12 in the denominator of its gradient.
+_LOG_MIN, _EPS = -100.0, 1e-12
+
+
 def _cost(cost: str, a: Tensor, y: Tensor) -> Tensor:
     """One cost per sample: (*, features) -> (*)."""
     if cost == "quadratic":
         # C = ½‖a − y‖²
         diff = a - y
         return 0.5 * (diff * diff).sum(-1)
-    # C = −Σ_j [y_j ln a_j + (1 − y_j) ln(1 − a_j)]
-    return -(torch.xlogy(y, a) + torch.xlogy(1 - y, 1 - a)).sum(-1)
+    # C = −Σ_j [y_j ln a_j + (1 − y_j) ln(1 − a_j)], each ln clamped at −100 as in torch's
+    # binary_cross_entropy: finite where a float output saturates at exactly 0 or 1
+    return -(y * torch.log(a).clamp(min=_LOG_MIN) + (1 - y) * torch.log1p(-a).clamp(min=_LOG_MIN)).sum(-1)
 
 
 def _per_sample_weight(n: int, reduction: str) -> float:
@@ -414,7 +421,7 @@ def _reduced_cost(cost: str, a: Tensor, y: Tensor, reduction: str, diff: Tensor 
 def _cost_grad_a(cost: str, a: Tensor, y: Tensor) -> Tensor:
     if cost == "quadratic":
         return a - y  # ∇_a C = a − y
-    return (a - y) / (a * (1 - a))  # ∇_a C = (a − y) / (a(1 − a))
+    return (a - y) / (a * (1 - a)).clamp(min=_EPS)  # ∇_a C = (a − y) / (a(1 − a))
 
 
 def _cost_grad_y(cost: str, a: Tensor, y: Tensor) -> Tensor:
@@ -437,7 +444,7 @@ def _sample_weight(grad_c: Tensor, a: Tensor, reduction: str) -> Tensor:
         return grad_c.unsqueeze(-1)  # (*) -> (*, 1)
     if reduction == "mean":
         # C = (1/N) Σ_n C_n: each sample enters with weight 1/N
-        return grad_c / (a.numel() // a.shape[-1])
+        return grad_c / math.prod(a.shape[:-1])
     return grad_c
 
 
@@ -576,9 +583,11 @@ def cross_entropy_cost(a: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
 
     With a sigmoid output layer its ``δ^L = a − y``: the ``φ'(z^L)`` that slows
     the quadratic cost down cancels. Reduced like :func:`quadratic_cost` (one
-    sample's cost sums over the last dimension); ``a`` must lie in ``(0, 1)``.
+    sample's cost sums over the last dimension); ``a`` must lie in ``[0, 1]``.
     Equal to :func:`torch.nn.functional.binary_cross_entropy` summed over
-    features and averaged over samples.
+    features and averaged over samples, guards included: each ln is clamped
+    at −100 and the gradient's a(1 − a) at 1e-12, so an output saturated at
+    exactly 0 or 1 gives a finite cost and gradient.
 
     Shape:
         - a, y: ``(*, features)``, the same shape
@@ -937,12 +946,13 @@ def mlp_cost(
 def _check_sgd(
     fn: str, input: Tensor, target: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None,
     lr: float, cost: str, reduction: str,
-) -> tuple[Tensor, list[Tensor | None]]:
-    """(x, [W^1, b^1, ..., W^L, b^L]) for the SGD steps by hand; raises on bad input and under autocast.
+) -> tuple[Tensor, list[Tensor | None], list[bool]]:
+    """(x, [W^1, b^1, ..., W^L, b^L], which of them train) for the SGD steps by hand; raises on bad input.
 
-    The parameters come back detached: under no_grad a tensor that requires grad still costs every op
-    autograd's bookkeeping, its detached alias does not, and updating the alias in place (same storage,
-    same version counter) updates the parameter.
+    A parameter trains if it requires grad: one that does not is frozen, as autograd and an optimizer
+    leave it. The parameters come back detached: under no_grad a tensor that requires grad still costs
+    every op autograd's bookkeeping, its detached alias does not, and updating the alias in place (same
+    storage, same version counter) updates the parameter.
     """
     if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not lr >= 0:
         raise ValueError(f"{fn}(): lr must be a real number >= 0 (not a tensor), got {lr!r}")
@@ -952,7 +962,15 @@ def _check_sgd(
             f"{fn}(): autocast is enabled for {input.device.type}; the step updates the parameters in their "
             "own dtype, so run it outside autocast (or use mlp_cost(...).backward() with an optimizer)"
         )
-    return x, [None if p is None else p.detach() for p in params]
+    trains = [p is not None and p.requires_grad for p in params]
+    if not any(trains):
+        # As mlp_cost(...).backward() would: a cost that depends on nothing trainable has no gradient.
+        raise ValueError(f"{fn}(): no weight or bias requires grad, so there is nothing to train")
+    if len({id(p) for p in params if p is not None}) < sum(p is not None for p in params):
+        # The step moves each parameter as soon as its layer is done; a tied one would be read again after.
+        raise ValueError(f"{fn}(): weights and biases must be distinct tensors, got one passed twice "
+                         "(tied weights); train those with mlp_cost(...).backward() and an optimizer")
+    return x, [None if p is None else p.detach() for p in params], trains
 
 
 @torch.no_grad()
@@ -968,14 +986,18 @@ def mlp_sgd_step(
     graph is built, no ``.grad`` is touched and ∇_W C is never stored: the
     update ``W ← W − lr δ^T a`` is one ``addmm_``. Returns the cost before the
     step. Equal to ``mlp_cost(...)[0].backward()`` followed by
-    ``torch.optim.SGD(lr=lr).step()``. Eager mode; not under autocast.
+    ``torch.optim.SGD(lr=lr).step()``: a weight or bias that does not require
+    grad stays as it is, as a frozen parameter does there. A tensor passed
+    twice (tied weights) is refused, since each layer moves its own as soon as
+    it is done. Eager mode; not under autocast.
 
     Shape:
         - input: ``(*, in_features)``; target: ``(*, out_features)``
         - output: ``C``, scalar (or ``(*)`` with ``reduction="none"``, whose sum is minimised)
     """
-    x, params = _check_sgd("mlp_sgd_step", input, target, weights, biases, lr, cost, reduction)
-    a_L, diff = _sgd_step(x, target, params, lr, cost, reduction, delta_hook, x.new_ones(math.prod(x.shape[:-1])))
+    x, params, trains = _check_sgd("mlp_sgd_step", input, target, weights, biases, lr, cost, reduction)
+    ones = x.new_ones(math.prod(x.shape[:-1]))
+    a_L, diff = _sgd_step(x, target, params, trains, lr, cost, reduction, delta_hook, ones)
     return _reduced_cost(cost, a_L, target, reduction, diff)
 
 
@@ -1008,7 +1030,7 @@ def mlp_sgd_epoch(
     if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"{fn}(): batch_size must be a positive int, got {batch_size!r}")
     batch_size = int(batch_size)  # a numpy integer, say, as a plain int
-    x, params = _check_sgd(fn, input, target, weights, biases, lr, cost, reduction)
+    x, params, trains = _check_sgd(fn, input, target, weights, biases, lr, cost, reduction)
     if x.dim() < 2:
         raise ValueError(f"{fn}(): input must have a leading samples dimension, (N, *, in_features), "
                          f"got shape {tuple(x.shape)}")
@@ -1020,7 +1042,7 @@ def mlp_sgd_epoch(
     batches = zip(x.split(batch_size), target.split(batch_size)) if len(x) else ()
     for x_batch, y_batch in batches:
         samples = len(x_batch) * per_row
-        outputs.append(_sgd_step(x_batch, y_batch, params, lr, cost, reduction, delta_hook,
+        outputs.append(_sgd_step(x_batch, y_batch, params, trains, lr, cost, reduction, delta_hook,
                                  ones if samples == len(ones) else ones[:samples])[0])
     if not outputs:
         return x.new_empty(x.shape[:-1] if reduction == "none" else 0)
@@ -1038,10 +1060,12 @@ def mlp_sgd_epoch(
 
 
 def _sgd_step(
-    x: Tensor, target: Tensor, params: Sequence[Tensor | None], lr: float, cost: str, reduction: str,
-    delta_hook: DeltaHook | None, ones: Tensor,
+    x: Tensor, target: Tensor, params: Sequence[Tensor | None], trains: Sequence[bool], lr: float, cost: str,
+    reduction: str, delta_hook: DeltaHook | None, ones: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """:func:`mlp_sgd_step` on checked arguments, under ``torch.no_grad()``; ``ones`` holds one 1 per sample.
+
+    Only the parameters that ``trains`` marks move; the recursion goes down as far as the lowest of them.
 
     Returns a^L, the output before the step, and a^L − y: the caller forms the cost from them (an
     epoch forms all its steps' costs at once, after the last). Each op of a small step costs more in
@@ -1061,17 +1085,19 @@ def _sgd_step(
         weight_l, bias_l = params[2 * l - 2], params[2 * l - 1]
         if delta_hook is not None:
             delta_hook(l - 1, delta * weight)  # the δ^l of the reduced cost, as autograd would see it
-        # (W^l)^T δ^l, taken before W^l moves: (*, out) @ (out, in) -> (*, in)
-        back = delta @ weight_l if l > 1 else None
+        # (W^l)^T δ^l, taken before W^l moves, where a layer below trains: (*, out) @ (out, in) -> (*, in)
+        back = delta @ weight_l if any(trains[: 2 * l - 2]) else None
         delta_t = _rows(delta).mT  # δ^l with samples as columns, as in the notes: (out, N)
-        # W^l ← W^l − η δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
-        weight_l.addmm_(delta_t, _rows(a[l - 1]), alpha=-step)
-        if bias_l is not None:
+        if trains[2 * l - 2]:
+            # W^l ← W^l − η δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
+            weight_l.addmm_(delta_t, _rows(a[l - 1]), alpha=-step)
+        if trains[2 * l - 1]:
             # b^l ← b^l − η δ^l, summed over samples: (out, N) @ (N,) -> (out,)
             bias_l.addmv_(delta_t, ones, alpha=-step)
         delta = delta_t = None  # δ^l is spent
-        if back is not None:
-            # δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l, written over (W^l)^T δ^l: no graph needs it
-            delta = _sigmoid_backward_(back, a[l - 1])
+        if back is None:
+            break  # no layer below trains
+        # δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l, written over (W^l)^T δ^l: no graph needs it
+        delta = _sigmoid_backward_(back, a[l - 1])
         a[l - 1] = None  # a^{l-1} is spent too: layer l-1 holds a^0..a^{l-2}, δ^{l-1} and its (W^{l-1})^T δ^{l-1}
     return a_L, diff

@@ -93,7 +93,11 @@ class DeltaMonitor:
     - ``max_abs``: :math:`\max |\delta^l|` over all entries.
 
     :meth:`pop` returns each statistic averaged over the passes since the last
-    pop (``max_abs`` too: the mean of the per-pass maxima).
+    pop (``max_abs`` too: the mean of the per-pass maxima). A pass with no
+    samples (an empty δ) is not counted. Each δ is held by reference until its
+    statistics are computed, up to ``flush_every`` passes later: a gradient
+    that reaches a Linear unchanged (``linear(x).backward(g)``) must not be
+    modified in place before then.
 
     Args:
         model: any module holding torchbp Linear layers (an :class:`~torchbp.MLP`,
@@ -150,8 +154,8 @@ class DeltaMonitor:
         held = self._held[name]
 
         def hook(module: Linear, delta: Tensor) -> None:
-            if self._paused or is_functorch_wrapped_tensor(delta):
-                return
+            if self._paused or is_functorch_wrapped_tensor(delta) or delta.numel() == 0:
+                return  # a pass with no samples has no δ to measure
             if delta.requires_grad:  # backward(create_graph=True): keep no graph alive
                 delta = delta.detach()
             if self.keep_last:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
@@ -166,7 +167,7 @@ class CrossEntropyCost(_Cost):
     With a sigmoid output its δ^L is ``a − y``. Reduced like :class:`QuadraticCost`.
 
     Shape:
-        - Input a: :math:`(*, C)` in (0, 1); target y: :math:`(*, C)`, the same shape.
+        - Input a: :math:`(*, C)` in [0, 1]; target y: :math:`(*, C)`, the same shape.
         - Output: scalar; :math:`(*)` with ``reduction="none"``.
     """
 
@@ -203,8 +204,10 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         sizes = tuple(sizes)
-        if len(sizes) < 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
+        if len(sizes) < 2 or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0
+                                     for n in sizes):
             raise ValueError(f"MLP: sizes must be at least two positive ints (input first), got {list(sizes)}")
+        sizes = tuple(int(n) for n in sizes)  # numpy integers, say, as plain ints
         self.sizes = sizes
         self.fused = fused
         for l, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -298,41 +301,42 @@ class MLP(nn.Module):
         return f"sizes={list(self.sizes)}, fused={self.fused}"
 
 
-def _swap(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.Linear):
-        if isinstance(module.weight, nn.parameter.UninitializedParameter):
-            raise ValueError(
-                f"convert(): {type(module).__name__} has uninitialized parameters; "
-                "run one forward pass before converting"
-            )
-        new = Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        # The same Parameter objects: an optimizer built on the old model keeps working.
-        new.weight = module.weight
-        if module.bias is not None:
-            new.bias = module.bias
-    elif isinstance(module, nn.Sigmoid):
-        new = Sigmoid()
-    else:
-        return module
-    new.train(module.training)
-    return new
+def _swap(module: nn.Module) -> None:
+    """Turn an ``nn.Linear`` or ``nn.Sigmoid`` into torchbp's twin in place; leave anything else alone.
+
+    Only the class changes, as torch's lazy modules change theirs once initialised: parameters (the
+    same objects, so an optimizer built on them keeps working), hooks, training mode and any other
+    attribute stay, and a module shared by several parents stays one module.
+    """
+    if isinstance(module, nn.LazyLinear):
+        raise ValueError(
+            f"convert(): {type(module).__name__} has uninitialized parameters; run one forward pass before converting"
+        )
+    # Exact types only: a subclass's forward may differ from nn.Linear's (parametrized layers are subclasses).
+    if type(module) is nn.Linear:
+        module.__class__ = Linear
+        module._delta_hooks = OrderedDict()
+    elif type(module) is nn.Sigmoid:
+        module.__class__ = Sigmoid
 
 
 def convert(module: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace every :class:`torch.nn.Linear` and :class:`torch.nn.Sigmoid` inside ``module`` by torchbp's.
+    """Make every :class:`torch.nn.Linear` and :class:`torch.nn.Sigmoid` inside ``module`` torchbp's.
 
     Works through any nesting (Sequential, ModuleList, ModuleDict, custom
-    modules) and on ``module`` itself. Weights (the same Parameter objects, so
-    their dtype and device), training mode and everything else carry over;
-    the model then computes the same results and gradients through torchbp's
-    hand-written backward. With ``inplace=False`` (default) ``module`` is deep-copied first.
+    modules) and on ``module`` itself. Each layer keeps everything it had:
+    its Parameter objects (so their dtype and device, and an optimizer built
+    on them), its hooks, training mode and attributes, and a layer shared by
+    several parents stays shared; the model then computes the same results
+    and gradients through torchbp's hand-written backward. Subclasses of
+    the two (parametrized layers among them), whose forward may differ, are
+    left as they are. With ``inplace=False`` (default) ``module`` is
+    deep-copied first; with ``inplace=True`` its layers change class in place.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert(): module must be a torch.nn.Module, got {type(module).__name__}")
     if not inplace:
         module = copy.deepcopy(module)
-    for parent in list(module.modules()):
-        for name, child in list(parent._modules.items()):
-            if child is not None:
-                parent._modules[name] = _swap(child)
-    return _swap(module)
+    for m in module.modules():  # each module once, however many parents share it
+        _swap(m)
+    return module
