@@ -133,6 +133,15 @@ def test_sgd_step_rejects_bad_input():
     for lr in (-0.1, float("nan"), torch.tensor(0.1), True):
         with pytest.raises(ValueError, match=r"lr must be a real number >= 0 \(not a tensor\), got "):
             model.sgd_step(torch.randn(2, 4), torch.rand(2, 3), lr)
+    # An lr the parameters' dtype cannot hold (it becomes addmm_'s alpha in that dtype) is refused by name,
+    # before any parameter moves; float64 parameters take it.
+    before = [p.clone() for p in model.parameters()]
+    for lr in (float("inf"), 1e39):
+        with pytest.raises(ValueError, match=r"lr must be finite and at most 3\.403e\+38 \(the largest torch\.float32"):
+            model.sgd_step(torch.randn(2, 4), torch.rand(2, 3), lr)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    torchbp.MLP([4, 3], dtype=torch.float64).sgd_step(torch.randn(2, 4, dtype=torch.float64),
+                                                      torch.rand(2, 3, dtype=torch.float64), 1e39)
 
 
 @pytest.mark.parametrize("method", ["sgd_step", "sgd_epoch"])

@@ -172,7 +172,52 @@ def test_sigint_writes_a_mid_epoch_checkpoint_exits_130_and_resumes_bitwise(tmp_
 
     result = run("--resume", str(ckpt), "--data-dir", DATA_DIR)
     assert result.returncode == 0, result.stderr
-    assert_same_weights(load(ckpt)["model"], load(uninterrupted / "checkpoint.pt")["model"])
+    final, reference = load(ckpt), load(uninterrupted / "checkpoint.pt")
+    assert_same_weights(final["model"], reference["model"])
+    # The interrupted epoch's loss goes on adding to the same float32 sum: the metrics are equal, bit for bit.
+    strip = lambda h: [(e["epoch"], e["train_loss"], e["val_accuracy"], e["test_accuracy"]) for e in h]
+    assert strip(final["history"]) == strip(reference["history"])
+
+
+def test_a_used_logdir_is_refused_and_a_resume_reads_the_runs_own_data(tmp_path, monkeypatch, capsys):
+    """A second run into a run folder would overwrite its checkpoint and mix its events: exit 2, naming
+    --logdir and how to continue that run. --resume without --data-dir finds the data where the run did."""
+    import train.mnist
+
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # main's Ctrl-C handler stays out of pytest
+    args = ["--data-dir", os.path.abspath(DATA_DIR), "--dry-run", "--hidden", "8", "--logdir", str(tmp_path)]
+    assert train.mnist.main(args) == 0
+    ckpt = tmp_path / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(SystemExit) as info:
+        train.mnist.main(args)
+    assert info.value.code == 2
+    assert f"--logdir {tmp_path} is not empty; continue that run with --resume {ckpt}" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
+    monkeypatch.chdir(tmp_path)  # no ./data here: the data must come from the checkpoint's --data-dir
+    assert train.mnist.main(["--resume", str(ckpt)]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hidden", "30", "--sizes", "784", "30", "10"], "--hidden and --sizes both give the layer widths"),
+    (["--optimizer", "adam", "--momentum", "0.9"], "--momentum is SGD's; --optimizer adam has none, got --momentum 0.9"),
+    (["--recipe", "nielsen", "--momentum", "-1"], "--momentum must be a finite number >= 0, got -1.0"),
+    (["--target-range", "1", "0"], "--target-range LOW HIGH must be finite with LOW < HIGH, got 1.0 0.0"),
+    (["--lr", "1e39"], "--lr must be a positive, finite float32 number, got 1e+39"),
+    (["--lr", "0"], "--lr must be a positive, finite float32 number, got 0.0"),
+    (["--log-every", "100", "--delta-hist-every", "150"],
+     "--delta-hist-every must be 0 or a multiple of --log-every (100), got 150"),
+    (["--resume", "x.pt", "--epochs", "20", "--lr", "1"],
+     "--resume continues a run with the hyperparameters in its checkpoint; --epochs, --lr cannot change them"),
+])
+def test_contradicting_or_impossible_flags_are_refused_by_name(argv, message, capsys):
+    """Each would otherwise be ignored or break the run later (a traceback in the first step, or histograms
+    at the least common multiple of the two intervals): argparse's exit 2 with the flag and the value."""
+    import train.mnist
+
+    with pytest.raises(SystemExit) as info:
+        train.mnist.resolve_args(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 class Payload:
@@ -290,6 +335,9 @@ def test_two_process_ddp_matches_the_single_process_run(tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-3, rtol=0)
     single_metrics = json.loads((tmp_path / "single" / "metrics.json").read_text())
     assert ddp_metrics["test_accuracy"] == pytest.approx(single_metrics["test_accuracy"], abs=0.005)
+    # The train loss is the whole global batch's (the ranks' shard costs all-reduced), not rank 0's shard's.
+    for d, s in zip(ddp_metrics["history"], single_metrics["history"]):
+        assert d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-4)
     assert [p.name for p in (tmp_path / "ddp").iterdir()].count("checkpoint.pt") == 1
     # The "δ norm by layer" chart layout is written once per run, as by one process (not per log step).
     for name in ("ddp", "single"):

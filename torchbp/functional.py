@@ -962,6 +962,11 @@ def _check_sgd(
             f"{fn}(): autocast is enabled for {input.device.type}; the step updates the parameters in their "
             "own dtype, so run it outside autocast (or use mlp_cost(...).backward() with an optimizer)"
         )
+    dtype = params[0].dtype
+    if not lr <= torch.finfo(dtype).max:
+        # lr scales every update as the alpha of an addmm_, a number of the parameters' dtype
+        raise ValueError(f"{fn}(): lr must be finite and at most {torch.finfo(dtype).max:.4g} (the largest "
+                         f"{dtype}, the parameters' dtype), got {lr!r}")
     trains = [p is not None and p.requires_grad for p in params]
     if not any(trains):
         # As mlp_cost(...).backward() would: a cost that depends on nothing trainable has no gradient.

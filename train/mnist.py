@@ -53,7 +53,12 @@ of network (sigmoid on every layer, output included, quadratic cost):
 Determinism: the same seed on the same machine, with the same ``--threads``,
 gives the same weights and metrics (all randomness comes from the seeded CPU
 RNG and the batch generator). A run killed after epoch k and resumed with
-``--resume`` ends with the same weights, bit for bit, as the uninterrupted run.
+``--resume`` ends with the same weights and metrics, bit for bit, as the
+uninterrupted run (the losses add up in float32 on the device, and the
+checkpoint keeps the partial sums as they were). ``--resume`` takes every
+hyperparameter from the checkpoint (a flag that would change one is refused),
+the data from the run's ``--data-dir`` unless given again; a new run refuses a
+``--logdir`` that already holds files.
 
 Host syncs: a step never reads a value back from the device. The loss is
 accumulated as a device tensor and read at log steps and at the end of an
@@ -70,7 +75,8 @@ More than one process: ``torchrun --nproc_per_node=2 -m train.mnist ...`` trains
 with DistributedDataParallel (gloo on CPU, nccl on CUDA). Every rank draws the
 same permutation and takes its slice of each global batch of ``--batch-size``;
 DDP averages the gradients, which for a mean-reduced cost is the gradient of
-the whole batch's cost. Rank 0 alone evaluates, logs and checkpoints. δ
+the whole batch's cost; the logged train loss is likewise the ranks' mean (one
+all-reduce per log step and per epoch). Rank 0 alone evaluates, logs and checkpoints. δ
 statistics: each rank's DeltaMonitor sees only its shard, so under DDP the
 ``delta/norm`` scalars are the whole global batch's ‖Σ_n δ_n^l‖ read from the
 all-reduced bias gradient (∇_{b^l} C = Σ_n δ_n^l exactly) at the log step itself;
@@ -113,6 +119,7 @@ RECIPES: dict[str, dict] = {
     ),
 }
 EXIT_DATA, EXIT_INTERRUPTED, EXIT_DIVERGED = 2, 130, 1
+DATA_DIR = "./data"  # --data-dir's default
 Step = Callable[[Tensor, Tensor], Tensor]  # one optimisation step on a batch (x, y); returns its cost
 
 
@@ -150,16 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch's ops (torch.set_num_threads); at mini-batch 10 one thread is "
                         "fastest, the matmuls being too small to share (default: torch's choice)")
-    p.add_argument("--logdir", help="run folder (default: runs/<recipe>-<timestamp>)")
+    p.add_argument("--logdir", help="run folder, new or empty (default: runs/<recipe>-<timestamp>)")
     p.add_argument("--log-every", type=int, default=100, help="steps between loss/δ logs (default: 100)")
     p.add_argument("--delta-hist-every", type=int, default=0,
                    help="steps between δ histograms, 0 for none (default: 0)")
-    p.add_argument("--no-monitor", action="store_true", help="do not record δ statistics (default: False)")
+    p.add_argument("--no-monitor", action="store_true",
+                   help="do not record δ statistics nor the weight-gradient norms logged with them (default: False)")
     p.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint.pt in its folder, with its hyperparameters; "
-                   "--data-dir, --download, --device, --threads and --compile come from this command (default: None)")
+                   "--data-dir, --download, --device, --threads and --compile may be given (default: None)")
     p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N of the 50,000 images (default: all)")
     p.add_argument("--dry-run", action="store_true", help="one training batch and a one-batch evaluation (default: False)")
-    p.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
+    p.add_argument("--data-dir", help=f"folder holding MNIST/raw/ (default: {DATA_DIR}; with --resume, the run's)")
     p.add_argument("--download", action="store_true", help="download MNIST into --data-dir if missing (default: False)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (forward, cost, backward and optimizer step; the hand-written "
@@ -168,10 +176,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# With --resume the run's hyperparameters come from its checkpoint; these say where and how it runs now.
+RESUME_FLAGS = ("resume", "data_dir", "download", "device", "threads", "compile")
+
+
 def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line and fill every unset field from the recipe."""
+    """Parse the command line, fill every unset field from the recipe, refuse contradictions."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.resume:
+        given = [a.option_strings[0] for a in parser._actions
+                 if a.dest not in (*RESUME_FLAGS, "help") and getattr(args, a.dest) != a.default]
+        if given:
+            parser.error(f"--resume continues a run with the hyperparameters in its checkpoint; {', '.join(given)} "
+                         "cannot change them (with --resume only --data-dir, --download, --device, --threads and "
+                         "--compile apply)")
+        return args  # resume_args fills in the rest from the checkpoint
+    if args.data_dir is None:
+        args.data_dir = DATA_DIR
+    if args.hidden is not None and args.sizes is not None:
+        parser.error(f"--hidden and --sizes both give the layer widths; pass one, got --hidden {args.hidden} "
+                     f"and --sizes {args.sizes}")
     for field, value in RECIPES[args.recipe].items():
         if getattr(args, field) is None:
             setattr(args, field, value)
@@ -187,10 +212,21 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--limit-train must be in 1..50000, got {args.limit_train}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
-    if args.delta_hist_every < 0:
-        parser.error(f"--delta-hist-every must be at least 0, got {args.delta_hist_every}")
-    if not math.isfinite(args.lr) or args.lr <= 0:
-        parser.error(f"--lr must be a positive number, got {args.lr}")
+    if args.delta_hist_every < 0 or args.delta_hist_every % args.log_every:
+        # histograms are taken from the log steps' δ, the only steps the monitor sees
+        parser.error(f"--delta-hist-every must be 0 or a multiple of --log-every ({args.log_every}), "
+                     f"got {args.delta_hist_every}")
+    # the weights are float32: a larger η cannot even be multiplied into an update
+    if not 0 < args.lr <= torch.finfo(torch.float32).max:
+        parser.error(f"--lr must be a positive, finite float32 number, got {args.lr}")
+    if not 0 <= args.momentum < math.inf:
+        parser.error(f"--momentum must be a finite number >= 0, got {args.momentum}")
+    if args.momentum and args.optimizer != "sgd":
+        parser.error(f"--momentum is SGD's; --optimizer {args.optimizer} has none, got --momentum {args.momentum}")
+    low, high = args.target_range
+    if not -math.inf < low < high < math.inf:
+        # the predicted digit is the largest output: the target of the true class must be the larger
+        parser.error(f"--target-range LOW HIGH must be finite with LOW < HIGH, got {low} {high}")
     return args
 
 
@@ -365,6 +401,27 @@ def make_steps(args: argparse.Namespace, model: torchbp.MLP, step_module: nn.Mod
     return train_step, fast_step, hand_steps if by_hand else None
 
 
+def run_folder(args: argparse.Namespace) -> str:
+    """The run folder: ``--logdir``, new or empty unless resumed, else a new runs/<recipe>-<timestamp>."""
+    if args.resume:
+        return args.logdir  # the checkpoint's folder
+    if args.logdir is None:
+        base = os.path.join("runs", f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+        path, k = base, 1
+        while os.path.exists(path):  # another run started in the same second
+            k += 1
+            path = f"{base}-{k}"
+        return path
+    if os.path.exists(args.logdir) and not os.path.isdir(args.logdir):
+        fail(f"--logdir {args.logdir} is a file, not a folder", EXIT_DATA)
+    if os.path.isdir(args.logdir) and os.listdir(args.logdir):
+        # Another run's checkpoint.pt would be overwritten and its TensorBoard events mixed with this one's.
+        ckpt = os.path.join(args.logdir, "checkpoint.pt")
+        hint = f"continue that run with --resume {ckpt}, or " if os.path.exists(ckpt) else ""
+        fail(f"--logdir {args.logdir} is not empty; {hint}give a new or empty folder", EXIT_DATA)
+    return args.logdir
+
+
 def open_writer(logdir: str, purge_step: int | None) -> SummaryWriter:
     """The run folder's SummaryWriter (rank 0 only)."""
     from torch.utils.tensorboard import SummaryWriter
@@ -427,7 +484,11 @@ class Progress:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken, over all epochs
     batch_in_epoch: int = 0  # steps taken in the current epoch (a mid-epoch checkpoint resumes after them)
-    epoch_loss_sum: float = 0.0  # the summed loss of those steps
+    # The float32 sums of the losses of the current epoch's steps and of the steps since the last log
+    # step, as the device added them (a resumed run goes on adding to the same float32 number).
+    epoch_loss_sum: Tensor = dataclasses.field(default_factory=lambda: torch.zeros(()))
+    loss_since_log: Tensor = dataclasses.field(default_factory=lambda: torch.zeros(()))
+    steps_since_log: int = 0
     epoch_generator_state: Tensor | None = None  # the batch generator's state the current epoch's permutation comes from
     train_seconds: float = 0.0
     history: list[dict] = dataclasses.field(default_factory=list)  # one dict per epoch: losses, accuracies, train_seconds
@@ -444,7 +505,9 @@ def resume_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | No
         fail(str(e), EXIT_DATA)
     # The run's hyperparameters come from the checkpoint; where things are comes from this command.
     resumed = argparse.Namespace(**state["args"])
-    resumed.resume, resumed.data_dir, resumed.download = args.resume, args.data_dir, args.download
+    resumed.resume, resumed.download = args.resume, args.download
+    if args.data_dir is not None:  # else the data of the run itself
+        resumed.data_dir = args.data_dir
     resumed.device, resumed.threads, resumed.compile = args.device, args.threads, args.compile
     resumed.logdir = os.path.dirname(os.path.abspath(args.resume))
     return resumed, state
@@ -457,7 +520,9 @@ def restore(state: dict, model: torchbp.MLP, optimizer: torch.optim.Optimizer,
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    progress = Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
+    progress = Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress) if f.name in state})
+    # (a float in checkpoints written before the loss sums were kept in float32)
+    progress.epoch_loss_sum = torch.as_tensor(progress.epoch_loss_sum, dtype=torch.float32)
     torch.set_rng_state(state["torch_rng_state"])
     if state.get("cuda_rng_state") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng_state"], device)
@@ -473,7 +538,8 @@ def save_checkpoint(run: Run, progress: Progress) -> None:
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
         "epoch": progress.epoch, "step": progress.step, "batch_in_epoch": progress.batch_in_epoch,
-        "epoch_loss_sum": progress.epoch_loss_sum,
+        "epoch_loss_sum": progress.epoch_loss_sum, "loss_since_log": progress.loss_since_log,
+        "steps_since_log": progress.steps_since_log,
         "epoch_generator_state": progress.epoch_generator_state,
         "torch_rng_state": torch.get_rng_state(),
         "cuda_rng_state": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
@@ -499,10 +565,20 @@ def agree_to_stop(run: Run) -> bool:
     return bool(flag.item())
 
 
+def mean_over_ranks(run: Run, total: Tensor) -> Tensor:
+    """Summed costs of the global batches: under DDP each rank's cost is its shard's mean, and with
+    equal shards the global batch's cost is the mean over the ranks (one all-reduce)."""
+    if run.world_size == 1:
+        return total
+    total = total.clone()
+    torch.distributed.all_reduce(total)
+    return total / run.world_size
+
+
 def log_step(run: Run, progress: Progress, monitor: torchbp.DeltaMonitor | None,
              loss_since_log: Tensor, n: int) -> float:
     """The mean loss of the last ``n`` steps (exit 1 if not finite); rank 0 logs it, the lr and δ statistics."""
-    loss = (loss_since_log / n).item()
+    loss = (mean_over_ranks(run, loss_since_log) / n).item()
     if not math.isfinite(loss):
         diverged(run, f"the training loss is {loss} at step {progress.step} (epoch {progress.epoch + 1})")
     writer, step, model = run.writer, progress.step, run.model
@@ -546,8 +622,9 @@ def train(run: Run, progress: Progress, batches: Batches, generator: torch.Gener
         bar = tqdm(total=run.steps_per_epoch, initial=progress.batch_in_epoch,
                    desc=f"epoch {progress.epoch + 1}/{run.epochs}", leave=False, dynamic_ncols=True)
     # Host syncs only at log steps and the epoch end: the losses add up on the device.
-    epoch_loss = torch.zeros((), device=run.device)
-    loss_since_log, n_since_log = torch.zeros((), device=run.device), 0
+    epoch_loss = progress.epoch_loss_sum.to(run.device, copy=True)
+    loss_since_log = progress.loss_since_log.to(run.device, copy=True)
+    n_since_log = progress.steps_since_log
     stopped = False
     t0 = time.perf_counter()
     while progress.batch_in_epoch < run.steps_per_epoch:
@@ -594,17 +671,20 @@ def train(run: Run, progress: Progress, batches: Batches, generator: torch.Gener
     progress.train_seconds += time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    loss_sum = progress.epoch_loss_sum + epoch_loss.item()
+    # (the epoch's and the since-log sums: a checkpoint keeps what the whole global batches cost)
+    epoch_loss, loss_since_log = mean_over_ranks(run, torch.stack([epoch_loss, loss_since_log]))
+    loss_sum = epoch_loss.item()
     if not math.isfinite(loss_sum):
         diverged(run, f"the training loss is {loss_sum} in epoch {progress.epoch + 1}")
     if not stopped and run.world_size > 1:
         stopped = agree_to_stop(run)  # a Ctrl-C since the last log step stops the run at this epoch's end
+    progress.loss_since_log, progress.steps_since_log = loss_since_log.cpu(), n_since_log
     if stopped and progress.batch_in_epoch < run.steps_per_epoch:
-        progress.epoch_loss_sum = loss_sum
+        progress.epoch_loss_sum = epoch_loss.cpu()
         return None, True
     train_loss = loss_sum / progress.batch_in_epoch
     progress.epoch += 1
-    progress.batch_in_epoch, progress.epoch_loss_sum = 0, 0.0
+    progress.batch_in_epoch, progress.epoch_loss_sum = 0, torch.zeros(())
     progress.epoch_generator_state = next_generator_state
     return train_loss, stopped
 
@@ -699,13 +779,12 @@ def main(argv: list[str] | None = None) -> int:
     args = resolve_args(argv)
     stop = Stop()
     args, state = resume_args(args)
+    args.logdir = run_folder(args)  # before any rank creates it, so that every rank sees the same
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rank, world_size, device = init_distributed(args.device)
     if args.batch_size % world_size:
         fail(f"--batch-size ({args.batch_size}) must be divisible by the number of processes ({world_size})", EXIT_DATA)
-    if args.logdir is None:
-        args.logdir = os.path.join("runs", f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
 
     data, batches, val, test = load_data(args, device, rank, world_size)
     steps_per_epoch = 1 if args.dry_run else len(batches)
