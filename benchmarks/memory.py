@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from benchmarks.step import KINDS, data, make_step, ratio
+from benchmarks.step import KINDS, check_json_path, data, make_step, ratio
 
 VARIANTS = [*KINDS, "sgd_step"]
 
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise SystemExit(f"--variants: unknown {v!r}; known: {VARIANTS}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
+    check_json_path(args.json)
     results = []
     for v in variants:  # each in a fresh process: nothing one variant cached counts against another
         command = [sys.executable, "-m", "benchmarks.memory", "--device", args.device, "--sizes", args.sizes,

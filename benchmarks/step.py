@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -267,6 +268,13 @@ def epoch_table(results: dict, baseline: str) -> str:
     return "\n".join(lines)
 
 
+def check_json_path(path: str | None) -> None:
+    """``--json PATH`` must be writable where it is asked, before minutes of timing, not after."""
+    folder = os.path.dirname(os.path.abspath(path)) if path else None
+    if folder is not None and not os.path.isdir(folder):
+        raise SystemExit(f"--json: the folder {folder} of {path} does not exist")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -289,6 +297,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    # Everything checked before anything is timed: a typo must not cost a whole run.
+    for flag, value, least in (("--repeats", args.repeats, 1), ("--threads", args.threads, 1),
+                               ("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
+        if value is not None and value < least:
+            raise SystemExit(f"{flag} must be >= {least}, got {value}")
+    check_json_path(args.json)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
@@ -301,7 +315,6 @@ def main(argv: list[str] | None = None) -> dict:
     epoch_variants = (args.epoch_variants.split(",") if args.epoch_variants
                       else variants if args.variants else variants + epoch_only)
     models = [m for m in args.models.split(",") if m]  # --models "" times the epoch only
-    # Both lists checked before anything is timed: a typo must not cost a whole run.
     for flag, names, allowed in (("--variants", variants, known + named_only),
                                  ("--epoch-variants", epoch_variants if args.epoch else [], known + named_only + epoch_only)):
         for v in names:
@@ -310,8 +323,6 @@ def main(argv: list[str] | None = None) -> dict:
     for m in models:
         if m not in MODELS:
             raise SystemExit(f"--models: unknown {m!r}; known: {list(MODELS)}")
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     sgd = {} if args.sgd == "default" else {args.sgd: True}
     baseline = variants[0] if "nn" not in variants else "nn"
 

@@ -8,6 +8,7 @@ every figure, and the memory walk sees the buffers the notes' backward needs.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -35,6 +36,24 @@ def test_step_benchmark_refuses_an_epoch_only_variant_per_step():
     """sgd_epoch trains on a block of mini-batches: the epoch table takes it, the per-step table refuses it."""
     with pytest.raises(SystemExit, match="--variants: unknown 'sgd_epoch' for cpu"):
         step.main(["--models", "784-30-10@10", "--variants", "nn,sgd_epoch"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--json", "/nonexistent-folder/bench.json"], "--json: the folder /nonexistent-folder of /nonexistent-folder/bench.json does not exist"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+])
+def test_step_benchmark_refuses_bad_flags_before_timing_anything(argv, message, monkeypatch):
+    """A run is minutes long: a --json it cannot write, or a count torch would refuse, stops it before the first timing."""
+    monkeypatch.setattr(step, "bench_model", lambda *a: pytest.fail("timed before checking the flags"))
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        step.main(["--models", "784-30-10@10", "--variants", "nn", *argv])
+
+
+def test_memory_benchmark_checks_its_json_path_before_measuring(monkeypatch):
+    monkeypatch.setattr(memory.subprocess, "run", lambda *a, **k: pytest.fail("measured before checking --json"))
+    with pytest.raises(SystemExit, match="--json: the folder /nonexistent-folder of"):
+        memory.main(["--json", "/nonexistent-folder/m.json"])
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
