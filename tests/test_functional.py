@@ -409,8 +409,8 @@ BAD_INPUTS = {
     "linear bias dtype": (lambda: F.linear(_t(5, 3), w32, _t(2, dtype=torch.float16)), TypeError,
                           "linear(): bias must have the same dtype as input (torch.float32), got torch.float16"),
     # sigmoid
-    "sigmoid integer": (lambda: F.sigmoid(_t(3, dtype=torch.int64)), TypeError,
-                        "sigmoid(): z must have a floating-point dtype, got torch.int64"),
+    "sigmoid complex": (lambda: F.sigmoid(_t(3, dtype=torch.complex64)), TypeError,
+                        "sigmoid(): z must have a floating-point dtype, got torch.complex64"),
     "sigmoid not a tensor": (lambda: F.sigmoid(0.5), TypeError, "sigmoid(): z must be a torch.Tensor, got float"),
     # costs
     "quadratic shapes": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 2)), ValueError,

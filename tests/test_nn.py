@@ -62,6 +62,21 @@ def test_sigmoid_matches_nn_sigmoid(device):
     close(torch.autograd.grad(a, z, g)[0], torch.autograd.grad(a_ref, z, g)[0])
 
 
+@pytest.mark.parametrize("default", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_sigmoid_promotes_integers_as_nn_sigmoid_does(dtype, default):
+    """An integer or bool z becomes the default float dtype, as in nn.Sigmoid: same dtype, values to 1e-6."""
+    z = torch.arange(-3, 4).to(dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        a, a_ref = torchbp.Sigmoid()(z), nn.Sigmoid()(z)
+    finally:
+        torch.set_default_dtype(previous)
+    assert a.dtype == a_ref.dtype == default
+    torch.testing.assert_close(a, a_ref, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("cost", ["quadratic", "cross_entropy"])
 def test_cost_modules_match_formula(cost, reduction):

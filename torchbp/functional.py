@@ -373,8 +373,11 @@ def sigmoid(z: Tensor) -> Tensor:
     r"""``φ(z) = 1 / (1 + e^{-z})`` elementwise through :class:`SigmoidFunction`.
 
     Shape:
-        - z: ``(*)``; output: ``(*)``, same shape.
+        - z: ``(*)``; output: ``(*)``, same shape. An integer or bool ``z`` is
+          promoted to the default float dtype first, as ``torch.sigmoid`` does.
     """
+    if isinstance(z, Tensor) and not z.is_floating_point() and not z.is_complex():
+        z = z.to(torch.get_default_dtype())  # (no gradient flows to an integer tensor anyway)
     _check_tensor("sigmoid", "z", z)
     return _pick(SigmoidFunction, _SigmoidClassic, _Sigmoid).apply(z)
 
