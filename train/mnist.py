@@ -572,7 +572,7 @@ def mean_over_ranks(run: Run, total: Tensor) -> Tensor:
         return total
     total = total.clone()
     torch.distributed.all_reduce(total)
-    return total / run.world_size
+    return total / torch.distributed.get_world_size()  # the number of costs summed
 
 
 def log_step(run: Run, progress: Progress, monitor: torchbp.DeltaMonitor | None,
