@@ -6,12 +6,15 @@ import os
 import struct
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from train.data import Batches, DataError, Split, load_mnist, one_hot
+from train import data as data_module
+from train.data import Batches, DataError, Split, load_mnist, load_test, one_hot
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get("TORCHBP_DATA_DIR")
@@ -60,6 +63,16 @@ def test_standard_normalization_has_zero_mean_unit_std_on_the_training_images():
     # and it is invertible back to the [0, 1] pixels (used for the misclassified-digit images)
     unit = load_mnist(DATA_DIR)
     torch.testing.assert_close(data.test.x * data.std + data.mean, unit.test.x, atol=1e-5, rtol=0)
+
+
+@needs_data
+@pytest.mark.parametrize("normalization", ["unit", "standard"])
+def test_load_test_gives_exactly_load_mnists_test_split_and_statistics(normalization):
+    """Oracle: load_mnist, which builds every split; the test images, labels, mean and std are bit for bit the same."""
+    full = load_mnist(DATA_DIR, normalization=normalization)
+    test, mean, std = load_test(DATA_DIR, normalization=normalization)
+    assert torch.equal(test.x, full.test.x) and torch.equal(test.y, full.test.y)
+    assert (mean, std) == (full.mean, full.std)
 
 
 # ------------------------------------------------------------------ batches
@@ -179,6 +192,28 @@ def test_bad_files_raise_data_error_naming_the_folder(tmp_path, damage, says):
     assert says in message and str(raw) in message and "--download" in message
 
 
+def test_load_test_reads_the_training_files_only_for_the_standard_statistics(tmp_path):
+    """Truncated training images: "unit" needs only the test files, "standard" needs the training pixels' mean/std."""
+    raw = _write_mnist(tmp_path)
+    _truncate(raw)
+    test, mean, std = load_test(str(tmp_path))
+    assert len(test) == 10_000 and (mean, std) == (0.0, 1.0) and test.y[:3].tolist() == [0, 1, 2]
+    with pytest.raises(DataError, match="training files .* corrupt or truncated"):
+        load_test(str(tmp_path), normalization="standard")
+    with pytest.raises(DataError, match="training files .* corrupt or truncated"):
+        load_mnist(str(tmp_path))
+
+
+def test_a_script_without_download_gets_its_own_hint(tmp_path):
+    """hint="" (train.evaluate has no --download): the message advises only what that script can do."""
+    _missing(_write_mnist(tmp_path))
+    with pytest.raises(DataError) as info:
+        load_test(str(tmp_path), hint="")
+    message = str(info.value)
+    assert "t10k-labels-idx1-ubyte" in message and "--download" not in message
+    assert message.endswith("in DIR/MNIST/raw/ and pass --data-dir DIR.")
+
+
 def test_wrong_image_count_is_refused(tmp_path):
     """A well-formed IDX file with 100 training images is not MNIST."""
     _write_mnist(tmp_path, n_train=100)
@@ -197,3 +232,101 @@ def test_cli_exits_2_with_one_message_and_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.count("error:") == 1 and str(tmp_path / "MNIST" / "raw") in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ download, offline
+
+
+def go_offline(monkeypatch) -> list[str]:
+    """Every URL torchvision opens fails as it does without a network; returns the URLs tried."""
+    tried = []
+
+    def urlopen(request, *args, **kwargs):
+        tried.append(request.full_url if isinstance(request, urllib.request.Request) else request)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return tried
+
+
+def assert_download_failure(message: str, raw: Path) -> None:
+    """torchvision's own message (which file, which mirror, why), and what to do: no 'corrupt', no '--download'."""
+    assert "MNIST download into" in message and "failed" in message and str(raw) in message
+    assert "Error downloading train-images-idx3-ubyte.gz" in message
+    assert "https://ossci-datasets.s3.amazonaws.com/mnist/" in message and "name resolution" in message
+    assert "Check the internet connection, or put the four IDX files" in message and "yourself" in message
+    assert "corrupt" not in message and "--download" not in message
+
+
+def test_a_failed_download_says_so_and_removes_only_the_folders_it_created_empty(tmp_path, monkeypatch):
+    tried = go_offline(monkeypatch)
+    root = tmp_path / "new" / "data"  # neither exists: the attempt creates new/, data/, MNIST/ and raw/
+    with pytest.raises(DataError) as info:
+        load_mnist(str(root), download=True)
+    assert tried, "the download went through torchvision's urlopen"
+    assert_download_failure(str(info.value), root / "MNIST" / "raw")
+    assert list(tmp_path.iterdir()) == []
+
+    # MNIST/ was there before (and stays); raw/ was not (and goes)
+    (tmp_path / "MNIST").mkdir()
+    with pytest.raises(DataError):
+        load_mnist(str(tmp_path), download=True)
+    assert [p.name for p in tmp_path.rglob("*")] == ["MNIST"]
+
+    # a folder holding a file stays as it is
+    (tmp_path / "MNIST" / "raw").mkdir()
+    (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"")
+    with pytest.raises(DataError):
+        load_mnist(str(tmp_path), download=True)
+    assert [p.name for p in (tmp_path / "MNIST" / "raw").iterdir()] == ["train-images-idx3-ubyte"]
+
+
+def test_train_mnist_download_offline_exits_2_reporting_the_download(tmp_path, monkeypatch, capsys):
+    import train.mnist
+
+    go_offline(monkeypatch)
+    with pytest.raises(SystemExit) as info:
+        train.mnist.main(["--data-dir", str(tmp_path / "data"), "--download", "--logdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("train.mnist: error: ") and err.count("\n") == 1
+    assert_download_failure(err, tmp_path / "data" / "MNIST" / "raw")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ python -m train.data
+
+
+def test_data_cli_without_the_files_exits_2_with_one_message(tmp_path, capsys):
+    missing = tmp_path / "nonexistent"
+    assert data_module.main(["--data-dir", str(missing), "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.data: error: MNIST files not found") and err.count("\n") == 1
+    assert str(missing / "MNIST" / "raw") in err and "--download" in err and not missing.exists()
+
+
+def test_data_cli_download_offline_exits_2_reporting_the_download(tmp_path, monkeypatch, capsys):
+    go_offline(monkeypatch)
+    assert data_module.main(["--data-dir", str(tmp_path / "data"), "--download"]) == 2
+    assert_download_failure(capsys.readouterr().err, tmp_path / "data" / "MNIST" / "raw")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_cli_help_names_the_module_and_gives_each_default_once(capsys):
+    with pytest.raises(SystemExit) as info:
+        data_module.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
+    assert info.value.code == 0 and out.startswith("usage: python -m train.data ")
+    for default in ("(default: ./data)", "(default: 128)", "(default: 3)", "(default: off)"):
+        assert out.count(default) == 1, (default, out)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--batch-size", "0"], "argument --batch-size: must be in 1..50000, got 0"),
+    (["--batch-size", "50001"], "argument --batch-size: must be in 1..50000, got 50001"),
+    (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    (["--repeats", "two"], "argument --repeats: must be an integer >= 1, got 'two'"),
+])
+def test_data_cli_refuses_bad_numbers_by_name(argv, says, capsys):
+    with pytest.raises(SystemExit) as info:
+        data_module.main(argv)
+    assert info.value.code == 2 and says in capsys.readouterr().err

@@ -13,6 +13,7 @@ from torch import nn
 from train import vanishing
 
 from oracles import nn_sequential
+from test_data import assert_download_failure, go_offline
 
 
 def oracle_bias_grad_norms(sizes, images, targets, seed, init):
@@ -52,7 +53,67 @@ def test_summary_and_table():
     assert summary["784-30-30-10"] == {"mean": [2.0, 6.0], "std": [math.sqrt(2), math.sqrt(8)], "min": [1.0, 4.0], "max": [3.0, 8.0]}
     table = vanishing.markdown_table(summary, seeds=2)
     assert "| [784, 30, 30, 10] | 2 ± 1.4, 6 ± 2.8 |" in table
-    assert "0.07, 0.31" in table
+    assert "book" not in table and "0.07" not in table
+    assert "| 0.333 | 0.07, 0.31 |" in vanishing.markdown_table(summary, seeds=2, book=True)
+
+
+@pytest.fixture
+def synthetic_mnist(monkeypatch):
+    """Random 'images' in [0, 1] stand in for MNIST, so main() runs in a second: (samples, 784), one-hot (samples, 10)."""
+    def load_mnist(data_dir, download, samples):
+        gen = torch.Generator().manual_seed(0)
+        images = torch.rand(samples, 784, generator=gen, dtype=torch.float64)
+        return images, nn.functional.one_hot(torch.randint(0, 10, (samples,), generator=gen), 10).to(torch.float64)
+
+    monkeypatch.setattr(vanishing, "load_mnist", load_mnist)
+
+
+@pytest.mark.parametrize("flags, book", [
+    ([], False),
+    (["--cost", "cross-entropy"], False),
+    (["--cost", "cross-entropy", "--init", "gaussian-scaled", "--samples", "20"], False),
+    (["--cost", "cross-entropy", "--init", "gaussian-scaled"], True),
+])
+def test_the_books_figures_appear_only_beside_a_run_in_the_books_setting(flags, book, synthetic_mnist, tmp_path, capsys):
+    """The book's setting (ch. 5): cross-entropy cost, N(0, 1/n_in) weights, the first 1000 training images."""
+    argv = ["--seeds", "1", "--logdir", os.fspath(tmp_path / "run")] + (flags if "--samples" in flags else flags + ["--samples", "1000"])
+    assert vanishing.main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("book (ch. 5)" in out) == book and ("0.003, 0.017, 0.07, 0.285" in out) == book
+    assert ("hold for --cost cross-entropy --init gaussian-scaled --samples 1000; this run's settings differ" in out) != book
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--samples", "70000"], "argument --samples: must be in 1..60000, got 70000"),
+    (["--samples", "0"], "argument --samples: must be in 1..60000, got 0"),
+    (["--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
+    (["--seeds", "1.5"], "argument --seeds: must be an integer >= 1, got '1.5'"),
+    (["--json", "/nonexistent/dir/x.json"], "argument --json: must be in an existing folder, got /nonexistent/dir/x.json"),
+])
+def test_bad_flags_fail_before_the_run_naming_flag_range_and_value(argv, says, capsys, monkeypatch):
+    monkeypatch.setattr(vanishing, "load_mnist", lambda *a: pytest.fail("the data was loaded before the flags were checked"))
+    with pytest.raises(SystemExit) as info:
+        vanishing.main(argv)
+    assert info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_json_and_logdir_must_be_a_file_and_a_folder(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    for argv, says in ((["--json", os.fspath(tmp_path)], f"argument --json: must be a file to write, got the folder {tmp_path}"),
+                       (["--logdir", os.fspath(tmp_path / "taken")], "argument --logdir: must be a folder, got the file")):
+        with pytest.raises(SystemExit) as info:
+            vanishing.main(argv)
+        assert info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_download_offline_reports_the_download_and_leaves_no_empty_folder(tmp_path, monkeypatch, capsys):
+    """It was run with --download: the advice is the network or the files by hand, not --download again."""
+    go_offline(monkeypatch)
+    assert vanishing.main(["--data-dir", os.fspath(tmp_path / "data"), "--download", "--seeds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.vanishing: error: ") and err.count("\n") == 1
+    assert_download_failure(err, tmp_path / "data" / "MNIST" / "raw")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_mnist_exits_2_with_one_message(tmp_path, capsys):

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import secrets
 
 import torch
+
+# What torch.save writes: a zip archive (since torch 1.6), or a bare pickle (the legacy format, protocol >= 2).
+TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
 
 
 class CheckpointError(Exception):
@@ -26,9 +29,11 @@ def save(state: dict, path: str) -> None:
     rename itself survives a power cut.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=folder)
+    # open(..., "xb") rather than mkstemp: the file gets the permissions a plain open() gives
+    # (0o666 less the umask), where mkstemp's 0o600 would hide checkpoints from the user's group.
+    tmp = os.path.join(folder, f".checkpoint-{secrets.token_hex(8)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
@@ -46,19 +51,35 @@ def save(state: dict, path: str) -> None:
 
 def load(path: str, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint with ``weights_only=True``; CheckpointError with a message on any problem."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "checkpoint.pt")
+        hint = f"; did you mean {inside}?" if os.path.isfile(inside) else " (a run folder holds checkpoint.pt)"
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not head.startswith(TORCH_FILE_STARTS):
+        what = "it is empty" if not head else f"it starts with {head!r}"
+        raise CheckpointError(
+            f"{path} is not a checkpoint: train.mnist writes checkpoint.pt with torch.save, and {what}"
+        )
+    try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only refuses globals outside tensors and plain containers: pickled code
+        # A torch.save file that weights_only refuses holds globals beyond tensors and plain containers: pickled code
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain-data checkpoint (weights_only=True rejected it: {first}). "
             "Only load checkpoints you trust; this script never unpickles code."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(state, dict) or not {"model", "args", "epoch"} <= state.keys():
-        raise CheckpointError(f"{path} is not a train.mnist checkpoint (expected a dict with model, args, epoch)")
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is truncated, damaged or not written by torch.save ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(state, dict) or not {"model", "args", "epoch"} <= state.keys() or not isinstance(state["args"], dict):
+        raise CheckpointError(f"{path} is not a train.mnist checkpoint (expected a dict with model, args (a dict), epoch)")
     return state

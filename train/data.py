@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from dataclasses import dataclass
 from collections.abc import Iterator
@@ -33,11 +34,9 @@ FILES = {
 EXPECTED_COUNT = {True: 60_000, False: 10_000}
 NORMALIZATIONS = ("unit", "standard")
 
-HOW_TO_GET = (
-    "Get the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-    "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte) into DIR/MNIST/raw/ and pass --data-dir DIR, "
-    "or run once with --download where the internet is reachable."
-)
+FILE_LIST = ", ".join(FILES[True] + FILES[False])
+# How else to get the files, for a script with a --download flag; a script without one passes its own.
+DOWNLOAD_HINT = "or run once with --download where the internet is reachable"
 
 
 class DataError(Exception):
@@ -65,69 +64,139 @@ class MNIST:
     std: float
 
 
-def _read(root: str, train: bool, download: bool):
+def _raw(root: str) -> str:
+    return os.path.join(root, "MNIST", "raw")
+
+
+def _missing(raw: str) -> list[str]:
+    return [f for f in FILES[True] + FILES[False] if not os.path.isfile(os.path.join(raw, f))]
+
+
+def _folders_to_create(path: str) -> list[str]:
+    """``path`` and those of its parents that do not exist yet, deepest first: what ``os.makedirs`` would make."""
+    path, absent = os.path.abspath(path), []
+    while not os.path.exists(path):
+        absent.append(path)
+        path = os.path.dirname(path)
+    return absent
+
+
+def _fetch(root: str) -> None:
+    """Download the four files into root/MNIST/raw/ through torchvision unless they are all there; DataError if that fails.
+
+    A failed attempt removes the folders it created and left empty, so that the
+    next run reports missing files rather than finding an empty raw/ folder.
+    """
+    from torchvision import datasets
+
+    raw = _raw(root)
+    if not _missing(raw):
+        return  # torchvision would skip the download too; bad files are reported when read
+    created = _folders_to_create(raw)
+    try:
+        datasets.MNIST(root=root, train=True, download=True)
+    # The network stack fails in many types (URLError, timeouts, http.client errors, torchvision's
+    # RuntimeError naming each mirror); the files still missing afterwards is what marks a failed download.
+    except Exception as e:
+        if not _missing(raw):
+            return  # downloaded, but unreadable: _read says how
+        for folder in created:
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+        cause = " ".join(str(e).split()) or "no message"  # torchvision's message spans lines, one per mirror
+        if isinstance(e, OSError) and e.filename:  # the file system, not the network
+            fix = f"check that {os.path.abspath(root)} is a folder you can write to"
+        else:
+            fix = "check the internet connection"
+        raise DataError(
+            f"MNIST download into {os.path.abspath(raw)} failed ({cause}). "
+            f"{fix.capitalize()}, or put the four IDX files ({FILE_LIST}) in {os.path.abspath(raw)} yourself."
+        ) from None
+
+
+def _read(root: str, train: bool, hint: str):
     """(images uint8 (N, 28, 28), labels int64 (N,)) through torchvision, or DataError."""
     from torchvision import datasets
 
-    raw = os.path.join(root, "MNIST", "raw")
+    raw = _raw(root)
     split = "training" if train else "test"
     try:
-        dataset = datasets.MNIST(root=root, train=train, download=download)
+        dataset = datasets.MNIST(root=root, train=train, download=False)
     except RuntimeError as e:
         if "Dataset not found" not in str(e):
-            raise _corrupt(raw, split, e) from None
-        missing = [f for f in FILES[train] if not os.path.isfile(os.path.join(raw, f))]
+            raise _corrupt(raw, split, e, hint) from None
+        missing = _missing(raw)
         raise DataError(
-            f"MNIST {split} files not found: looked in {os.path.abspath(raw)}, missing "
-            f"{', '.join(missing) or '(unreadable files)'}. {HOW_TO_GET}"
+            f"MNIST files not found: looked in {os.path.abspath(raw)}, missing "
+            f"{', '.join(missing) or '(unreadable files)'}. Put the four IDX files ({FILE_LIST}) "
+            f"in DIR/MNIST/raw/ and pass --data-dir DIR{', ' + hint if hint else ''}."
         ) from None
-    except (AssertionError, KeyError, TypeError, ValueError, IndexError) as e:
+    except (AssertionError, KeyError, TypeError, ValueError, IndexError, OSError) as e:
         # read_image_file / read_label_file: bad magic number (assert, typemap KeyError),
-        # wrong dtype or rank (TypeError/ValueError), header cut short (IndexError/ValueError)
-        raise _corrupt(raw, split, e) from None
-    except OSError as e:
-        if download:
-            raise DataError(f"MNIST download into {os.path.abspath(raw)} failed: {e}. {HOW_TO_GET}") from None
-        raise _corrupt(raw, split, e) from None
+        # wrong dtype or rank (TypeError/ValueError), header cut short (IndexError/ValueError), unreadable (OSError)
+        raise _corrupt(raw, split, e, hint) from None
     images, labels = dataset.data, dataset.targets
     n = EXPECTED_COUNT[train]
     if tuple(images.shape) != (n, *IMAGE_SHAPE) or images.dtype != torch.uint8:
         raise _corrupt(raw, split, f"images have shape {tuple(images.shape)} {images.dtype}, "
-                                   f"expected ({n}, 28, 28) torch.uint8")
+                                   f"expected ({n}, 28, 28) torch.uint8", hint)
     if tuple(labels.shape) != (n,):
-        raise _corrupt(raw, split, f"labels have shape {tuple(labels.shape)}, expected ({n},)")
+        raise _corrupt(raw, split, f"labels have shape {tuple(labels.shape)}, expected ({n},)", hint)
     if labels.min() < 0 or labels.max() >= N_CLASSES:
-        raise _corrupt(raw, split, f"labels span {int(labels.min())}..{int(labels.max())}, expected 0..9")
+        raise _corrupt(raw, split, f"labels span {int(labels.min())}..{int(labels.max())}, expected 0..9", hint)
     return images, labels
 
 
-def _corrupt(raw: str, split: str, why: object) -> DataError:
+def _corrupt(raw: str, split: str, why: object, hint: str) -> DataError:
+    # A download skips files that are there, so fresh copies come only after deleting these.
     return DataError(
         f"MNIST {split} files in {os.path.abspath(raw)} are corrupt or truncated "
         f"({type(why).__name__ + ': ' if isinstance(why, Exception) else ''}{why or 'malformed IDX file'}). "
-        f"{HOW_TO_GET}"
+        f"Delete them, then put fresh copies of the four IDX files ({FILE_LIST}) there{', ' + hint if hint else ''}."
     )
 
 
+def read_mnist(root: str, train: bool, download: bool = False, *, hint: str = DOWNLOAD_HINT) -> tuple[Tensor, Tensor]:
+    """One file pair of ``root/MNIST/raw/``, checked: (images uint8 (N, 28, 28), labels int64 (N,)) on the CPU.
+
+    ``train`` picks the 60,000 training images, else the 10,000 test images;
+    ``download`` fetches missing files first. ``hint`` ends the messages of
+    missing or corrupt files with the script's other way to get them (its
+    ``--download`` flag by default; "" for none). Raises :class:`DataError`.
+    """
+    if download:
+        _fetch(root)
+    return _read(root, train, hint)
+
+
+def _unit(images: Tensor, device: torch.device | str) -> Tensor:
+    """(N, 28, 28) uint8 -> (N, 784) float32 in [0, 1] on the device."""
+    return images.to(device).reshape(len(images), -1).float().div_(255)
+
+
+def _standard_stats(x_train: Tensor) -> tuple[float, float]:
+    """Mean and std over the 50,000 training images' unit pixels ``(N_TRAIN, 784)``, for "standard"."""
+    return x_train.mean().item(), x_train.std().item()
+
+
 def load_mnist(
-    root: str, device: torch.device | str = "cpu", normalization: str = "unit", download: bool = False
+    root: str, device: torch.device | str = "cpu", normalization: str = "unit", download: bool = False,
+    *, hint: str = DOWNLOAD_HINT,
 ) -> MNIST:
     """Load MNIST from ``root`` (holding ``MNIST/raw/``) as device tensors split 50,000/10,000/10,000.
 
     ``normalization`` is ``"unit"`` (pixels in [0, 1], as in Nielsen's book) or
     ``"standard"`` (zero mean, unit variance over the 50,000 training pixels).
-    Raises :class:`DataError` for missing or corrupt files.
+    Raises :class:`DataError` for missing or corrupt files or a failed download
+    (``hint``: see :func:`read_mnist`).
     """
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"load_mnist(): normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    train_images, train_labels = _read(root, True, download)
-    test_images, test_labels = _read(root, False, download)
-    # (N, 28, 28) uint8 -> (N, 784) float32 in [0, 1]
-    to_unit = lambda images: images.to(device).reshape(len(images), -1).float().div_(255)
-    x, x_test = to_unit(train_images), to_unit(test_images)
+    _check_normalization("load_mnist", normalization)
+    train_images, train_labels = read_mnist(root, True, download, hint=hint)
+    test_images, test_labels = read_mnist(root, False, hint=hint)
+    x, x_test = _unit(train_images, device), _unit(test_images, device)
     mean, std = 0.0, 1.0
     if normalization == "standard":
-        mean, std = x[:N_TRAIN].mean().item(), x[:N_TRAIN].std().item()
+        mean, std = _standard_stats(x[:N_TRAIN])
         x, x_test = (x - mean) / std, (x_test - mean) / std
     y, y_test = train_labels.to(device), test_labels.to(device)
     return MNIST(
@@ -137,6 +206,30 @@ def load_mnist(
         mean=mean,
         std=std,
     )
+
+
+def load_test(
+    root: str, device: torch.device | str = "cpu", normalization: str = "unit", download: bool = False,
+    *, hint: str = DOWNLOAD_HINT,
+) -> tuple[Split, float, float]:
+    """(test split, mean, std) exactly as :func:`load_mnist` gives them, without building the other splits.
+
+    "unit" reads only the test files; "standard" also reads the training images,
+    for the statistics the test images are normalised with.
+    """
+    _check_normalization("load_test", normalization)
+    test_images, test_labels = read_mnist(root, False, download, hint=hint)
+    x_test, mean, std = _unit(test_images, device), 0.0, 1.0
+    if normalization == "standard":
+        train_images, _ = read_mnist(root, True, hint=hint)
+        mean, std = _standard_stats(_unit(train_images[:N_TRAIN], device))
+        x_test = (x_test - mean) / std
+    return Split(x_test, test_labels.to(device)), mean, std
+
+
+def _check_normalization(caller: str, normalization: str) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"{caller}(): normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
 
 def one_hot(labels: Tensor, low: float = 0.0, high: float = 1.0) -> Tensor:
@@ -202,15 +295,15 @@ class Batches:
             yield self.span(step)
 
 
-def _benchmark(root: str, batch_size: int, repeats: int) -> None:
+def _benchmark(root: str, batch_size: int, repeats: int, download: bool) -> None:
     """Time one epoch of the 50,000 training images: DataLoader+ToTensor against index batches."""
     from torchvision import datasets, transforms
     from torch.utils.data import DataLoader, Subset
 
+    data = load_mnist(root, download=download)  # first: DataError for missing or bad files
     torch.manual_seed(0)
     dataset = datasets.MNIST(root=root, train=True, transform=transforms.ToTensor())
     loader = DataLoader(Subset(dataset, range(N_TRAIN)), batch_size=batch_size, shuffle=True)
-    data = load_mnist(root)
     generator = torch.Generator().manual_seed(0)
     batches = Batches(data.train, batch_size)
 
@@ -235,13 +328,39 @@ def _benchmark(root: str, batch_size: int, repeats: int) -> None:
     print(f"  speed-up              : {med['dataloader'] / med['tensor']:.0f}x")
 
 
-if __name__ == "__main__":
+def int_in(low: int, high: int | None = None):
+    """An argparse ``type``: an int in low..high (no upper bound for None), else argparse's error naming the flag."""
+    def parse(text: str) -> int:
+        span = f"in {low}..{high}" if high is not None else f">= {low}"
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        return value
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        prog="python -m train.data",
         description="Measure the loader: DataLoader+ToTensor against index batches from a device tensor.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
-    parser.add_argument("--batch-size", type=int, default=128, help="mini-batch size (default: 128)")
-    parser.add_argument("--repeats", type=int, default=3, help="epochs timed per loader (median) (default: 3)")
-    args = parser.parse_args()
-    _benchmark(args.data_dir, args.batch_size, args.repeats)
+    parser.add_argument("--download", action="store_true", help="download MNIST into --data-dir if missing (default: off)")
+    parser.add_argument("--batch-size", type=int_in(1, N_TRAIN), default=128, metavar="N",
+                        help=f"mini-batch size, 1..{N_TRAIN} (default: 128)")
+    parser.add_argument("--repeats", type=int_in(1), default=3, metavar="N",
+                        help="epochs timed per loader (median) (default: 3)")
+    args = parser.parse_args(argv)
+    try:
+        _benchmark(args.data_dir, args.batch_size, args.repeats, args.download)
+    except DataError as e:
+        print(f"train.data: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

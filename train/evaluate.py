@@ -15,7 +15,7 @@ import torch
 
 import torchbp
 from train import checkpoint
-from train.data import N_CLASSES, DataError, load_mnist
+from train.data import N_CLASSES, DataError, load_test
 
 
 def confusion_matrix(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m train.evaluate",
         description="Print the MNIST test accuracy and confusion matrix of a train.mnist checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", help="path to checkpoint.pt")
     parser.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
@@ -46,18 +45,27 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:
         state = checkpoint.load(args.checkpoint, map_location=device)
-        data = load_mnist(args.data_dir, device, state["args"]["normalization"])
+        run_args = state["args"]
+        if not {"sizes", "normalization"} <= run_args.keys():
+            raise checkpoint.CheckpointError(
+                f"{args.checkpoint} is not a train.mnist checkpoint (its args lack sizes or normalization)")
+        # This script has no --download: the files to point at are those the run trained on.
+        trained_on = run_args.get("data_dir")
+        hint = ""
+        if trained_on not in (None, args.data_dir):
+            hint = f"or pass --data-dir {trained_on}, the folder its run trained on"
+        test, _, _ = load_test(args.data_dir, device, run_args["normalization"], hint=hint)
     except (checkpoint.CheckpointError, DataError) as e:
         print(f"train.evaluate: error: {e}", file=sys.stderr)
         return 2
-    model = torchbp.MLP(state["args"]["sizes"], fused=True, device=device)
+    model = torchbp.MLP(run_args["sizes"], fused=True, device=device)
     model.load_state_dict(state["model"])
     with torch.no_grad():
-        predicted = model(data.test.x).argmax(1)  # (10000, 784) -> (10000, 10) -> (10000,)
-    matrix = confusion_matrix(predicted, data.test.y).cpu()
+        predicted = model(test.x).argmax(1)  # (10000, 784) -> (10000, 10) -> (10000,)
+    matrix = confusion_matrix(predicted, test.y).cpu()
     correct = int(matrix.trace())
-    print(f"checkpoint {args.checkpoint}: epoch {state['epoch']}, sizes {state['args']['sizes']}")
-    print(f"test accuracy {correct / len(data.test):.2%} ({correct}/{len(data.test)})")
+    print(f"checkpoint {args.checkpoint}: epoch {state['epoch']}, sizes {run_args['sizes']}")
+    print(f"test accuracy {correct / len(test):.2%} ({correct}/{len(test)})")
     print("confusion matrix (rows: true digit, columns: predicted digit)")
     print(format_confusion(matrix))
     return 0

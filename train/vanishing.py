@@ -4,9 +4,10 @@ For sigmoid networks [784, 30, ..., 30, 10] at initialisation this measures
 the "speed of learning" of every hidden layer, ‖δ^l‖ = ‖∇_{b^l} C‖, with C the
 mean cost over the first ``--samples`` MNIST training images (pixels in [0, 1],
 one-hot targets), averaged over ``--seeds`` initialisations, and prints it as
-a markdown table next to the book's numbers. The book's setting is
-``--cost cross-entropy --init gaussian-scaled``; there the first hidden layer
-of [784, 30, 30, 30, 30, 10] learns ~100 times slower than the last.
+a markdown table. The book's setting is ``--cost cross-entropy --init
+gaussian-scaled --samples 1000``; only there does the table show the book's
+numbers beside the run's (the first hidden layer of [784, 30, 30, 30, 30, 10]
+learns ~100 times slower than the last).
 
     python -m train.vanishing --data-dir ../shared/data --cost cross-entropy --init gaussian-scaled
 """
@@ -26,21 +27,19 @@ import torch
 from torch import Tensor
 
 import torchbp
+from train.data import EXPECTED_COUNT, DataError, int_in, read_mnist
 
 ARCHITECTURES = ([784, 30, 30, 10], [784, 30, 30, 30, 10], [784, 30, 30, 30, 30, 10])
-# The book's table (ch. 5, cross-entropy cost, N(0, 1/n_in) weights, N(0, 1) biases).
+# The book's table (ch. 5, cross-entropy cost, N(0, 1/n_in) weights, N(0, 1) biases, the first 1000 training images).
 BOOK = {
     "784-30-30-10": [0.07, 0.31],
     "784-30-30-30-10": [0.012, 0.060, 0.283],
     "784-30-30-30-30-10": [0.003, 0.017, 0.070, 0.285],
 }
+BOOK_SETTING = {"cost": "cross-entropy", "init": "gaussian-scaled", "samples": 1000}  # flag -> the book's value
 COSTS = {"quadratic": "quadratic", "cross-entropy": "cross_entropy"}  # flag -> torchbp's name
 INITS = ("default", "gaussian-scaled")
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-class MNISTNotFound(Exception):
-    """The MNIST files are not where they were looked for."""
+N_IMAGES = EXPECTED_COUNT[True]  # the MNIST training images --samples draws from
 
 
 def arch_name(sizes: Sequence[int]) -> str:
@@ -48,24 +47,16 @@ def arch_name(sizes: Sequence[int]) -> str:
 
 
 def load_mnist(data_dir: str, download: bool, samples: int) -> tuple[Tensor, Tensor]:
-    """The first ``samples`` training images as (samples, 784) float64 in [0, 1] and one-hot (samples, 10) targets."""
-    from torchvision.datasets import MNIST
+    """The first ``samples`` training images as (samples, 784) float64 in [0, 1] and one-hot (samples, 10) targets.
 
-    raw = os.path.join(data_dir, "MNIST", "raw")
-    try:
-        dataset = MNIST(root=data_dir, train=True, download=download)
-    except Exception as error:  # missing files, or a download that failed
-        missing = [f for f in MNIST_FILES if not os.path.isfile(os.path.join(raw, f))]
-        raise MNISTNotFound(
-            f"MNIST not found: looked in {os.path.abspath(raw)}, missing {', '.join(missing) or 'nothing'} "
-            f"({type(error).__name__}: {error}). Get the files with --download, or point --data-dir at the "
-            "folder that holds MNIST/raw/."
-        ) from None
-    if not 1 <= samples <= len(dataset.data):
-        raise ValueError(f"--samples must be in [1, {len(dataset.data)}], got {samples}")
+    Raises :class:`train.data.DataError` for missing or bad files or a failed download.
+    """
+    if not 1 <= samples <= N_IMAGES:
+        raise ValueError(f"load_mnist(): samples must be in 1..{N_IMAGES}, got {samples}")
+    images, labels = read_mnist(data_dir, train=True, download=download)
     # Pixels scaled to [0, 1] as in the book, no other normalisation: (n, 28, 28) -> (n, 784)
-    images = dataset.data[:samples].reshape(samples, -1).to(torch.float64) / 255
-    targets = torch.nn.functional.one_hot(dataset.targets[:samples], 10).to(torch.float64)
+    images = images[:samples].reshape(samples, -1).to(torch.float64) / 255
+    targets = torch.nn.functional.one_hot(labels[:samples], 10).to(torch.float64)
     return images, targets
 
 
@@ -124,19 +115,27 @@ def summarise(results: dict[str, list[list[float]]]) -> dict[str, dict[str, list
     return summary
 
 
-def markdown_table(summary: dict[str, dict[str, list[float]]], seeds: int) -> str:
+def markdown_table(summary: dict[str, dict[str, list[float]]], seeds: int, book: bool = False) -> str:
+    """One row per network; with ``book`` a column of the book's figures (only for a run in the book's setting)."""
     lines = [
         f"| network | ‖δ^l‖ per hidden layer, first to last (mean ± std over {seeds} seeds) "
-        "| min – max over seeds | first/last | book (ch. 5) |",
-        "|---|---|---|---|---|",
+        "| min – max over seeds | first/last |" + (" book (ch. 5) |" if book else ""),
+        "|---|---|---|---|" + ("---|" if book else ""),
     ]
     for arch, s in summary.items():
         mean = ", ".join(f"{m:.3g} ± {d:.2g}" for m, d in zip(s["mean"], s["std"]))
         spread = ", ".join(f"{lo:.3g} – {hi:.3g}" for lo, hi in zip(s["min"], s["max"]))
         ratio = s["mean"][0] / s["mean"][-1]
-        book = ", ".join(str(v) for v in BOOK.get(arch, []))
-        lines.append(f"| [{arch.replace('-', ', ')}] | {mean} | {spread} | {ratio:.3g} | {book} |")
+        row = f"| [{arch.replace('-', ', ')}] | {mean} | {spread} | {ratio:.3g} |"
+        if book:
+            row += " " + ", ".join(str(v) for v in BOOK.get(arch, [])) + " |"
+        lines.append(row)
     return "\n".join(lines)
+
+
+def book_setting(args: argparse.Namespace) -> bool:
+    """Whether the run's settings are the book's, so that its figures compare with the run's."""
+    return all(getattr(args, flag) == value for flag, value in BOOK_SETTING.items())
 
 
 def write_tensorboard(logdir: str, summary: dict[str, dict[str, list[float]]], table: str) -> None:
@@ -151,40 +150,60 @@ def write_tensorboard(logdir: str, summary: dict[str, dict[str, list[float]]], t
     writer.close()
 
 
+def _writable_file(path: str) -> str:
+    """An argparse ``type`` for --json: a file to write in an existing folder, refused before the run rather than after."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"must be a file to write, got the folder {path}")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"must be in an existing folder, got {path} ({folder} does not exist)")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"must be in a folder you can write to, got {path}")
+    return path
+
+
+def _run_folder(path: str) -> str:
+    """An argparse ``type`` for --logdir: TensorBoard writes into a folder, which a file there would block."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"must be a folder, got the file {path}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m train.vanishing", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
     parser.add_argument("--download", action="store_true", help="download MNIST into --data-dir if missing (default: off)")
-    parser.add_argument("--seeds", type=int, default=5, help="initialisations averaged, seeds 0..N-1 (default: 5)")
-    parser.add_argument("--samples", type=int, default=1000, help="first training images the cost averages over (default: 1000)")
+    parser.add_argument("--seeds", type=int_in(1), default=5, metavar="N",
+                        help="initialisations averaged, seeds 0..N-1 (default: 5)")
+    parser.add_argument("--samples", type=int_in(1, N_IMAGES), default=BOOK_SETTING["samples"], metavar="N",
+                        help=f"first training images the cost averages over, 1..{N_IMAGES} (default: 1000)")
     parser.add_argument("--cost", choices=tuple(COSTS), default="quadratic",
                         help="quadratic (the notes) or cross-entropy (the book's) (default: quadratic)")
     parser.add_argument("--init", choices=INITS, default="default",
                         help="default (torch.nn.Linear's) or gaussian-scaled (N(0, 1/n_in) weights, N(0, 1) biases, "
                              "the book's) (default: default)")
-    parser.add_argument("--json", metavar="PATH", default=None,
+    parser.add_argument("--json", metavar="PATH", type=_writable_file, default=None,
                         help="write {network: [mean ‖δ‖ per hidden layer, first to last]} here (default: none)")
-    parser.add_argument("--logdir", default=None,
+    parser.add_argument("--logdir", type=_run_folder, default=None,
                         help="TensorBoard run folder (default: runs/vanishing-<timestamp>)")
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error(f"--seeds must be >= 1, got {args.seeds}")
-    if args.samples < 1:
-        parser.error(f"--samples must be >= 1, got {args.samples}")
 
     try:
         images, targets = load_mnist(args.data_dir, args.download, args.samples)
-    except MNISTNotFound as error:
-        print(f"error: {error}", file=sys.stderr)
+    except DataError as error:
+        print(f"train.vanishing: error: {error}", file=sys.stderr)
         return 2
     results = experiment(images, targets, args.seeds, COSTS[args.cost], args.init)
     summary = summarise(results)
-    table = markdown_table(summary, args.seeds)
+    book = book_setting(args)
+    table = markdown_table(summary, args.seeds, book)
     print(f"cost={args.cost}, init={args.init}, {args.samples} MNIST training images, seeds 0..{args.seeds - 1}\n")
     print(table)
+    if not book:
+        flags = " ".join(f"--{flag} {value}" for flag, value in BOOK_SETTING.items())
+        print(f"\n(The book's figures, ch. 5, hold for {flags}; this run's settings differ, so the table leaves them out.)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({arch: s["mean"] for arch, s in summary.items()}, f, indent=2)
