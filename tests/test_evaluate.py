@@ -120,5 +120,5 @@ def test_evaluate_help_names_the_module_and_gives_each_default_once(capsys):
         evaluate.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
     assert info.value.code == 0 and out.startswith("usage: python -m train.evaluate ")
-    for default in ("(default: ./data)", "(default: auto)"):
+    for default in ("(default: the run's own --data-dir)", "(default: auto)"):
         assert out.count(default) == 1, (default, out)

@@ -196,6 +196,10 @@ def test_a_used_logdir_is_refused_and_a_resume_reads_the_runs_own_data(tmp_path,
     assert ckpt.read_bytes() == before
     monkeypatch.chdir(tmp_path)  # no ./data here: the data must come from the checkpoint's --data-dir
     assert train.mnist.main(["--resume", str(ckpt)]) == 0
+    import train.evaluate
+
+    capsys.readouterr()
+    assert train.evaluate.main([str(ckpt)]) == 0, capsys.readouterr().err  # the same for train.evaluate
 
 
 @pytest.mark.parametrize("argv, message", [

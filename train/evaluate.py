@@ -1,6 +1,6 @@
 """Test accuracy and confusion matrix of a ``train.mnist`` checkpoint.
 
-    python -m train.evaluate runs/fast-20250101-120000/checkpoint.pt --data-dir /path/to/data
+    python -m train.evaluate runs/fast-20250101-120000/checkpoint.pt [--data-dir /path/to/data]
 
 The model is rebuilt from the checkpoint's arguments, its inputs normalised
 as in training; the checkpoint is read with ``torch.load(weights_only=True)``.
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Print the MNIST test accuracy and confusion matrix of a train.mnist checkpoint.",
     )
     parser.add_argument("checkpoint", help="path to checkpoint.pt")
-    parser.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
+    parser.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: the run's own --data-dir)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available (default: auto)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -51,10 +51,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.checkpoint} is not a train.mnist checkpoint (its args lack sizes or normalization)")
         # This script has no --download: the files to point at are those the run trained on.
         trained_on = run_args.get("data_dir")
+        data_dir = args.data_dir or trained_on or "./data"
         hint = ""
-        if trained_on not in (None, args.data_dir):
+        if trained_on not in (None, data_dir):
             hint = f"or pass --data-dir {trained_on}, the folder its run trained on"
-        test, _, _ = load_test(args.data_dir, device, run_args["normalization"], hint=hint)
+        test, _, _ = load_test(data_dir, device, run_args["normalization"], hint=hint)
     except (checkpoint.CheckpointError, DataError) as e:
         print(f"train.evaluate: error: {e}", file=sys.stderr)
         return 2
