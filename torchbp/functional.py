@@ -132,6 +132,11 @@ def _check_layer(fn: str, i: int, input: Tensor, a_features: int, weight: object
             )
 
 
+def _sized(seq: object) -> bool:
+    """A sequence of per-layer tensors, not a generator (read once, no len) nor one tensor (its rows)."""
+    return hasattr(seq, "__len__") and not isinstance(seq, Tensor)
+
+
 def _network_ok(
     x: object, weights: Sequence[object], biases: Sequence[object] | None, target: object = None
 ) -> bool:
@@ -142,8 +147,8 @@ def _network_ok(
     (it refuses mixed dtypes, which autocast accepts) and never more lenient, so
     a False only sends the call through the full checks, which name what is wrong.
     """
-    if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1 and len(weights) > 0
-            and (biases is None or len(biases) == len(weights))):
+    if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1 and _sized(weights) and len(weights) > 0
+            and (biases is None or _sized(biases) and len(biases) == len(weights))):
         return False
     dtype, device, features = x.dtype, x.device, x.shape[-1]
     for weight, bias in zip(weights, biases or [None] * len(weights)):
@@ -857,6 +862,10 @@ def _check_network_in_full(
 ) -> None:
     """_check_network's checks one at a time, each failure naming the argument, expected and actual value."""
     _check_tensor(fn, "input", x, min_dim=1)
+    for name, seq in (("weights", weights), ("biases", biases)):
+        if seq is not None and not _sized(seq):
+            raise TypeError(f"{fn}(): {name} must be a list or tuple with one tensor per layer, "
+                            f"got {type(seq).__name__}")
     if len(weights) == 0:
         raise ValueError(f"{fn}(): weights must hold at least one layer's weight, got none")
     if biases is None:
