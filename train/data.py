@@ -33,6 +33,7 @@ FILES = {
 }
 EXPECTED_COUNT = {True: 60_000, False: 10_000}
 NORMALIZATIONS = ("unit", "standard")
+DATA_DIR = "./data"  # every script's --data-dir default
 
 FILE_LIST = ", ".join(FILES[True] + FILES[False])
 # How else to get the files, for a script with a --download flag; a script without one passes its own.
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m train.data",
         description="Measure the loader: DataLoader+ToTensor against index batches from a device tensor.",
     )
-    parser.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
+    parser.add_argument("--data-dir", default=DATA_DIR, help=f"folder holding MNIST/raw/ (default: {DATA_DIR})")
     parser.add_argument("--download", action="store_true", help="download MNIST into --data-dir if missing (default: off)")
     parser.add_argument("--batch-size", type=int_in(1, N_TRAIN), default=128, metavar="N",
                         help=f"mini-batch size, 1..{N_TRAIN} (default: 128)")

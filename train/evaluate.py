@@ -15,7 +15,7 @@ import torch
 
 import torchbp
 from train import checkpoint
-from train.data import N_CLASSES, DataError, load_test
+from train.data import DATA_DIR, N_CLASSES, DataError, load_test
 
 
 def confusion_matrix(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.checkpoint} is not a train.mnist checkpoint (its args lack sizes or normalization)")
         # This script has no --download: the files to point at are those the run trained on.
         trained_on = run_args.get("data_dir")
-        data_dir = args.data_dir or trained_on or "./data"
+        data_dir = args.data_dir or trained_on or DATA_DIR
         hint = ""
         if trained_on not in (None, data_dir):
             hint = f"or pass --data-dir {trained_on}, the folder its run trained on"

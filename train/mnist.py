@@ -103,7 +103,7 @@ from torch import Tensor, nn
 
 import torchbp
 from train import checkpoint
-from train.data import MNIST, Batches, DataError, Split, load_mnist, one_hot
+from train.data import DATA_DIR, MNIST, Batches, DataError, Split, load_mnist, one_hot
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -119,7 +119,6 @@ RECIPES: dict[str, dict] = {
     ),
 }
 EXIT_DATA, EXIT_INTERRUPTED, EXIT_DIVERGED = 2, 130, 1
-DATA_DIR = "./data"  # --data-dir's default
 Step = Callable[[Tensor, Tensor], Tensor]  # one optimisation step on a batch (x, y); returns its cost
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 import torchbp
-from train.data import EXPECTED_COUNT, DataError, int_in, read_mnist
+from train.data import DATA_DIR, EXPECTED_COUNT, DataError, int_in, read_mnist
 
 ARCHITECTURES = ([784, 30, 30, 10], [784, 30, 30, 30, 10], [784, 30, 30, 30, 30, 10])
 # The book's table (ch. 5, cross-entropy cost, N(0, 1/n_in) weights, N(0, 1) biases, the first 1000 training images).
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m train.vanishing", description=__doc__.splitlines()[0],
     )
-    parser.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
+    parser.add_argument("--data-dir", default=DATA_DIR, help=f"folder holding MNIST/raw/ (default: {DATA_DIR})")
     parser.add_argument("--download", action="store_true", help="download MNIST into --data-dir if missing (default: off)")
     parser.add_argument("--seeds", type=int_in(1), default=5, metavar="N",
                         help="initialisations averaged, seeds 0..N-1 (default: 5)")
