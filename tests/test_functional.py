@@ -307,6 +307,32 @@ def _backward_flops(output: torch.Tensor, grad_output: torch.Tensor | None = Non
     return counter.get_total_flops()
 
 
+@pytest.mark.parametrize(
+    "weight_shape, bias_shape",
+    [((IN,), None), ((OUT, IN), ()), ((OUT, IN), (1,))],
+    ids=["w1d", "b0d", "b1"],
+)
+@pytest.mark.parametrize("batch", [(), (7,), (2, 3)], ids=["1d", "batch7", "3d"])
+def test_linear_takes_what_torch_broadcasts(weight_shape, bias_shape, batch):
+    """The shapes torch.nn.functional.linear accepts beyond (out, in) and (out,): a 1-D weight (no bias)
+    and a bias of shape () or (1,). Output and every gradient equal torch's (1e-12, float64); gradcheck."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(*batch, IN, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(weight_shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = None if bias_shape is None else torch.randn(bias_shape, dtype=torch.float64, generator=gen,
+                                                       requires_grad=True)
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    z = F.linear(x, weight, bias)
+    expected = TF.linear(x, weight, bias)
+    assert z.shape == expected.shape
+    torch.testing.assert_close(z, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn(z.shape, dtype=torch.float64, generator=gen)
+    for got, want in zip(torch.autograd.grad(z, inputs, g), torch.autograd.grad(expected, inputs, g)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert gradcheck(lambda *t: F.linear(*t), inputs)
+
+
 @pytest.mark.parametrize("needs", [(True, True, True), (False, True, True), (True, False, False), (False, True, False)])
 def test_linear_backward_skips_unneeded_gradients(needs):
     """Each of ∇_a = δW (2·N·out·in FLOPs) and ∇_W = δ^T a (the same) is computed only when asked for."""
@@ -390,11 +416,16 @@ BAD_INPUTS = {
     "linear scalar input": (lambda: F.linear(_t(), w32), ValueError,
                             "linear(): input must have at least 1 dimension(s), got shape ()"),
     "linear weight 3-D": (lambda: F.linear(_t(5, 3), _t(2, 3, 1)), ValueError,
-                          "linear(): weight must be 2-D (out_features, in_features), got shape (2, 3, 1)"),
-    "linear weight 1-D": (lambda: F.linear(_t(5, 3), _t(3)), ValueError,
-                          "linear(): weight must be 2-D (out_features, in_features), got shape (3,)"),
+                          "linear(): weight must be 1-D (in_features,) or 2-D (out_features, in_features), "
+                          "got shape (2, 3, 1)"),
+    "linear weight 1-D features": (
+        lambda: F.linear(_t(5, 3), _t(4)), ValueError,
+        "linear(): input must have last dimension 4 (weight's in_features), got shape (5, 3)",
+    ),
+    "linear weight 1-D bias": (lambda: F.linear(_t(5, 3), _t(3), _t(1)), ValueError,
+                               "linear(): bias must be None for a 1-D weight, got shape (1,)"),
     "linear bias length": (lambda: F.linear(_t(5, 3), w32, _t(3)), ValueError,
-                           "linear(): bias must have shape (2,) (weight's out_features), got (3,)"),
+                           "linear(): bias must have shape (2,) (weight's out_features), (1,) or (), got (3,)"),
     # linear: types and dtypes
     "linear input not a tensor": (lambda: F.linear([[0.0, 0.0, 0.0]], w32), TypeError,
                                   "linear(): input must be a torch.Tensor, got list"),

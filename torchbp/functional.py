@@ -109,10 +109,20 @@ def _check_layer(fn: str, i: int, input: Tensor, a_features: int, weight: object
     """
     wname, bname = ("weight", "bias") if i < 0 else (f"weights[{i}]", f"biases[{i}]")
     _check_tensor(fn, wname, weight)
+    if i < 0 and weight.dim() == 1:
+        # As torch.nn.functional.linear: a 1-D weight (in,) is one output feature, dropped from the output
+        if weight.shape[0] != a_features:
+            raise ValueError(
+                f"{fn}(): input must have last dimension {weight.shape[0]} (weight's in_features), "
+                f"got shape {tuple(input.shape)}"
+            )
+        if bias is not None:  # torch refuses it too (its addmm wants a 2-D weight)
+            raise ValueError(f"{fn}(): bias must be None for a 1-D weight, got shape {tuple(bias.shape)}")
+        return
     if weight.dim() != 2:
-        raise ValueError(
-            f"{fn}(): {wname} must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
-        )
+        expected = "2-D (out_features, in_features)"
+        expected = "1-D (in_features,) or " + expected if i < 0 else expected
+        raise ValueError(f"{fn}(): {wname} must be {expected}, got shape {tuple(weight.shape)}")
     if i <= 0 and weight.shape[1] != a_features:
         raise ValueError(
             f"{fn}(): input must have last dimension {weight.shape[1]} ({wname}'s in_features), "
@@ -125,11 +135,11 @@ def _check_layer(fn: str, i: int, input: Tensor, a_features: int, weight: object
         )
     if bias is not None:
         _check_tensor(fn, bname, bias)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(
-                f"{fn}(): {bname} must have shape ({weight.shape[0]},) ({wname}'s out_features), "
-                f"got {tuple(bias.shape)}"
-            )
+        # linear() also takes what torch.nn.functional.linear broadcasts: a bias of shape () or (1,)
+        shapes = ((weight.shape[0],), (), (1,)) if i < 0 else ((weight.shape[0],),)
+        if tuple(bias.shape) not in shapes:
+            expected = f"({weight.shape[0]},) ({wname}'s out_features)" + (", (1,) or ()" if i < 0 else "")
+            raise ValueError(f"{fn}(): {bname} must have shape {expected}, got {tuple(bias.shape)}")
 
 
 def _sized(seq: object) -> bool:
@@ -311,9 +321,9 @@ def linear(
 
     Shape:
         - input: ``(*, in_features)``
-        - weight: ``(out_features, in_features)``
-        - bias: ``(out_features,)`` or ``None``
-        - output: ``(*, out_features)``
+        - weight: ``(out_features, in_features)``, or ``(in_features,)`` (then no bias) for one output feature
+        - bias: ``(out_features,)``, ``(1,)`` or ``()`` (broadcast), or ``None``
+        - output: ``(*, out_features)``, or ``(*)`` for a 1-D weight
     """
     if not _network_ok(input, (weight,), (bias,)):  # the common case in one cheap pass
         _check_tensor("linear", "input", input, min_dim=1)
@@ -323,6 +333,12 @@ def linear(
         _check_same("linear", "input", input, "weight", weight, dtype=dtypes)
         if bias is not None:
             _check_same("linear", "input", input, "bias", bias, dtype=dtypes)
+        # The Function takes the notes' shapes only, W (out, in) and b (out,); these views give them,
+        # and autograd sums a broadcast bias's gradient back to its shape.
+        if weight.dim() == 1:
+            return linear(input, weight.unsqueeze(0), None, delta_hook).squeeze(-1)  # (*, 1) -> (*)
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            bias = bias.expand(weight.shape[0])  # () or (1,) -> (out,)
     dtype = _autocast_dtype(input)
     if dtype is not None:
         # Autocast runs F.linear in its lower precision: input, weight and bias all cast.
