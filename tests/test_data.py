@@ -293,6 +293,64 @@ def test_train_mnist_download_offline_exits_2_reporting_the_download(tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+def _download_as_rank(rank: int, store: str, data_dir: str, report: str) -> None:
+    """One of two torchrun ranks (one node) running train.mnist's data loading with --download, offline."""
+    import contextlib
+    import io
+    import json
+
+    import torch.distributed as dist
+
+    import train.mnist
+
+    tried = []
+
+    def urlopen(request, *args, **kwargs):  # go_offline's, without pytest's monkeypatch in this process
+        tried.append(request)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    urllib.request.urlopen = urlopen
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            train.mnist.read_data(train.mnist.resolve_args(["--data-dir", data_dir, "--download"]),
+                                  torch.device("cpu"), world_size=2)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    dist.destroy_process_group()
+    Path(report).write_text(json.dumps({"code": code, "tried": len(tried), "err": err.getvalue()}))
+
+
+def test_under_torchrun_one_rank_per_node_downloads_and_a_failure_stops_all_quietly(tmp_path):
+    """Two ranks, --download, offline: local rank 0 alone tries the mirrors (two ranks fetching into one
+    folder would overwrite each other's files); rank 1 waits for it, then exits 2 without a message
+    of its own, since rank 0 has said why. Nobody hangs."""
+    import json
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    ranks = [
+        context.Process(target=_download_as_rank,
+                        args=(r, str(tmp_path / "store"), str(tmp_path / "data"), str(tmp_path / f"rank{r}.json")))
+        for r in range(2)
+    ]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=180)
+    alive = [p.is_alive() for p in ranks]
+    for p in ranks:
+        p.kill()
+    assert not any(alive), "a rank hung"
+    first, second = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert first["code"] == 2 and first["tried"] > 0
+    assert_download_failure(first["err"], tmp_path / "data" / "MNIST" / "raw")
+    assert second == {"code": 2, "tried": 0, "err": ""}
+
+
 # ------------------------------------------------------------------ python -m train.data
 
 

@@ -82,6 +82,7 @@ statistics: each rank's DeltaMonitor sees only its shard, so under DDP the
 all-reduced bias gradient (∇_{b^l} C = Σ_n δ_n^l exactly) at the log step itself;
 rank 0's own shard statistics keep their tags except ``delta/shard_norm``.
 At the end the ranks' weights are compared (``ranks_identical_weights`` in metrics.json).
+With ``--download`` one process per node (local rank 0) fetches the files while the others wait.
 """
 
 from __future__ import annotations
@@ -319,13 +320,41 @@ def init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def read_data(args: argparse.Namespace, device: torch.device, world_size: int) -> MNIST:
+    """MNIST on the device. Under torchrun with ``--download`` one process per node (local rank 0)
+    downloads while the others wait, then they read its files: processes fetching into one folder
+    at once would overwrite each other's files. If that download fails, the process that tried says
+    why and the others exit with the same code, quietly."""
+    shared = args.download and world_size > 1
+    fetch = args.download and (not shared or int(os.environ.get("LOCAL_RANK", "0")) == 0)
+    data = error = None
+    if fetch or not shared:
+        try:
+            data = load_mnist(args.data_dir, device, args.normalization, fetch)
+        except DataError as e:
+            error = e
+    if shared:
+        import torch.distributed as dist
+
+        # Also the barrier: every download is over, done or failed, once this returns.
+        failed = torch.tensor(error is not None, dtype=torch.int32, device=device)
+        dist.all_reduce(failed)
+        if failed.item() and not fetch:
+            sys.exit(EXIT_DATA)
+        if not fetch:
+            try:
+                data = load_mnist(args.data_dir, device, args.normalization)
+            except DataError as e:
+                error = e
+    if error is not None:
+        fail(str(error), EXIT_DATA)
+    return data
+
+
 def load_data(args: argparse.Namespace, device: torch.device, rank: int, world_size: int
               ) -> tuple[MNIST, Batches, Split, Split]:
     """MNIST on the device: (data, this rank's training batches, validation split, test split)."""
-    try:
-        data = load_mnist(args.data_dir, device, args.normalization, args.download)
-    except DataError as e:
-        fail(str(e), EXIT_DATA)
+    data = read_data(args, device, world_size)
     train_split = data.train
     if args.limit_train is not None:
         train_split = Split(train_split.x[: args.limit_train], train_split.y[: args.limit_train])
