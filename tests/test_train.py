@@ -202,6 +202,38 @@ def test_a_used_logdir_is_refused_and_a_resume_reads_the_runs_own_data(tmp_path,
     assert train.evaluate.main([str(ckpt)]) == 0, capsys.readouterr().err  # the same for train.evaluate
 
 
+def test_resume_with_more_epochs_continues_a_run_without_schedule_as_if_it_had_been_that_long(tmp_path, capsys):
+    """Nielsen's recipe (constant η, no schedule): 1 epoch, then --resume --epochs 2, gives bit for bit the
+    weights and epoch metrics of a 2-epoch run (oracle), and the longer run's checkpoint keeps epochs=2.
+    A one-cycle run cannot be stretched, nor can a run be shortened below the epochs it has started."""
+    import train.mnist
+
+    args = ["--data-dir", DATA_DIR, "--recipe", "nielsen", "--hidden", "8", "--limit-train", "500",
+            "--log-every", "25", "--threads", "1"]
+    assert train.mnist.main([*args, "--epochs", "2", "--logdir", str(tmp_path / "two")]) == 0
+    assert train.mnist.main([*args, "--epochs", "1", "--logdir", str(tmp_path / "one")]) == 0
+    ckpt = tmp_path / "one" / "checkpoint.pt"
+    assert train.mnist.main(["--resume", str(ckpt), "--epochs", "2", "--threads", "1"]) == 0
+    extended, oracle = load(ckpt), load(tmp_path / "two" / "checkpoint.pt")
+    assert_same_weights(extended["model"], oracle["model"])
+    assert extended["args"]["epochs"] == 2 and extended["epoch"] == 2
+    strip = lambda history: [{k: v for k, v in h.items() if k != "train_seconds"} for h in history]  # noqa: E731
+    assert strip(extended["history"]) == strip(oracle["history"])
+
+    # the fast recipe: Adam under a one-cycle schedule
+    assert train.mnist.main(["--data-dir", DATA_DIR, "--dry-run", "--hidden", "8", "--epochs", "1",
+                             "--logdir", str(tmp_path / "fast")]) == 0
+    for argv, message in (
+        (["--resume", str(ckpt), "--epochs", "1"], "--epochs must be at least the 2 epochs this run has started, got 1"),
+        (["--resume", str(tmp_path / "fast" / "checkpoint.pt"), "--epochs", "3"],
+         "--epochs 3: this run's --schedule onecycle is laid out over its 1 epochs and cannot be stretched"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            train.mnist.main(argv)
+        assert info.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--hidden", "30", "--sizes", "784", "30", "10"], "--hidden and --sizes both give the layer widths"),
     (["--optimizer", "adam", "--momentum", "0.9"], "--momentum is SGD's; --optimizer adam has none, got --momentum 0.9"),
@@ -211,8 +243,9 @@ def test_a_used_logdir_is_refused_and_a_resume_reads_the_runs_own_data(tmp_path,
     (["--lr", "0"], "--lr must be a positive, finite float32 number, got 0.0"),
     (["--log-every", "100", "--delta-hist-every", "150"],
      "--delta-hist-every must be 0 or a multiple of --log-every (100), got 150"),
-    (["--resume", "x.pt", "--epochs", "20", "--lr", "1"],
-     "--resume continues a run with the hyperparameters in its checkpoint; --epochs, --lr cannot change them"),
+    (["--resume", "x.pt", "--epochs", "20", "--lr", "1", "--seed", "2"],
+     "--resume continues a run with the hyperparameters in its checkpoint; --lr, --seed cannot change them"),
+    (["--resume", "x.pt", "--epochs", "0"], "--epochs must be at least 1, got 0"),
 ])
 def test_contradicting_or_impossible_flags_are_refused_by_name(argv, message, capsys):
     """Each would otherwise be ignored or break the run later (a traceback in the first step, or histograms

@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-monitor", action="store_true",
                    help="do not record δ statistics nor the weight-gradient norms logged with them (default: False)")
     p.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint.pt in its folder, with its hyperparameters; "
-                   "--data-dir, --download, --device, --threads and --compile may be given (default: None)")
+                   "--data-dir, --download, --device, --threads and --compile may be given, and --epochs, to "
+                   "train a run without a schedule for longer (default: None)")
     p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N of the 50,000 images (default: all)")
     p.add_argument("--dry-run", action="store_true", help="one training batch and a one-batch evaluation (default: False)")
     p.add_argument("--data-dir", help=f"folder holding MNIST/raw/ (default: {DATA_DIR}; with --resume, the run's)")
@@ -176,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# With --resume the run's hyperparameters come from its checkpoint; these say where and how it runs now.
-RESUME_FLAGS = ("resume", "data_dir", "download", "device", "threads", "compile")
+# With --resume the run's hyperparameters come from its checkpoint; these say where and how it runs now,
+# and --epochs how long (resume_args allows a new value only where no schedule is laid out over the epochs).
+RESUME_FLAGS = ("resume", "data_dir", "download", "device", "threads", "compile", "epochs")
 
 
 def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -189,8 +191,10 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
                  if a.dest not in (*RESUME_FLAGS, "help") and getattr(args, a.dest) != a.default]
         if given:
             parser.error(f"--resume continues a run with the hyperparameters in its checkpoint; {', '.join(given)} "
-                         "cannot change them (with --resume only --data-dir, --download, --device, --threads and "
-                         "--compile apply)")
+                         "cannot change them (with --resume only --data-dir, --download, --device, --threads, "
+                         "--compile and --epochs apply)")
+        if args.epochs is not None and args.epochs < 1:
+            parser.error(f"--epochs must be at least 1, got {args.epochs}")
         return args  # resume_args fills in the rest from the checkpoint
     if args.data_dir is None:
         args.data_dir = DATA_DIR
@@ -538,6 +542,15 @@ def resume_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | No
         resumed.data_dir = args.data_dir
     resumed.device, resumed.threads, resumed.compile = args.device, args.threads, args.compile
     resumed.logdir = os.path.dirname(os.path.abspath(args.resume))
+    if args.epochs is not None and args.epochs != resumed.epochs:
+        if resumed.schedule != "none":
+            # OneCycleLR's steps are fixed when it is built: more epochs would run past its end
+            fail(f"--epochs {args.epochs}: this run's --schedule {resumed.schedule} is laid out over its "
+                 f"{resumed.epochs} epochs and cannot be stretched; start a new run for a longer schedule", EXIT_DATA)
+        started = state["epoch"] + (state.get("batch_in_epoch", 0) > 0)  # a mid-epoch checkpoint's epoch too
+        if args.epochs < started:
+            fail(f"--epochs must be at least the {started} epochs this run has started, got {args.epochs}", EXIT_DATA)
+        resumed.epochs = args.epochs  # saved with the next checkpoint: a later resume trains as long
     return resumed, state
 
 
