@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"({results[0]['method']}), one fresh process per variant:\n")
     print("| variant | step peak over live (MiB) | × nn eager |\n|---|---:|---:|")
     for r in results:
-        print(f"| {r['variant']} | {r['peak_extra_bytes'] / MIB:.1f} | {ratio(r['peak_extra_bytes'], base)} |")
+        times_nn = None if base is None else r["peak_extra_bytes"] / base
+        print(f"| {r['variant']} | {r['peak_extra_bytes'] / MIB:.1f} | {ratio(times_nn)} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -56,6 +56,19 @@ def test_memory_benchmark_checks_its_json_path_before_measuring(monkeypatch):
         memory.main(["--json", "/nonexistent-folder/m.json"])
 
 
+def test_memory_benchmark_runs_end_to_end_and_prints_its_table(tmp_path, capsys):
+    """python -m benchmarks.memory as a user runs it (each variant in its own process), on a small network:
+    the table's ratio is the step peak over nn's, the JSON holds the same figures."""
+    out = tmp_path / "memory.json"
+    results = memory.main(["--sizes", "16,64,4", "--batch", "512", "--variants", "nn,fused", "--json", str(out)])
+    assert [r["variant"] for r in results] == ["nn", "fused"] and json.loads(out.read_text()) == results
+    nn_bytes, fused_bytes = (r["peak_extra_bytes"] for r in results)
+    assert nn_bytes > 0 and fused_bytes > 0
+    printed = capsys.readouterr().out
+    assert f"| nn | {nn_bytes / memory.MIB:.1f} | 1.00 |" in printed
+    assert f"| fused | {fused_bytes / memory.MIB:.1f} | {fused_bytes / nn_bytes:.2f} |" in printed
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 def test_monitor_overhead_benchmark_times_every_mode(fused):
     """A tiny run of benchmarks.monitor_overhead.measure: positive times for off, on and empty hooks, and ratios."""
