@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=200, help="training steps per timing (default: 200)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
     args = parser.parse_args(argv)
+    for flag, value in (("--repeats", args.repeats), ("--steps", args.steps), ("--threads", args.threads)):
+        if value < 1:
+            raise SystemExit(f"{flag} must be >= 1, got {value}")
     torch.set_num_threads(args.threads)
     print(f"MLP [784, 100, 10], batch 64, CPU, {args.threads} thread(s), {args.repeats} x {args.steps} steps")
     print("| model | step, monitor off | step, monitor on | on / off (median of per-repeat ratios) | do-nothing hooks / off |")

@@ -78,6 +78,18 @@ def test_monitor_overhead_benchmark_times_every_mode(fused):
     assert monitor_overhead.hook_cost(passes=4) > 0
 
 
+def test_monitor_overhead_benchmark_runs_end_to_end(capsys, monkeypatch):
+    """python -m benchmarks.monitor_overhead as a user runs it, a tiny run: both rows and the hooks' own cost."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave the test process's threads alone
+    monitor_overhead.main(["--repeats", "1", "--steps", "2"])
+    printed = capsys.readouterr().out
+    assert re.search(r"^\| unfused \| \d+ µs \| \d+ µs \| \d\.\d{3} \| \d\.\d{3} \|$", printed, re.M), printed
+    assert re.search(r"^\| fused \| \d+ µs \| \d+ µs \| \d\.\d{3} \| \d\.\d{3} \|$", printed, re.M), printed
+    assert re.search(r"monitor's own work per backward pass \(2 layers, hooks called directly\): [\d.]+ µs", printed)
+    with pytest.raises(SystemExit, match=re.escape("--repeats must be >= 1, got 0")):
+        monitor_overhead.main(["--repeats", "0"])
+
+
 def test_cpu_memory_peak_counts_the_buffers_backward_needs():
     """Oracle, by hand: [16, 256, 4] at batch 8192, counted in (8192, 256) float32 buffers, plus small tensors.
 
