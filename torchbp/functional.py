@@ -184,7 +184,13 @@ def _network_ok(
 # one dtype in forward and backward.
 
 
+# One call that says whether autocast is on for any device; a False spares the per-device queries.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def _autocast_dtype(t: Tensor) -> torch.dtype | None:
+    if not _any_autocast():
+        return None
     device_type = t.device.type
     if device_type not in ("cpu", "cuda", "xpu", "mps") or not torch.is_autocast_enabled(device_type):
         return None

@@ -288,14 +288,21 @@ class MLP(nn.Module):
         the steps by hand (``by_hand``) run their backward under ``torch.no_grad()`` too.
         """
         linears = self.linears
+        weights, biases, hooked = [], [], False
+        for m in linears:
+            # m._parameters[...] is m.weight without nn.Module.__getattr__'s detour (µs on every call);
+            # a parametrized weight is a property instead, found by getattr.
+            params = m._parameters
+            weights.append(params["weight"] if "weight" in params else m.weight)
+            biases.append(params["bias"] if "bias" in params else m.bias)
+            hooked = hooked or bool(m._delta_hooks)
         hook = None
-        hooked = any(m._delta_hooks for m in linears)
         if hooked and (by_hand or torch.is_grad_enabled()) and not torch.compiler.is_compiling():
             def call_delta_hooks(l: int, delta: Tensor) -> None:
                 linears[l]._call_delta_hooks(delta)
 
             hook = call_delta_hooks
-        return [m.weight for m in linears], [m.bias for m in linears], hook
+        return weights, biases, hook
 
     def extra_repr(self) -> str:
         return f"sizes={list(self.sizes)}, fused={self.fused}"
