@@ -223,6 +223,29 @@ def test_fused_and_unfused_mlp_agree():
         close(p_fused.grad, p_unfused.grad)
 
 
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_a_parametrized_weight_is_the_one_every_path_uses(fused):
+    """torch.nn.utils.parametrize on a layer's weight (here W = 2 W_0): the forward and the .grad of the original
+    follow it, as in torch.nn (oracle: the same parametrization on nn.Linear, float64, 1e-12)."""
+    torch.manual_seed(3)
+    model = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    reference = sequential_like(model)
+    for m in (model[0], reference[0]):
+        nn.utils.parametrize.register_parametrization(m, "weight", _Doubled())
+    x = torch.randn(5, SIZES[0], dtype=torch.float64)
+    y = torch.rand(5, SIZES[-1], dtype=torch.float64)
+    close(model(x), reference(x))
+    model.cost(x, y).backward()
+    oracle_cost(reference(x), y, "quadratic", "mean").backward()
+    original, expected = model[0].parametrizations.weight.original, reference[0].parametrizations.weight.original
+    close(original.grad, expected.grad)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 def test_mlp_cost_rejects_bad_cost(fused):
     """MLP.cost names the allowed costs and the value given."""
