@@ -624,3 +624,45 @@ def test_functional_mlp_delta_hook_gets_layer_index():
     assert [l for l, _ in seen] == [2, 1, 0]
     for l, delta in seen:
         close(delta, expected[l])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_hook_based_weight_utilities_on_a_child_layer_work_as_on_sequential(fused):
+    """nn.utils.spectral_norm (a forward pre-hook on model[0]) and a forward hook: the fused node never calls
+    its children, so a hooked child sends the network through its layers. Oracle: the same on nn.Sequential,
+    the same seed for spectral_norm's power iteration; output and ∇ of weight_orig to 1e-12 (float64)."""
+    torch.manual_seed(4)
+    model = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    reference = sequential_like(model)
+    for m in (model, reference):
+        torch.manual_seed(5)
+        nn.utils.spectral_norm(m[0])
+    calls = []
+    model[2].register_forward_hook(lambda *args: calls.append("forward"))
+    x = torch.randn(5, SIZES[0], dtype=torch.float64)
+    y = torch.rand(5, SIZES[-1], dtype=torch.float64)
+    c = model.cost(x, y)
+    c_ref = oracle_cost(reference(x), y, "quadratic", "mean")
+    close(c, c_ref)
+    c.backward()
+    c_ref.backward()
+    close(model[0].weight_orig.grad, reference[0].weight_orig.grad)
+    assert calls == ["forward"]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_float16_mean_cost_does_not_overflow_where_the_mean_fits(fused):
+    """10,000 samples with ½‖a − y‖² ≈ 4.5 each: the mean fits float16, but Σ‖a − y‖² ≈ 90,000 taken
+    before the ½ and the 1/N does not (float16's largest is 65504). Oracle: the float64 cost, to 1e-2."""
+    a = torch.full((10_000, 10), 0.95, dtype=torch.float16)
+    y = torch.zeros_like(a)
+    expected = 0.5 * (a.double() ** 2).sum(-1).mean()
+    for c in (torchbp.QuadraticCost()(a, y), F.quadratic_cost(a, y), F.quadratic_cost(a, y, "sum") / 10_000):
+        assert torch.isfinite(c) and abs(c.double() - expected) < 1e-2, (c, expected)
+    model = torchbp.MLP([3, 10], fused=fused, dtype=torch.float16)
+    x = torch.zeros(10_000, 3, dtype=torch.float16)
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.fill_(3.0)  # a = σ(3) ≈ 0.9526 for every output
+    c = model.cost(x, y)
+    assert torch.isfinite(c) and abs(c.double() - 0.5 * 10 * torch.sigmoid(torch.tensor(3.0)).double() ** 2) < 1e-2

@@ -442,7 +442,8 @@ def _reduced_cost(cost: str, a: Tensor, y: Tensor, reduction: str, diff: Tensor 
     Σ_n ½‖a_n − y_n‖² = ½ (a − y)·(a − y) over all elements: one ``dot`` instead of a square,
     a sum per sample and their reduction; equal to rounding. ``diff`` is a − y where the caller has it.
     """
-    if cost != "quadratic" or reduction == "none":
+    if cost != "quadratic" or reduction == "none" or a.element_size() < 4:
+        # float16's whole-batch sum before the 1/N may overflow (65504) where the mean does not
         return _reduce(_cost(cost, a, y), reduction)
     flat = (a - y if diff is None else diff).reshape(-1)
     return torch.dot(flat, flat) * (0.5 * _per_sample_weight(math.prod(a.shape[:-1]), reduction))

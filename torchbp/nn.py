@@ -229,8 +229,19 @@ class MLP(nn.Module):
         modules = list(self._modules.values())
         return nn.Sequential(*modules[idx]) if isinstance(idx, slice) else modules[idx]
 
+    def _per_layer(self) -> bool:
+        """Whether the network must run layer by layer: not fused, or a child module has hooks.
+
+        The fused node never calls its children, so their forward (pre-)hooks and backward hooks would
+        not run: nn.utils.spectral_norm, weight_norm and prune hooks among them.
+        """
+        return not self.fused or any(
+            m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
+            for m in self._modules.values()
+        )
+
     def forward(self, input: Tensor) -> Tensor:
-        if not self.fused:
+        if self._per_layer():
             for module in self._modules.values():
                 input = module(input)
             return input
@@ -245,7 +256,7 @@ class MLP(nn.Module):
         per-layer composition. ``cost`` is ``"quadratic"`` (the notes) or
         ``"cross_entropy"``; ``reduction`` as in :func:`torchbp.functional.quadratic_cost`.
         """
-        if not self.fused:
+        if self._per_layer():
             F._check_cost("MLP.cost", cost)
             fn = F.quadratic_cost if cost == "quadratic" else F.cross_entropy_cost
             return fn(self(input), target, reduction)
