@@ -666,3 +666,22 @@ def test_float16_mean_cost_does_not_overflow_where_the_mean_fits(fused):
         model[0].bias.fill_(3.0)  # a = σ(3) ≈ 0.9526 for every output
     c = model.cost(x, y)
     assert torch.isfinite(c) and abs(c.double() - 0.5 * 10 * torch.sigmoid(torch.tensor(3.0)).double() ** 2) < 1e-2
+
+
+@pytest.mark.parametrize("n_in, n_out", [(0, 3), (3, 0)], ids=["in0", "out0"])
+def test_linear_with_zero_features_backpropagates_on_3d_input_like_nn_linear(n_in, n_out):
+    """in_features or out_features 0 on a (2, 4, in) input: forward and every gradient as nn.Linear (all of
+    them empty or zero). The per-sample rows were once reshaped with -1, which 0 features make ambiguous."""
+    torch.manual_seed(6)
+    layer = torchbp.Linear(n_in, n_out, dtype=torch.float64)
+    reference = nn.Linear(n_in, n_out, dtype=torch.float64)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 4, n_in, dtype=torch.float64, requires_grad=True)
+    z, z_ref = layer(x), reference(x)
+    close(z, z_ref)
+    g = torch.randn(z.shape, dtype=torch.float64)
+    got = torch.autograd.grad(z, [x, layer.weight, layer.bias], g)
+    expected = torch.autograd.grad(z_ref, [x, reference.weight, reference.bias], g)
+    for a, e in zip(got, expected):
+        assert a.shape == e.shape
+        close(a, e)

@@ -252,7 +252,8 @@ def _sigmoid_backward_(grad: Tensor, a: Tensor) -> Tensor:
 
 def _rows(t: Tensor) -> Tensor:
     """(*, features) -> (N, features): samples as rows for the sums over samples."""
-    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])  # a 2-D batch already is
+    # a 2-D batch already is; the count of rows spelled out, as -1 is ambiguous with 0 features
+    return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 # --------------------------------------------------------------------------
