@@ -331,28 +331,26 @@ def read_data(args: argparse.Namespace, device: torch.device, world_size: int) -
     why and the others exit with the same code, quietly."""
     shared = args.download and world_size > 1
     fetch = args.download and (not shared or int(os.environ.get("LOCAL_RANK", "0")) == 0)
-    data = error = None
-    if fetch or not shared:
-        try:
-            data = load_mnist(args.data_dir, device, args.normalization, fetch)
-        except DataError as e:
-            error = e
-    if shared:
-        import torch.distributed as dist
-
-        # Also the barrier: every download is over, done or failed, once this returns.
-        failed = torch.tensor(error is not None, dtype=torch.int32, device=device)
-        dist.all_reduce(failed)
-        if failed.item() and not fetch:
-            sys.exit(EXIT_DATA)
-        if not fetch:
-            try:
-                data = load_mnist(args.data_dir, device, args.normalization)
-            except DataError as e:
-                error = e
+    if shared and not fetch and download_failed(device, False):  # waits until every download is over
+        sys.exit(EXIT_DATA)  # the process that tried has said why
+    try:
+        data, error = load_mnist(args.data_dir, device, args.normalization, fetch), None
+    except DataError as e:
+        data, error = None, e
+    if shared and fetch:
+        download_failed(device, error is not None)  # lets the waiting processes go on
     if error is not None:
         fail(str(error), EXIT_DATA)
     return data
+
+
+def download_failed(device: torch.device, failed: bool) -> bool:
+    """Whether any process's download failed: one all-reduce, which is also the barrier the others wait at."""
+    import torch.distributed as dist
+
+    flag = torch.tensor(failed, dtype=torch.int32, device=device)
+    dist.all_reduce(flag)
+    return bool(flag.item())
 
 
 def load_data(args: argparse.Namespace, device: torch.device, rank: int, world_size: int
