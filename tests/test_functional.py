@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -249,6 +250,16 @@ def test_noncontiguous_grad_output(name):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
+def test_keywords_are_torchs():
+    """F.linear and F.sigmoid take the keywords of torch.nn.functional's linear and sigmoid (input, weight,
+    bias), so a call written for torch works unchanged; results equal torch's (1e-12, float64)."""
+    gen = torch.Generator().manual_seed(9)
+    x, w, b = _inputs(("x", "w", "b"), (7,), gen, requires_grad=False)
+    torch.testing.assert_close(F.linear(input=x, weight=w, bias=b), TF.linear(input=x, weight=w, bias=b),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(F.sigmoid(input=x), TF.sigmoid(input=x), rtol=1e-12, atol=1e-12)
+
+
 def test_quadratic_cost_is_not_mse_loss():
     """The notes' cost keeps the ½ and averages over samples only: it differs from F.mse_loss by features / 2."""
     gen = torch.Generator().manual_seed(3)
@@ -321,6 +332,31 @@ def test_linear_takes_what_torch_broadcasts(weight_shape, bias_shape, batch):
     weight = torch.randn(weight_shape, dtype=torch.float64, generator=gen, requires_grad=True)
     bias = None if bias_shape is None else torch.randn(bias_shape, dtype=torch.float64, generator=gen,
                                                        requires_grad=True)
+    _assert_linear_like_torch(x, weight, bias, gen)
+
+
+@pytest.mark.parametrize(
+    "batch, bias_shape",
+    [((7,), (7, OUT)), ((7,), (7, 1)), ((7,), (1, OUT)), ((2, 3), (3, OUT)), ((2, 3), (2, 1, OUT))],
+    ids=["per-sample", "per-sample-scalar", "row", "3d-per-position", "3d-per-batch"],
+)
+def test_linear_takes_a_bias_torch_broadcasts_over_samples(batch, bias_shape):
+    """A bias of 2 or more dims that broadcasts to the output (*, out), as torch.nn.functional.linear
+    takes it: output and every gradient equal torch's (1e-12, float64); gradcheck; the delta hook still
+    sees δ = ∇_z C, the gradient of the output."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(*batch, IN, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(OUT, IN, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = torch.randn(bias_shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    _assert_linear_like_torch(x, weight, bias, gen)
+    deltas = []
+    z = F.linear(x, weight, bias, delta_hook=deltas.append)
+    g = torch.randn(z.shape, dtype=torch.float64, generator=gen)
+    z.backward(g)
+    assert len(deltas) == 1 and torch.equal(deltas[0], g)
+
+
+def _assert_linear_like_torch(x, weight, bias, gen):
     inputs = [t for t in (x, weight, bias) if t is not None]
     z = F.linear(x, weight, bias)
     expected = TF.linear(x, weight, bias)
@@ -426,6 +462,10 @@ BAD_INPUTS = {
                                "linear(): bias must be None for a 1-D weight, got shape (1,)"),
     "linear bias length": (lambda: F.linear(_t(5, 3), w32, _t(3)), ValueError,
                            "linear(): bias must have shape (2,) (weight's out_features), (1,) or (), got (3,)"),
+    "linear bias not broadcast": (lambda: F.linear(_t(5, 3), w32, _t(3, 2)), ValueError,
+                                  "linear(): bias must broadcast to the output's shape (5, 2), got (3, 2)"),
+    "linear bias adds dims": (lambda: F.linear(_t(5, 3), w32, _t(2, 5, 2)), ValueError,
+                              "linear(): bias must broadcast to the output's shape (5, 2), got (2, 5, 2)"),
     # linear: types and dtypes
     "linear input not a tensor": (lambda: F.linear([[0.0, 0.0, 0.0]], w32), TypeError,
                                   "linear(): input must be a torch.Tensor, got list"),
@@ -441,8 +481,8 @@ BAD_INPUTS = {
                           "linear(): bias must have the same dtype as input (torch.float32), got torch.float16"),
     # sigmoid
     "sigmoid complex": (lambda: F.sigmoid(_t(3, dtype=torch.complex64)), TypeError,
-                        "sigmoid(): z must have a floating-point dtype, got torch.complex64"),
-    "sigmoid not a tensor": (lambda: F.sigmoid(0.5), TypeError, "sigmoid(): z must be a torch.Tensor, got float"),
+                        "sigmoid(): input must have a floating-point dtype, got torch.complex64"),
+    "sigmoid not a tensor": (lambda: F.sigmoid(0.5), TypeError, "sigmoid(): input must be a torch.Tensor, got float"),
     # costs
     "quadratic shapes": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 2)), ValueError,
                          "quadratic_cost(): y must have the shape of a (4, 3), got (4, 2)"),
@@ -459,6 +499,13 @@ BAD_INPUTS = {
                                  "quadratic_cost(): y must have a floating-point dtype, got torch.int64"),
     "cross entropy boolean a": (lambda: F.cross_entropy_cost(_t(4, 3, dtype=torch.bool), _t(4, 3)), TypeError,
                                 "cross_entropy_cost(): a must have a floating-point dtype, got torch.bool"),
+    "cross entropy a above 1": (lambda: F.cross_entropy_cost(torch.full((4, 3), 1.5), _t(4, 3)), RuntimeError,
+                                "cross_entropy_cost(): every element of a must lie in [0, 1] (a sigmoid's output), "
+                                "got one outside"),
+    "cross entropy a below 0": (lambda: F.cross_entropy_cost(torch.full((4, 3), -0.5), _t(4, 3)), RuntimeError,
+                                "cross_entropy_cost(): every element of a must lie in [0, 1]"),
+    "cross entropy a nan": (lambda: F.cross_entropy_cost(torch.full((4, 3), math.nan), _t(4, 3)), RuntimeError,
+                            "cross_entropy_cost(): every element of a must lie in [0, 1]"),
     "quadratic dtypes": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 3, dtype=torch.float64)), TypeError,
                          "quadratic_cost(): y must have the same dtype as a (torch.float32), got torch.float64"),
     # mlp

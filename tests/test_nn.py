@@ -511,6 +511,26 @@ def test_convert_leaves_subclasses_alone():
     close(model(x), original(x), 0)
 
 
+def test_layers_are_nn_subclasses_found_by_isinstance():
+    """torchbp.Linear is an nn.Linear and torchbp.Sigmoid an nn.Sigmoid, so the usual init loop over
+    isinstance(m, nn.Linear) reaches every layer of an MLP and of a converted model; their forward still
+    runs torchbp's Function (a delta hook fires) and a second convert() leaves them as they are."""
+    torch.manual_seed(0)
+    models = [torchbp.MLP([4, 3, 2]), torchbp.convert(nn.Sequential(nn.Linear(4, 3), nn.Sigmoid(), nn.Linear(3, 2)))]
+    for model in models:
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.constant_(m.weight, 0.5)
+        linears = [m for m in model.modules() if isinstance(m, torchbp.Linear)]
+        assert len(linears) == 2 and all(bool((m.weight == 0.5).all()) for m in linears)
+        assert isinstance(model[1], nn.Sigmoid) and isinstance(model[1], torchbp.Sigmoid)
+        calls = []
+        linears[0].register_delta_hook(lambda module, delta: calls.append(delta.shape))
+        model(torch.randn(5, 4)).sum().backward()
+        assert calls == [(5, 3)]
+        assert [type(m) for m in torchbp.convert(model).modules()] == [type(m) for m in model.modules()]
+
+
 def test_convert_rejects_uninitialized_lazy_linear():
     """A LazyLinear has no shape yet: convert() says to run a forward pass first."""
     with pytest.raises(ValueError, match="LazyLinear has uninitialized parameters"):

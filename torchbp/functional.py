@@ -135,11 +135,22 @@ def _check_layer(fn: str, i: int, input: Tensor, a_features: int, weight: object
         )
     if bias is not None:
         _check_tensor(fn, bname, bias)
+        if i < 0 and bias.dim() > 1:
+            # As torch.nn.functional.linear: a bias added to z, broadcast to the output's shape, (N, out) say
+            out = (*input.shape[:-1], weight.shape[0])
+            if not _broadcasts_to(tuple(bias.shape), out):
+                raise ValueError(f"{fn}(): bias must broadcast to the output's shape {out}, got {tuple(bias.shape)}")
+            return
         # linear() also takes what torch.nn.functional.linear broadcasts: a bias of shape () or (1,)
         shapes = ((weight.shape[0],), (), (1,)) if i < 0 else ((weight.shape[0],),)
         if tuple(bias.shape) not in shapes:
             expected = f"({weight.shape[0]},) ({wname}'s out_features)" + (", (1,) or ()" if i < 0 else "")
             raise ValueError(f"{fn}(): {bname} must have shape {expected}, got {tuple(bias.shape)}")
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` without changing it."""
+    return len(shape) <= len(target) and all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
 
 
 def _sized(seq: object) -> bool:
@@ -329,7 +340,8 @@ def linear(
     Shape:
         - input: ``(*, in_features)``
         - weight: ``(out_features, in_features)``, or ``(in_features,)`` (then no bias) for one output feature
-        - bias: ``(out_features,)``, ``(1,)`` or ``()`` (broadcast), or ``None``
+        - bias: ``(out_features,)``, or ``None``; or, as torch broadcasts it, ``()``, ``(1,)``
+          or any shape that broadcasts to the output's, ``(*, out_features)`` (then added after the Function)
         - output: ``(*, out_features)``, or ``(*)`` for a 1-D weight
     """
     if not _network_ok(input, (weight,), (bias,)):  # the common case in one cheap pass
@@ -344,6 +356,10 @@ def linear(
         # and autograd sums a broadcast bias's gradient back to its shape.
         if weight.dim() == 1:
             return linear(input, weight.unsqueeze(0), None, delta_hook).squeeze(-1)  # (*, 1) -> (*)
+        if bias is not None and bias.dim() > 1:
+            # z = a W^T, then + b broadcast over the samples: (*, out) + (..., out) -> (*, out)
+            dtype = _autocast_dtype(input)
+            return linear(input, weight, None, delta_hook) + (bias if dtype is None else _cast(dtype, bias)[0])
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
             bias = bias.expand(weight.shape[0])  # () or (1,) -> (out,)
     dtype = _autocast_dtype(input)
@@ -397,17 +413,19 @@ class SigmoidFunction(_Sigmoid):
 _SigmoidClassic = _classic(SigmoidFunction)
 
 
-def sigmoid(z: Tensor) -> Tensor:
-    r"""``φ(z) = 1 / (1 + e^{-z})`` elementwise through :class:`SigmoidFunction`.
+def sigmoid(input: Tensor) -> Tensor:
+    r"""``φ(z) = 1 / (1 + e^{-z})`` elementwise through :class:`SigmoidFunction`, like :func:`torch.sigmoid`.
+
+    ``input`` is the notes' weighted input ``z`` (named as torch names it).
 
     Shape:
-        - z: ``(*)``; output: ``(*)``, same shape. An integer or bool ``z`` is
-          promoted to the default float dtype first, as ``torch.sigmoid`` does.
+        - input: ``(*)``; output: ``(*)``, same shape. An integer or bool ``input``
+          is promoted to the default float dtype first, as ``torch.sigmoid`` does.
     """
-    if isinstance(z, Tensor) and not z.is_floating_point() and not z.is_complex():
-        z = z.to(torch.get_default_dtype())  # (no gradient flows to an integer tensor anyway)
-    _check_tensor("sigmoid", "z", z)
-    return _pick(SigmoidFunction, _SigmoidClassic, _Sigmoid).apply(z)
+    if isinstance(input, Tensor) and not input.is_floating_point() and not input.is_complex():
+        input = input.to(torch.get_default_dtype())  # (no gradient flows to an integer tensor anyway)
+    _check_tensor("sigmoid", "input", input)
+    return _pick(SigmoidFunction, _SigmoidClassic, _Sigmoid).apply(input)
 
 
 # --------------------------------------------------------------------------
@@ -499,9 +517,15 @@ def _check_cost_args(fn: str, a: Tensor, y: Tensor, reduction: str) -> None:
 
 
 def _apply_cost(
-    fn: str, function: type, classic: type, traced: type, a: Tensor, y: Tensor, reduction: str
+    fn: str, function: type, classic: type, traced: type, a: Tensor, y: Tensor, reduction: str,
+    a_in_unit_interval: bool = False,
 ) -> Tensor:
     _check_cost_args(fn, a, y, reduction)
+    if a_in_unit_interval and (torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active()):
+        # As binary_cross_entropy: an a outside [0, 1] (logits, say) fails rather than giving nan. An async
+        # assert, so no host sync: on CPU it raises here, on CUDA the kernel asserts. vmap has no rule for it.
+        torch._assert_async(((a >= 0) & (a <= 1)).all(),
+                            f"{fn}(): every element of a must lie in [0, 1] (a sigmoid's output), got one outside")
     # Autocast computes losses in float32 (mse_loss and binary_cross_entropy are on its float32 list).
     autocast = _autocast_dtype(a) is not None
     if autocast:
@@ -627,7 +651,7 @@ def cross_entropy_cost(a: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
     """
     return _apply_cost(
         "cross_entropy_cost", CrossEntropyCostFunction, _CrossEntropyCostClassic, _CrossEntropyCost,
-        a, y, reduction,
+        a, y, reduction, a_in_unit_interval=True,
     )
 
 

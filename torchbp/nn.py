@@ -9,14 +9,12 @@ network; :func:`convert` swaps torchbp's modules into any existing model.
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn import init
 from torch.utils.hooks import RemovableHandle
 
 from torchbp import functional as F
@@ -27,13 +25,16 @@ __all__ = ["Linear", "Sigmoid", "QuadraticCost", "CrossEntropyCost", "MLP", "con
 DeltaHook = Callable[["Linear", Tensor], None]
 
 
-class Linear(nn.Module):
+class Linear(nn.Linear):
     r"""Applies an affine linear transformation to the incoming data: :math:`y = xA^T + b`.
 
-    The notes' ``z^l = W^l a^{l-1} + b^l`` with rows as samples. Forward and
-    parameters are those of :class:`torch.nn.Linear`; the backward is
-    :class:`torchbp.functional.LinearFunction`: ``∇_a = (W^l)^T δ^l``,
-    ``∇_W C = δ^l (a^{l-1})^T``, ``∇_b C = δ^l``.
+    The notes' ``z^l = W^l a^{l-1} + b^l`` with rows as samples. A subclass of
+    :class:`torch.nn.Linear`: its parameters, initialisation (``reset_parameters``),
+    ``repr`` and ``state_dict`` are nn.Linear's own, and ``isinstance(m, nn.Linear)``
+    holds, so init loops and other code that looks for nn.Linear find it. Only
+    the forward differs: it runs :class:`torchbp.functional.LinearFunction`,
+    whose backward is the notes' ``∇_a = (W^l)^T δ^l``, ``∇_W C = δ^l (a^{l-1})^T``,
+    ``∇_b C = δ^l``.
 
     Args:
         in_features: size of each input sample
@@ -61,41 +62,16 @@ class Linear(nn.Module):
         torch.Size([128, 30])
     """
 
-    __constants__ = ["in_features", "out_features"]
-    in_features: int
-    out_features: int
-    weight: Tensor
-
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None
     ) -> None:
-        factory_kwargs = {"device": device, "dtype": dtype}
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory_kwargs))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory_kwargs))
-        else:
-            self.register_parameter("bias", None)
+        super().__init__(in_features, out_features, bias, device, dtype)
         self._delta_hooks: OrderedDict[int, DeltaHook] = OrderedDict()
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # torch.nn.Linear's initialisation, draw for draw: the same seed gives the same weights.
-        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: Tensor) -> Tensor:
         # LinearFunction's backward hands its grad_output, δ^l, to the hooks; none while none is registered.
         hook = self._call_delta_hooks if self._delta_hooks and not torch.compiler.is_compiling() else None
         return F.linear(input, self.weight, self.bias, delta_hook=hook)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
     def register_delta_hook(self, hook: DeltaHook) -> RemovableHandle:
         """Call ``hook(module, delta)`` in every backward pass with δ = ∇_z C, shape ``(*, out_features)``.
@@ -118,11 +94,12 @@ class Linear(nn.Module):
         self.__dict__.setdefault("_delta_hooks", OrderedDict())
 
 
-class Sigmoid(nn.Module):
+class Sigmoid(nn.Sigmoid):
     r"""Applies the Sigmoid function element-wise: :math:`\text{Sigmoid}(x) = \sigma(x) = \frac{1}{1 + \exp(-x)}`.
 
     The notes' ``φ``; its backward is ``φ' = φ(1 − φ)`` from the saved output
-    (:class:`torchbp.functional.SigmoidFunction`).
+    (:class:`torchbp.functional.SigmoidFunction`). A subclass of :class:`torch.nn.Sigmoid`
+    whose forward runs that Function.
 
     Shape:
         - Input: :math:`(*)`, where :math:`*` means any number of dimensions.
