@@ -207,6 +207,35 @@ def test_mlp_cost_matches_sequential(fused, cost, reduction):
         close(gg, ee, what="gradient")
 
 
+def test_fused_cross_entropy_where_the_output_saturates_keeps_delta_a_minus_y():
+    """float32 outputs at z = ±20 saturate at exactly 1 or 0. The fused node's δ^L = a − y is the gradient that
+    binary_cross_entropy_with_logits gives (oracle, 1e-6), where the per-layer composition, like torch's
+    binary_cross_entropy after a sigmoid, clamps a(1 − a) and gives δ^L = 0 (the documented difference);
+    the cost is binary_cross_entropy's in both (ln clamped at −100)."""
+    model = torchbp.MLP([2, 2], fused=True)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[20.0, 0.0], [0.0, -20.0]]))
+        model[0].bias.zero_()
+    x = torch.tensor([[1.0, 1.0], [0.5, 0.0]])
+    y = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # the first sample wrong on both outputs, at saturation
+    z = x @ model[0].weight.T + model[0].bias
+    c = model.cost(x, y, "cross_entropy")
+    close(c, oracle_cost(torch.sigmoid(z), y, "cross_entropy"), tol=1e-6)
+    c.backward()
+    c_logits = nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none").sum(-1).mean()
+    expected = torch.autograd.grad(c_logits, [model[0].weight, model[0].bias])
+    close(model[0].weight.grad, expected[0], tol=1e-6)
+    close(model[0].bias.grad, expected[1], tol=1e-6)
+    assert model[0].bias.grad.abs().min() > 0.2  # the saturated, wrong outputs still learn
+    reference = sequential_like(model)
+    oracle_cost(reference(x), y, "cross_entropy").backward()
+    model.fused = False
+    model.zero_grad()
+    model.cost(x, y, "cross_entropy").backward()
+    close(model[0].bias.grad, reference[0].bias.grad, tol=1e-6)  # the per-layer path is torch's composition
+    assert reference[0].bias.grad.abs().min() < 1e-4  # which all but stops there
+
+
 def test_fused_and_unfused_mlp_agree():
     """The fused path (one autograd node) and the per-layer path give the same cost and .grad (float64)."""
     torch.manual_seed(2)
@@ -668,6 +697,87 @@ def test_hook_based_weight_utilities_on_a_child_layer_work_as_on_sequential(fuse
     c_ref.backward()
     close(model[0].weight_orig.grad, reference[0].weight_orig.grad)
     assert calls == ["forward"]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_hooks_on_the_mlp_itself_run_in_cost_as_on_sequential(fused):
+    """A forward pre-hook and a forward hook on the MLP that change its input and output, and a full backward
+    hook: MLP.cost must run them as nn.Sequential's call does (the fused cost once skipped them). Oracle: the
+    same hooks on nn.Sequential; cost and every gradient to 1e-12 (float64), the backward hook fired once."""
+    torch.manual_seed(4)
+    model = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    reference = sequential_like(model)
+    fired = []
+    for m in (model, reference):
+        m.register_forward_pre_hook(lambda module, args: (2 * args[0],))
+        m.register_forward_hook(lambda module, args, output: output.sqrt())
+        m.register_full_backward_hook(lambda module, grad_input, grad_output: fired.append(type(module)))
+    x = torch.randn(5, SIZES[0], dtype=torch.float64, requires_grad=True)
+    y = torch.rand(5, SIZES[-1], dtype=torch.float64)
+    c, c_ref = model.cost(x, y), oracle_cost(reference(x), y)
+    close(c, c_ref)
+    got = _grads([c], [x, *model.parameters()])
+    expected = _grads([c_ref], [x, *reference.parameters()])
+    for g, e in zip(got, expected):
+        close(g, e)
+    assert fired == [torchbp.MLP, nn.Sequential]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_hooks_registered_for_every_module_see_every_layer_as_on_sequential(fused):
+    """torch.nn.modules.module.register_module_forward_pre_hook / _forward_hook (profilers, module trackers)
+    are called for every module: the fused MLP must run its layers then, as nn.Sequential does. Oracle: the
+    order of modules seen on nn.Sequential, and a hook that changes the output changes both alike (1e-12)."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    torch.manual_seed(4)
+    model = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    reference = sequential_like(model)
+    x = torch.randn(5, SIZES[0], dtype=torch.float64)
+    y = torch.rand(5, SIZES[-1], dtype=torch.float64)
+    seen = []
+
+    def halve_sigmoids(module, args, output):
+        return output / 2 if isinstance(module, nn.Sigmoid) else None
+
+    handles = [register_module_forward_pre_hook(lambda module, args: seen.append(type(module).__name__)),
+               register_module_forward_hook(halve_sigmoids)]
+    try:
+        c, c_ref = model.cost(x, y), oracle_cost(reference(x), y)
+    finally:
+        for handle in handles:
+            handle.remove()
+    close(c, c_ref)
+    layers = ["Linear", "Sigmoid"] * (len(SIZES) - 1)
+    assert seen == ["MLP", *layers, "Sequential", *layers]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("via", ["MLP.cost", "F.mlp_cost", "MLP"])
+def test_non_reentrant_checkpoint_gives_the_same_gradients(fused, via):
+    """torch.utils.checkpoint (use_reentrant=False) recomputes the forward in backward and hands the saved
+    tensors out once per unpack; the fused backward once read them twice and failed. Oracle: the same
+    computation without checkpointing; cost and every gradient to 1e-12 (float64)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(4)
+    model = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    x = torch.randn(5, SIZES[0], dtype=torch.float64, requires_grad=True)
+    y = torch.rand(5, SIZES[-1], dtype=torch.float64)
+
+    def run(x):
+        if via == "MLP.cost":
+            return model.cost(x, y)
+        if via == "F.mlp_cost":
+            return F.mlp_cost(x, y, [m.weight for m in model.linears], [m.bias for m in model.linears])[0]
+        return model(x).square().sum()
+
+    c = checkpoint(run, x, use_reentrant=False)
+    c_ref = run(x)
+    close(c, c_ref)
+    inputs = [x, *model.parameters()]
+    for g, e in zip(_grads([c], inputs), _grads([c_ref], inputs)):
+        close(g, e)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])

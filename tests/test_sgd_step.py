@@ -144,6 +144,79 @@ def test_sgd_step_rejects_bad_input():
                                                       torch.rand(2, 3, dtype=torch.float64), 1e39)
 
 
+def _parametrize(model):
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", torch.nn.Tanh())
+
+
+def _prune(model):
+    import torch.nn.utils.prune as prune
+
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+
+
+def _spectral_norm(model):
+    torch.nn.utils.spectral_norm(model[2])
+
+
+def _child_hook(model):
+    model[1].register_forward_hook(lambda module, input, output: 2 * output)
+
+
+def _own_hook(model):
+    model.register_forward_pre_hook(lambda module, args: (args[0] + 1,))
+
+
+REFUSED = {  # what changes the network's computation outside the parameters the step by hand would move
+    "parametrize": (_parametrize, "layer 0's weight or bias is computed from other tensors"),
+    "prune": (_prune, r"layer 0 \(Linear\) has forward or backward hooks"),
+    "spectral_norm": (_spectral_norm, r"layer 2 \(Linear\) has forward or backward hooks"),
+    "child hook": (_child_hook, r"layer 1 \(Sigmoid\) has forward or backward hooks"),
+    "own hook": (_own_hook, "the MLP has forward or backward hooks"),
+}
+
+
+@pytest.mark.parametrize("method", ["sgd_step", "sgd_epoch"])
+@pytest.mark.parametrize("change", REFUSED, ids=list(REFUSED))
+def test_sgd_step_refuses_a_network_it_would_train_wrong(change, method):
+    """A step by hand calls no module: with a parametrized or hooked layer it would move a copy of the weight or
+    skip the hook, silently. It must refuse by name before anything moves; the autograd path, which calls every
+    module, trains the same network and moves its parameters (oracle: an unchanged parameter would fail)."""
+    make, message = REFUSED[change]
+    torch.manual_seed(0)
+    model = torchbp.MLP([4, 3, 2], fused=True, dtype=torch.float64)
+    make(model)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.rand(6, 2, dtype=torch.float64)
+    before = copy.deepcopy(model.state_dict())
+    args = (LR,) if method == "sgd_step" else (LR, 3)
+    with pytest.raises(RuntimeError, match=rf"MLP\.{method}\(\): {message}.*MLP\.cost\(\.\.\.\)\.backward\(\)"):
+        getattr(model, method)(x, y, *args)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    model.cost(x, y).backward()
+    optimizer.step()
+    assert all(not torch.equal(p, before[k]) for k, p in model.named_parameters() if k in before)
+
+
+def test_sgd_step_takes_a_numpy_lr_without_warnings():
+    """np.float32(0.5) on float64 parameters: bit for bit the step of lr=0.5 (numpy once rounded lr/N to float32)
+    and no numpy overflow warning from the lr check (numpy cast float64's max to float32's inf there)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torchbp.MLP([4, 3], dtype=torch.float64)
+    oracle = copy.deepcopy(model)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.rand(6, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.sgd_step(x, y, np.float32(0.5))
+        model.sgd_epoch(x, y, np.float64(0.5), 3)
+    oracle.sgd_step(x, y, 0.5)
+    oracle.sgd_epoch(x, y, 0.5, 3)
+    for p, q in zip(model.parameters(), oracle.parameters()):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("method", ["sgd_step", "sgd_epoch"])
 def test_sgd_step_refuses_autocast(method):
     """Under autocast the step would update casts of the parameters, not the parameters: it must refuse."""

@@ -794,11 +794,15 @@ def _save_network(ctx, x: Tensor, params: Sequence[Tensor | None], a: Sequence[T
     ctx.save_for_forward(x, *a, *params[0::2], *extra)
 
 
-def _saved_network(ctx) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-    """(a^0..a^L, W^1..W^L) from what _save_network saved."""
+def _saved_network(ctx) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """(a^0..a^L, W^1..W^L, extra) from what _save_network saved.
+
+    ctx.saved_tensors is read once: under non-reentrant checkpointing each read unpacks (recomputes)
+    the saved tensors, and a second read raises.
+    """
     saved = ctx.saved_tensors
     n = ctx.n_layers
-    return saved[: n + 1], saved[n + 1 : 2 * n + 1]
+    return saved[: n + 1], saved[n + 1 : 2 * n + 1], saved[2 * n + 1 :]
 
 
 class _MLP(torch.autograd.Function):
@@ -819,7 +823,7 @@ class _MLP(torch.autograd.Function):
     def backward(ctx, grad_a: Tensor | None, *grad_hidden: Tensor | None):
         # The hidden activations are outputs only to be saved; a gradient reaches
         # them only in double backward, through those saved tensors.
-        a, weights = _saved_network(ctx)
+        a, weights, _ = _saved_network(ctx)
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
         grads = _backprop((*grad_hidden, grad_a), a, weights, needs, ctx.hook)
         return grads[0], None, *grads[1:]
@@ -830,7 +834,7 @@ class MLPFunction(_MLP):
 
     @staticmethod
     def jvp(ctx, x_t, _, *params_t):
-        a, weights = _saved_network(ctx)
+        a, weights, _ = _saved_network(ctx)
         params = [p for w in weights for p in (w, None)]
         t = _tangents(a, params, (x_t, *params_t))
         return (t[-1], *t[:-1])
@@ -858,8 +862,7 @@ class _MLPCost(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_c: Tensor | None, *grad_a: Tensor | None):
-        a, weights = _saved_network(ctx)
-        y = ctx.saved_tensors[-1]
+        a, weights, (y,) = _saved_network(ctx)
         delta = weight = None
         a_L = _as(a[-1], y.dtype)  # the cost's dtype
         if grad_c is not None:
@@ -878,8 +881,7 @@ class MLPCostFunction(_MLPCost):
 
     @staticmethod
     def jvp(ctx, x_t, y_t, _cost_arg, _reduction, _hook, *params_t):
-        a, weights = _saved_network(ctx)
-        y = ctx.saved_tensors[-1]
+        a, weights, (y,) = _saved_network(ctx)
         params = [p for w in weights for p in (w, None)]
         t = _tangents(a, params, (x_t, *params_t))
         c_t = _reduce(_cost_tangent(ctx.cost, _as(a[-1], y.dtype), y, _as(t[-1], y.dtype), y_t), ctx.reduction)
@@ -987,6 +989,15 @@ def mlp_cost(
     starts the recursion at ``δ^L = ∇_a C ∘ φ'(z^L)`` itself, so the cost adds
     no autograd node of its own. ``a^L`` comes along for accuracy and the like.
 
+    With ``cost="cross_entropy"`` the backward starts at ``δ^L = a^L − y``,
+    the notes' cancellation done exactly, as
+    :func:`torch.nn.functional.binary_cross_entropy_with_logits` differentiates.
+    The composition ``cross_entropy_cost(mlp(...))`` goes through ``∇_a C``,
+    whose ``a(1 − a)`` torch's guard clamps at 1e-12: where an output
+    saturates at exactly 0 or 1 (float32 past ``|z| ≈ 17``) its δ^L is 0
+    and that output stops learning, while here it still gets ``a^L − y``.
+    Elsewhere the two agree to rounding; the cost's value is the same.
+
     Shape:
         - input: ``(*, in_features)``; target: ``(*, out_features)``
         - output: ``C`` scalar, or ``(*)`` with ``reduction="none"``; ``a^L``: ``(*, out_features)``
@@ -1006,8 +1017,8 @@ def mlp_cost(
 def _check_sgd(
     fn: str, input: Tensor, target: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None,
     lr: float, cost: str, reduction: str,
-) -> tuple[Tensor, list[Tensor | None], list[bool]]:
-    """(x, [W^1, b^1, ..., W^L, b^L], which of them train) for the SGD steps by hand; raises on bad input.
+) -> tuple[Tensor, list[Tensor | None], list[bool], float]:
+    """(x, [W^1, b^1, ..., W^L, b^L], which of them train, lr) for the SGD steps by hand; raises on bad input.
 
     A parameter trains if it requires grad: one that does not is frozen, as autograd and an optimizer
     leave it. The parameters come back detached: under no_grad a tensor that requires grad still costs
@@ -1023,6 +1034,9 @@ def _check_sgd(
             "own dtype, so run it outside autocast (or use mlp_cost(...).backward() with an optimizer)"
         )
     dtype = params[0].dtype
+    # A Python float from here on: numpy's float32 would cast float64's max to inf here, and round lr/N to
+    # float32 in the step.
+    lr = float(lr)
     if not lr <= torch.finfo(dtype).max:
         # lr scales every update as the alpha of an addmm_, a number of the parameters' dtype
         raise ValueError(f"{fn}(): lr must be finite and at most {torch.finfo(dtype).max:.4g} (the largest "
@@ -1035,7 +1049,7 @@ def _check_sgd(
         # The step moves each parameter as soon as its layer is done; a tied one would be read again after.
         raise ValueError(f"{fn}(): weights and biases must be distinct tensors, got one passed twice "
                          "(tied weights); train those with mlp_cost(...).backward() and an optimizer")
-    return x, [None if p is None else p.detach() for p in params], trains
+    return x, [None if p is None else p.detach() for p in params], trains, lr
 
 
 @torch.no_grad()
@@ -1060,7 +1074,7 @@ def mlp_sgd_step(
         - input: ``(*, in_features)``; target: ``(*, out_features)``
         - output: ``C``, scalar (or ``(*)`` with ``reduction="none"``, whose sum is minimised)
     """
-    x, params, trains = _check_sgd("mlp_sgd_step", input, target, weights, biases, lr, cost, reduction)
+    x, params, trains, lr = _check_sgd("mlp_sgd_step", input, target, weights, biases, lr, cost, reduction)
     ones = x.new_ones(math.prod(x.shape[:-1]))
     a_L, diff = _sgd_step(x, target, params, trains, lr, cost, reduction, delta_hook, ones)
     return _reduced_cost(cost, a_L, target, reduction, diff)
@@ -1095,7 +1109,7 @@ def mlp_sgd_epoch(
     if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"{fn}(): batch_size must be a positive int, got {batch_size!r}")
     batch_size = int(batch_size)  # a numpy integer, say, as a plain int
-    x, params, trains = _check_sgd(fn, input, target, weights, biases, lr, cost, reduction)
+    x, params, trains, lr = _check_sgd(fn, input, target, weights, biases, lr, cost, reduction)
     if x.dim() < 2:
         raise ValueError(f"{fn}(): input must have a leading samples dimension, (N, *, in_features), "
                          f"got shape {tuple(x.shape)}")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 from torch.utils.hooks import RemovableHandle
 
 from torchbp import functional as F
@@ -152,6 +153,18 @@ class CrossEntropyCost(_Cost):
         return F.cross_entropy_cost(input, target, self.reduction)
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs forward (pre-)hooks or backward hooks of its own."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks)
+
+
+def _global_hooks() -> bool:
+    """Whether calling any module runs hooks registered for all of them (``register_module_forward_hook``...)."""
+    return bool(_module._global_forward_pre_hooks or _module._global_forward_hooks
+                or getattr(_module, "_global_backward_pre_hooks", None) or _module._global_backward_hooks)
+
+
 class MLP(nn.Module):
     r"""The notes' sigmoid network: :math:`a^l = \varphi(W^l a^{l-1} + b^l)` for every layer.
 
@@ -210,12 +223,10 @@ class MLP(nn.Module):
         """Whether the network must run layer by layer: not fused, or a child module has hooks.
 
         The fused node never calls its children, so their forward (pre-)hooks and backward hooks would
-        not run: nn.utils.spectral_norm, weight_norm and prune hooks among them.
+        not run: nn.utils.spectral_norm, weight_norm and prune hooks among them, and hooks registered
+        for every module (``torch.nn.modules.module.register_module_forward_hook`` and its kin).
         """
-        return not self.fused or any(
-            m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
-            for m in self._modules.values()
-        )
+        return not self.fused or _global_hooks() or any(_has_hooks(m) for m in self._modules.values())
 
     def forward(self, input: Tensor) -> Tensor:
         if self._per_layer():
@@ -232,8 +243,11 @@ class MLP(nn.Module):
         backward starts at ``δ^L = (a^L − y) ∘ φ'(z^L)``; otherwise it is the
         per-layer composition. ``cost`` is ``"quadratic"`` (the notes) or
         ``"cross_entropy"``; ``reduction`` as in :func:`torchbp.functional.quadratic_cost`.
+        The two paths differ only where a cross-entropy output saturates: see
+        :func:`torchbp.functional.mlp_cost`.
         """
-        if self._per_layer():
+        if self._per_layer() or _has_hooks(self):
+            # the MLP's own hooks run only when it is called: self(input), then the cost
             F._check_cost("MLP.cost", cost)
             fn = F.quadratic_cost if cost == "quadratic" else F.cross_entropy_cost
             return fn(self(input), target, reduction)
@@ -250,8 +264,14 @@ class MLP(nn.Module):
         their ``.grad`` is left alone, delta hooks see every δ^l. The same
         update as ``self.cost(input, target).backward()`` then
         ``torch.optim.SGD(self.parameters(), lr).step()``, in a fraction of the time.
+
+        No module is called, so the step refuses a network whose layers or
+        itself have forward or backward hooks, or a layer whose weight or bias
+        is derived from other tensors (``parametrize``, ``prune``,
+        ``weight_norm``, ``spectral_norm``): their parameters are not the ones
+        the step would move. Train those with :meth:`cost` and an optimizer.
         """
-        weights, biases, hook = self._params(by_hand=True)
+        weights, biases, hook = self._params(by_hand="MLP.sgd_step")
         return F.mlp_sgd_step(input, target, weights, biases, lr, cost, reduction, delta_hook=hook)
 
     def sgd_epoch(
@@ -264,18 +284,21 @@ class MLP(nn.Module):
         (:func:`torchbp.functional.mlp_sgd_epoch`): the arguments are checked
         once, then every step runs only its tensor ops, with no host sync. A last,
         smaller mini-batch takes a step of its own. Output shape ``(steps,)``,
-        or ``(N, *)`` with ``reduction="none"``.
+        or ``(N, *)`` with ``reduction="none"``. Refuses what :meth:`sgd_step` refuses.
         """
-        weights, biases, hook = self._params(by_hand=True)
+        weights, biases, hook = self._params(by_hand="MLP.sgd_epoch")
         return F.mlp_sgd_epoch(input, target, weights, biases, lr, batch_size, cost, reduction, delta_hook=hook)
 
-    def _params(self, by_hand: bool = False) -> tuple[list[Tensor], list[Tensor | None], F.DeltaHook | None]:
+    def _params(self, by_hand: str = "") -> tuple[list[Tensor], list[Tensor | None], F.DeltaHook | None]:
         """W^1..W^L, b^1..b^L and, while any layer has a delta hook, the hook for the fused backward.
 
         An autograd backward runs only with grad mode on, so the hook goes along only then;
-        the steps by hand (``by_hand``) run their backward under ``torch.no_grad()`` too.
+        the steps by hand (``by_hand``, the caller's name) run their backward under ``torch.no_grad()``
+        too, and refuse what they would get wrong silently.
         """
         linears = self.linears
+        if by_hand:
+            self._check_by_hand(by_hand)
         weights, biases, hooked = [], [], False
         for m in linears:
             # m._parameters[...] is m.weight without nn.Module.__getattr__'s detour (µs on every call);
@@ -291,6 +314,23 @@ class MLP(nn.Module):
 
             hook = call_delta_hooks
         return weights, biases, hook
+
+    def _check_by_hand(self, fn: str) -> None:
+        """Refuse what a step by hand, which calls no module, would silently get wrong."""
+        advice = "train it with MLP.cost(...).backward() and an optimizer"
+        if _has_hooks(self):
+            raise RuntimeError(f"{fn}(): the MLP has forward or backward hooks, which a step by hand would "
+                               f"not run; {advice}")
+        for name, m in self._modules.items():
+            if _has_hooks(m):
+                raise RuntimeError(f"{fn}(): layer {name} ({type(m).__name__}) has forward or backward hooks "
+                                   f"(prune, weight_norm and spectral_norm add one), which a step by hand would "
+                                   f"not run; {advice}")
+            if isinstance(m, Linear) and not ("weight" in m._parameters and "bias" in m._parameters):
+                raise RuntimeError(f"{fn}(): layer {name}'s weight or bias is computed from other tensors "
+                                   f"(a parametrization: torch.nn.utils.parametrize, "
+                                   f"parametrizations.weight_norm, ...), so a step by hand would move a copy and "
+                                   f"leave the parameters as they are; {advice}")
 
     def extra_repr(self) -> str:
         return f"sizes={list(self.sizes)}, fused={self.fused}"
