@@ -182,6 +182,8 @@ class MLP(nn.Module):
             notes' recursion over all layers in one call; same parameters and
             gradients, less overhead and, where the input needs no gradient,
             less memory (the backward then runs on blocks of samples).
+            While hooks must see the layers (forward or backward hooks on a
+            layer, or registered for every module) it runs layer by layer.
             Default: ``False``
 
     Shape:
