@@ -236,6 +236,111 @@ def test_bad_arguments_fail_fast():
         torchbp.DeltaMonitor("model")
 
 
+def test_a_closed_monitor_refuses_a_new_with_block():
+    """Re-entering a closed monitor would record nothing, silently: it raises instead."""
+    model = torchbp.MLP([4, 3, 2])
+    monitor = torchbp.DeltaMonitor(model)
+    monitor.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        with monitor:
+            pass
+    with pytest.raises(TypeError, match="keep_last must be a bool, got 'no'"):
+        torchbp.DeltaMonitor(model, keep_last="no")
+
+
+def test_pop_inside_inference_mode_leaves_the_monitor_usable():
+    """pop() inside torch.inference_mode() (logging in an eval block), then more passes outside it.
+
+    The accumulator first created in that pop must not be an inference tensor,
+    or every later flush (in a backward, or in pop) fails to add to it.
+    """
+    torch.manual_seed(5)
+    ref = nn_sequential([4, 3, 2], dtype=DT)
+    model = torchbp.MLP([4, 3, 2], dtype=DT)
+    model.load_state_dict(ref.state_dict())
+    x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)
+    expected = oracle_stats(ref, x, y)
+    with torchbp.DeltaMonitor(model, flush_every=2) as monitor:
+        model.cost(x, y).backward()
+        with torch.inference_mode():
+            assert_close(monitor.pop(), expected)
+        for _ in range(3):  # the second pass flushes inside backward
+            model.cost(x, y).backward()
+        assert_close(monitor.pop(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_deltas_are_reduced_in_float32(dtype):
+    """δ in float16 / bfloat16: the statistics are those of the same δ computed in float64.
+
+    32 passes of 16384 samples with a sum-reduced cost: Σ_n δ_n exceeds float16's
+    65504 (it overflowed to inf when reduced in δ's own dtype) and bf16 sums
+    rounded by ~0.4%. Oracle: the kept δ, in float64. Tolerance 1e-5 (float32 sums).
+    """
+    torch.manual_seed(0)
+    model = torchbp.MLP([8, 16, 4], dtype=dtype)
+    x, y = torch.randn(16384, 8, dtype=dtype), torch.zeros(16384, 4, dtype=dtype)
+    with torchbp.DeltaMonitor(model, reduction="sum", keep_last=True) as monitor:
+        for _ in range(32):
+            model.cost(x, y, reduction="sum").backward()  # the same δ every pass
+        deltas = {name: d.double() for name, d in monitor.last_delta.items()}
+        popped = monitor.pop()
+    for name, d in deltas.items():
+        expected = (d.sum(0).norm().item(), d.norm(dim=1).mean().item(), d.abs().max().item())
+        got = tuple(popped[name][stat] for stat in ("norm", "sample_norm", "max_abs"))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
+def test_accumulator_follows_the_model_to_float64():
+    """Passes in float32, then model.double() without a pop between: the float64 passes are summed in float64."""
+    torch.manual_seed(6)
+    model = torchbp.MLP([4, 3, 2])
+    x, y = torch.randn(5, 4), torch.rand(5, 2)
+    with torchbp.DeltaMonitor(model, flush_every=1) as monitor:
+        model.cost(x, y).backward()
+        first = {k: v["norm"] for k, v in monitor.pop().items()}
+        model.cost(x, y).backward()  # the accumulator exists now, in float32
+        model.double()
+        ref = nn_sequential([4, 3, 2], dtype=DT)
+        ref.load_state_dict(model.state_dict())
+        expected64 = oracle_stats(ref, x.double(), y.double())
+        model.cost(x.double(), y.double()).backward()
+        popped = monitor.pop()
+    for name, (norm64, _, _) in expected64.items():
+        # The mean of a float32 pass (the first pop's value: same weights, same batch) and a
+        # float64 one, to float64's precision; a float32 accumulator is ~1e-8 off.
+        torch.testing.assert_close(popped[name]["norm"], (first[name] + norm64) / 2, rtol=1e-12, atol=0)
+
+
+def test_a_copy_of_a_monitored_model_is_not_monitored():
+    """copy.deepcopy (an EMA or best-model snapshot) and torch.save of a monitored model carry no δ hook.
+
+    The copy's passes would otherwise be recorded under the original's names,
+    after close() too, and torch.save(model) fails on the hook's closure.
+    """
+    import copy
+    import io
+
+    model = torchbp.MLP([4, 3, 2])
+    x, y = torch.randn(5, 4), torch.rand(5, 2)
+    with torchbp.DeltaMonitor(model) as monitor:
+        snapshot = copy.deepcopy(model)
+        snapshot.cost(x, y).backward()
+        assert monitor.pop() == {}
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        loaded.cost(x, y).backward()
+        assert monitor.pop() == {}
+        model.cost(x, y).backward()  # the original is still monitored
+        assert set(monitor.pop()) == {"0", "2"}
+    # A copy can be monitored on its own.
+    with torchbp.DeltaMonitor(snapshot) as own:
+        snapshot.cost(x, y).backward()
+        assert set(own.pop()) == {"0", "2"}
+
+
 def test_ddp_keeps_inner_names(tmp_path):
     """A DistributedDataParallel-wrapped model (gloo, world size 1) is monitored under the inner model's names."""
     import torch.distributed as dist

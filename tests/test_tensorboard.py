@@ -164,3 +164,40 @@ def test_live_tensorboard_serves_the_delta_tags(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def test_histograms_only_for_layers_with_a_pass_since_the_last_call(tmp_path):
+    """A log step with no recorded pass (all inside monitor.paused()) writes no δ scalars and no stale histogram."""
+    model = torchbp.MLP([4, 3, 2])
+    x, y = torch.randn(5, 4), torch.rand(5, 2)
+    with torchbp.DeltaMonitor(model, keep_last=True) as monitor, SummaryWriter(os.fspath(tmp_path)) as writer:
+        model.cost(x, y).backward()
+        log_deltas(writer, monitor, 0, hist_every=1)
+        with monitor.paused():
+            model.cost(x, y).backward()
+        assert log_deltas(writer, monitor, 1, hist_every=1) == {}
+    acc = event_accumulator.EventAccumulator(os.fspath(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    for layer in ("0", "2"):
+        assert [e.step for e in acc.Scalars(f"delta/norm/{layer}")] == [0]
+        assert [h.step for h in acc.Histograms(f"delta/hist/{layer}")] == [0]
+
+
+def test_bad_arguments_fail_before_anything_is_popped(tmp_path):
+    """A bad writer or model raises before monitor.pop(): the recorded statistics stay in the monitor."""
+    model = torchbp.MLP([4, 3, 2])
+    x, y = torch.randn(5, 4), torch.rand(5, 2)
+    with torchbp.DeltaMonitor(model) as monitor, SummaryWriter(os.fspath(tmp_path)) as writer:
+        model.cost(x, y).backward()
+        with pytest.raises(TypeError, match="writer must be a SummaryWriter .*got NoneType"):
+            log_deltas(None, monitor, 0)
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module or None, got str"):
+            log_deltas(writer, monitor, 0, model="model")
+        with pytest.raises(TypeError, match="step must be an int, got float"):
+            log_deltas(writer, monitor, 1.0)
+        # Integers other than int (numpy's, as a loop over np.arange gives) are steps too.
+        np = pytest.importorskip("numpy")
+        assert set(log_deltas(writer, monitor, np.int64(3))) == {"0", "2"}
+    acc = event_accumulator.EventAccumulator(os.fspath(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("delta/norm/0")] == [3]

@@ -124,6 +124,8 @@ class DeltaMonitor:
             raise TypeError(f"DeltaMonitor: model must be a torch.nn.Module, got {type(model).__name__}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"DeltaMonitor: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if not isinstance(keep_last, bool):
+            raise TypeError(f"DeltaMonitor: keep_last must be a bool, got {keep_last!r}")
         for name, value in (("flush_every", flush_every), ("max_held_bytes", max_held_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DeltaMonitor: {name} must be a positive int, got {value!r}")
@@ -173,6 +175,15 @@ class DeltaMonitor:
         held = self._held[name]
         if not held:
             return
+        # A pop() inside torch.inference_mode() (logging in an eval block) must not make the
+        # accumulator an inference tensor: a later flush, outside, could not add to it.
+        with torch.inference_mode(False):
+            self._reduce(name, held)
+        self._passes[name] += len(held)
+        held.clear()
+        self._held_bytes[name] = 0
+
+    def _reduce(self, name: str, held: list[Tensor]) -> None:
         # Passes of the same shape are stacked and reduced together: (K, N, out).
         groups: dict[tuple[int, ...], list[Tensor]] = {}
         for delta in held:
@@ -181,24 +192,34 @@ class DeltaMonitor:
             out = deltas[0].shape[-1]
             delta = torch.stack(deltas).reshape(len(deltas), -1, out)  # (K, *, out) -> (K, N, out)
             n = delta.shape[1]
-            acc = self._sums.get(name)
-            if acc is None:
-                dtype = torch.promote_types(delta.dtype, torch.float32)
-                acc = self._sums[name] = torch.zeros(3, dtype=dtype, device=delta.device)
+            # Sums over N samples in at least float32: a float16 Σ overflows at 65504, bf16 rounds.
+            dtype = torch.promote_types(delta.dtype, torch.float32)
+            acc = self._accumulator(name, dtype, delta.device)
             # ∇_b C = Σ_n δ_n per pass: (K, N, out) -> (K, out) -> (K,) norms, summed over passes
-            norm = torch.linalg.vector_norm(delta.sum(1), dim=1).sum()
+            norm = torch.linalg.vector_norm(delta.sum(1, dtype=dtype), dim=1).sum()
             # Σ_n ‖δ_n‖: (K, N, out) -> (K, N) -> summed; with a mean-reduced cost that is N · mean_n ‖δ_n‖
-            sample_norm = torch.linalg.vector_norm(delta, dim=2).sum()
+            sample_norm = torch.linalg.vector_norm(delta, dim=2, dtype=dtype).sum()
             if self.reduction == "sum":
                 sample_norm = sample_norm / n
             # max |δ| per pass: (K, N·out) -> (K,), summed over passes (max(max, −min): much
-            # faster on CPU than the inf-norm)
+            # faster on CPU than the inf-norm; exact in δ's own dtype)
             flat = delta.reshape(len(deltas), -1)
-            max_abs = torch.maximum(flat.amax(1), flat.amin(1).neg()).sum()
+            max_abs = torch.maximum(flat.amax(1), flat.amin(1).neg()).to(dtype).sum()
             acc.add_(torch.stack([norm, sample_norm, max_abs]))
-        self._passes[name] += len(held)
-        held.clear()
-        self._held_bytes[name] = 0
+
+    def _accumulator(self, name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Layer ``name``'s sums of (norm, sample_norm, max_abs), wide enough for ``dtype``, on ``device``.
+
+        Follows the model when it changes dtype (``.double()``) or device (``.to("cuda")``)
+        between pops: the sums so far are converted, not lost.
+        """
+        acc = self._sums.get(name)
+        if acc is None:
+            acc = torch.zeros(3, dtype=dtype, device=device)
+        elif acc.device != device or torch.promote_types(acc.dtype, dtype) != acc.dtype:
+            acc = acc.to(device=device, dtype=torch.promote_types(acc.dtype, dtype))
+        self._sums[name] = acc
+        return acc
 
     # ---------------------------------------------------------------- public
 
@@ -240,6 +261,8 @@ class DeltaMonitor:
         self._handles = []
 
     def __enter__(self) -> DeltaMonitor:
+        if not self._handles:  # a closed monitor would record nothing in the block, silently
+            raise RuntimeError("DeltaMonitor: closed, its hooks are removed; create a new DeltaMonitor(model)")
         return self
 
     def __exit__(self, *exc) -> None:

@@ -78,7 +78,7 @@ class Linear(nn.Linear):
         """Call ``hook(module, delta)`` in every backward pass with δ = ∇_z C, shape ``(*, out_features)``.
 
         The hook must not modify ``delta``. Costs nothing while no hook is
-        registered. Eager mode only: a forward traced by ``torch.compile``
+        registered. A copy of the module (``copy.deepcopy``, pickle) has none. Eager mode only: a forward traced by ``torch.compile``
         passes no hook to the backward (a Python call would break the graph).
         Returns a handle whose ``remove()`` unregisters it.
         """
@@ -89,6 +89,14 @@ class Linear(nn.Linear):
     def _call_delta_hooks(self, delta: Tensor) -> None:
         for hook in tuple(self._delta_hooks.values()):
             hook(self, delta)
+
+    def __getstate__(self):
+        # A copy (copy.deepcopy, pickle, torch.save(model)) carries no δ hook: a hook belongs to
+        # the module it was registered on, whose handle alone can remove it; a DeltaMonitor's
+        # hook in a copy would record the copy under the original's names, after close() too.
+        state = self.__dict__.copy()
+        state["_delta_hooks"] = OrderedDict()
+        return state
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -27,6 +27,7 @@ the weight's ``.grad`` at the logging step) and ``delta/hist/<layer>``.
 
 from __future__ import annotations
 
+import numbers
 import re
 
 import torch
@@ -77,9 +78,11 @@ def log_deltas(writer, monitor: DeltaMonitor, step: int, model: nn.Module | None
     Writes ``delta/{norm,sample_norm,max_abs}/<layer>`` from :meth:`DeltaMonitor.pop`;
     with ``model``, ``grad/weight_norm/<layer>`` of every torchbp Linear's
     ``weight.grad``; when ``hist_every > 0`` and ``step % hist_every == 0``,
-    histograms ``delta/hist/<layer>`` of the last δ (needs
-    ``DeltaMonitor(..., keep_last=True)``); and, the first time for this
-    writer, the custom-scalars layout (:func:`delta_layout`).
+    histograms ``delta/hist/<layer>`` of the last δ of every layer with a
+    pass since the last call (needs ``DeltaMonitor(..., keep_last=True)``);
+    and, the first time for this writer, the custom-scalars layout
+    (:func:`delta_layout`). Every argument is checked before anything is
+    popped or written.
 
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter``
@@ -88,10 +91,19 @@ def log_deltas(writer, monitor: DeltaMonitor, step: int, model: nn.Module | None
         model: the monitored model, for the weight-gradient norms (optional)
         hist_every: write histograms every this many steps; 0 (default) never
     """
+    # Every argument is checked before monitor.pop(): a bad one must not lose the popped statistics.
+    for method in ("add_scalar", "add_histogram", "add_custom_scalars"):
+        if not callable(getattr(writer, method, None)):
+            raise TypeError(
+                f"log_deltas(): writer must be a SummaryWriter (with {method}()), got {type(writer).__name__}"
+            )
     if not isinstance(monitor, DeltaMonitor):
         raise TypeError(f"log_deltas(): monitor must be a torchbp.DeltaMonitor, got {type(monitor).__name__}")
-    if not isinstance(step, int) or isinstance(step, bool):
+    if not isinstance(step, numbers.Integral) or isinstance(step, bool):
         raise TypeError(f"log_deltas(): step must be an int, got {type(step).__name__}")
+    step = int(step)  # np.int64 and other integers, as SummaryWriter takes them
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"log_deltas(): model must be a torch.nn.Module or None, got {type(model).__name__}")
     if not isinstance(hist_every, int) or isinstance(hist_every, bool) or hist_every < 0:
         raise ValueError(f"log_deltas(): hist_every must be an int >= 0, got {hist_every!r}")
     if hist_every and not monitor.keep_last:
@@ -113,6 +125,8 @@ def log_deltas(writer, monitor: DeltaMonitor, step: int, model: nn.Module | None
                 writer.add_scalar(_tag("grad/weight_norm", name), norm, step)
 
     if hist_every and step % hist_every == 0:
+        # Only layers with a pass since the last call: an older δ is not this step's.
         for layer, delta in monitor.last_delta.items():
-            writer.add_histogram(_tag("delta/hist", layer), delta.float().cpu(), step)
+            if layer in stats:
+                writer.add_histogram(_tag("delta/hist", layer), delta.float().cpu(), step)
     return stats
