@@ -185,7 +185,9 @@ def test_a_used_logdir_is_refused_and_a_resume_reads_the_runs_own_data(tmp_path,
     import train.mnist
 
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # main's Ctrl-C handler stays out of pytest
-    args = ["--data-dir", os.path.abspath(DATA_DIR), "--dry-run", "--hidden", "8", "--logdir", str(tmp_path)]
+    # Nielsen's recipe (no schedule): a finished run that --epochs can extend, so the resume trains.
+    args = ["--data-dir", os.path.abspath(DATA_DIR), "--recipe", "nielsen", "--limit-train", "100", "--epochs", "1",
+            "--hidden", "8", "--logdir", str(tmp_path)]
     assert train.mnist.main(args) == 0
     ckpt = tmp_path / "checkpoint.pt"
     before = ckpt.read_bytes()
@@ -195,7 +197,8 @@ def test_a_used_logdir_is_refused_and_a_resume_reads_the_runs_own_data(tmp_path,
     assert f"--logdir {tmp_path} is not empty; continue that run with --resume {ckpt}" in capsys.readouterr().err
     assert ckpt.read_bytes() == before
     monkeypatch.chdir(tmp_path)  # no ./data here: the data must come from the checkpoint's --data-dir
-    assert train.mnist.main(["--resume", str(ckpt)]) == 0
+    assert train.mnist.main(["--resume", str(ckpt), "--epochs", "2"]) == 0
+    assert load(ckpt)["epoch"] == 2
     import train.evaluate
 
     capsys.readouterr()
@@ -246,6 +249,11 @@ def test_resume_with_more_epochs_continues_a_run_without_schedule_as_if_it_had_b
     (["--resume", "x.pt", "--epochs", "20", "--lr", "1", "--seed", "2"],
      "--resume continues a run with the hyperparameters in its checkpoint; --lr, --seed cannot change them"),
     (["--resume", "x.pt", "--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--resume", "run/checkpoint.pt", "--threads", "0"], "--threads must be at least 1, got 0"),
+    # the run would go on in backups/, overwriting the checkpoint.pt and metrics of whatever run is there
+    (["--resume", "backups/run-a.pt"], "copy backups/run-a.pt into a folder of its own as checkpoint.pt"),
+    (["--seed", str(2**64)], "argument --seed: must be in 0..18446744073709551615, got 18446744073709551616"),
+    (["--logdir", ""], "argument --logdir: must be a folder path, got ''"),
 ])
 def test_contradicting_or_impossible_flags_are_refused_by_name(argv, message, capsys):
     """Each would otherwise be ignored or break the run later (a traceback in the first step, or histograms
@@ -404,3 +412,62 @@ def test_threads_reaches_torch_and_is_checked(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     run_in_process(["--dry-run", "--hidden", "8", "--threads", "1", "--logdir", str(tmp_path)])
     assert calls == [1]
+
+
+@pytest.mark.parametrize("script", ["train.mnist", "train.vanishing"])
+def test_a_logdir_that_cannot_be_created_is_refused_before_the_run(tmp_path, script, capsys):
+    """A --logdir under a file: argparse's exit 2 naming the flag, not a traceback after training."""
+    import importlib
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(script).main(["--data-dir", DATA_DIR, "--logdir", str(blocker / "run")])
+    assert info.value.code == 2
+    assert f"argument --logdir: cannot be created, {blocker} is a file" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_checkpoint_steps_events_and_a_finished_run_is_left_alone(tmp_path, capsys):
+    """Events at the checkpoint's step were written before it: a resume keeps them (it purges only later
+    steps). Resuming a finished run says so and changes nothing: same checkpoint, same events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def scalar_steps():
+        events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+        events.Reload()
+        return {tag: [e.step for e in events.Scalars(tag)] for tag in ("train/loss", "accuracy/val", "epoch/train_loss")}
+
+    # 100 images in batches of 10: 10 steps an epoch, logs every 5
+    run_in_process(["--recipe", "nielsen", "--hidden", "8", "--limit-train", "100", "--epochs", "1",
+                    "--log-every", "5", "--logdir", str(tmp_path)])
+    ckpt = tmp_path / "checkpoint.pt"
+    run_in_process(["--resume", str(ckpt), "--epochs", "2"])
+    expected = {"train/loss": [5, 10, 15, 20], "accuracy/val": [10, 20], "epoch/train_loss": [10, 20]}
+    assert scalar_steps() == expected
+    before, metrics = ckpt.read_bytes(), (tmp_path / "metrics.json").read_bytes()
+    capsys.readouterr()
+    run_in_process(["--resume", str(ckpt)])
+    assert f"the run in {tmp_path} is complete (2 epochs, metrics.json written); nothing to do" in capsys.readouterr().out
+    assert scalar_steps() == expected
+    assert ckpt.read_bytes() == before and (tmp_path / "metrics.json").read_bytes() == metrics
+
+
+def test_train_lr_is_the_lr_each_logged_step_used(tmp_path):
+    """Oracle: torch's OneCycleLR over the run's 10 steps, its lr read before each step (the first is
+    max_lr / 25, the last the schedule's end). The fast recipe's Adam, logged at every step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_in_process(["--hidden", "8", "--limit-train", "100", "--batch-size", "10", "--epochs", "1",
+                    "--lr", "0.004", "--log-every", "1", "--no-monitor", "--logdir", str(tmp_path)])
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.004)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.004, total_steps=10)
+    used = []
+    for _ in range(10):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = events.Scalars("train/lr")
+    assert [e.step for e in logged] == list(range(1, 11))
+    assert [e.value for e in logged] == pytest.approx(used, rel=1e-6)  # float32 in the event file

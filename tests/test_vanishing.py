@@ -97,10 +97,12 @@ def test_bad_flags_fail_before_the_run_naming_flag_range_and_value(argv, says, c
     assert info.value.code == 2 and says in capsys.readouterr().err
 
 
-def test_json_and_logdir_must_be_a_file_and_a_folder(tmp_path, capsys):
+def test_json_and_logdir_must_be_a_file_and_a_new_or_empty_folder(tmp_path, capsys):
     (tmp_path / "taken").write_text("")
     for argv, says in ((["--json", os.fspath(tmp_path)], f"argument --json: must be a file to write, got the folder {tmp_path}"),
-                       (["--logdir", os.fspath(tmp_path / "taken")], "argument --logdir: must be a folder, got the file")):
+                       (["--logdir", os.fspath(tmp_path / "taken")], "argument --logdir: must be a folder, got the file"),
+                       # another experiment's curves would share the charts with this one's
+                       (["--logdir", os.fspath(tmp_path)], f"--logdir must be a new or empty folder, got {tmp_path} (not empty)")):
         with pytest.raises(SystemExit) as info:
             vanishing.main(argv)
         assert info.value.code == 2 and says in capsys.readouterr().err

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from train.cli import int_in
+
 N_TRAIN = 50_000  # the first 50,000 of the 60,000 training images; the rest validate
 IMAGE_SHAPE = (28, 28)
 N_CLASSES = 10
@@ -327,20 +329,6 @@ def _benchmark(root: str, batch_size: int, repeats: int, download: bool) -> None
     print(f"  DataLoader + ToTensor : {med['dataloader']:.3f} s")
     print(f"  index into tensor     : {med['tensor']:.4f} s")
     print(f"  speed-up              : {med['dataloader'] / med['tensor']:.0f}x")
-
-
-def int_in(low: int, high: int | None = None):
-    """An argparse ``type``: an int in low..high (no upper bound for None), else argparse's error naming the flag."""
-    def parse(text: str) -> int:
-        span = f"in {low}..{high}" if high is not None else f">= {low}"
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
-        return value
-    return parse
 
 
 def main(argv: list[str] | None = None) -> int:

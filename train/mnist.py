@@ -57,8 +57,10 @@ RNG and the batch generator). A run killed after epoch k and resumed with
 uninterrupted run (the losses add up in float32 on the device, and the
 checkpoint keeps the partial sums as they were). ``--resume`` takes every
 hyperparameter from the checkpoint (a flag that would change one is refused),
-the data from the run's ``--data-dir`` unless given again; a new run refuses a
-``--logdir`` that already holds files.
+the data from the run's ``--data-dir`` unless given again, and goes on in the
+checkpoint's folder (so it takes a file named ``checkpoint.pt``), keeping the
+events up to the checkpoint's step; a finished run with its metrics.json is
+left as it is. A new run refuses a ``--logdir`` that already holds files.
 
 Host syncs: a step never reads a value back from the device. The loss is
 accumulated as a device tensor and read at log steps and at the end of an
@@ -104,6 +106,7 @@ from torch import Tensor, nn
 
 import torchbp
 from train import checkpoint
+from train.cli import int_in, run_folder as folder_arg
 from train.data import DATA_DIR, MNIST, Batches, DataError, Split, load_mnist, one_hot
 
 if TYPE_CHECKING:
@@ -151,13 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one-hot target values, e.g. 0.05 0.95 {_recipe_default('target_range')}")
     p.add_argument("--normalization", choices=["unit", "standard"],
                    help=f"unit: pixels in [0, 1]; standard: zero mean, unit variance {_recipe_default('normalization')}")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batch order (default: 0)")
+    p.add_argument("--seed", type=int_in(0, 2**64 - 1), default=0, metavar="N",
+                   help="seed of the initialisation and batch order, 0..2^64-1 as torch takes it (default: 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda when available (default: auto)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch's ops (torch.set_num_threads); at mini-batch 10 one thread is "
                         "fastest, the matmuls being too small to share (default: torch's choice)")
-    p.add_argument("--logdir", help="run folder, new or empty (default: runs/<recipe>-<timestamp>)")
+    p.add_argument("--logdir", type=folder_arg, help="run folder, new or empty (default: runs/<recipe>-<timestamp>)")
     p.add_argument("--log-every", type=int, default=100, help="steps between loss/δ logs (default: 100)")
     p.add_argument("--delta-hist-every", type=int, default=0,
                    help="steps between δ histograms, 0 for none (default: 0)")
@@ -195,6 +199,14 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "--compile and --epochs apply)")
         if args.epochs is not None and args.epochs < 1:
             parser.error(f"--epochs must be at least 1, got {args.epochs}")
+        if args.threads is not None and args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        if os.path.basename(args.resume) != "checkpoint.pt":
+            # The run goes on in the checkpoint's folder, writing checkpoint.pt, metrics.json and
+            # TensorBoard events there: another run's, or a folder of copies, would be overwritten or mixed.
+            parser.error(f"--resume continues the run whose folder holds the given checkpoint.pt; copy "
+                         f"{args.resume} into a folder of its own as checkpoint.pt and resume from that, "
+                         f"got {args.resume}")
         return args  # resume_args fills in the rest from the checkpoint
     if args.data_dir is None:
         args.data_dir = DATA_DIR
@@ -456,7 +468,10 @@ def open_writer(logdir: str, purge_step: int | None) -> SummaryWriter:
     """The run folder's SummaryWriter (rank 0 only)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    os.makedirs(logdir, exist_ok=True)
+    try:
+        os.makedirs(logdir, exist_ok=True)
+    except OSError as e:  # what --logdir's check cannot see ahead (a read-only mount, /proc)
+        fail(f"--logdir {logdir} cannot be created: {e.strerror}", EXIT_DATA)
     # purge_step: events a killed run wrote after its last checkpoint are dropped from the plots
     return SummaryWriter(logdir, purge_step=purge_step)
 
@@ -552,6 +567,13 @@ def resume_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | No
     return resumed, state
 
 
+def run_complete(args: argparse.Namespace, state: dict) -> bool:
+    """Whether the checkpoint ends the run (its last epoch done) and the run's final metrics are written."""
+    epochs = 1 if args.dry_run else args.epochs
+    done = state["epoch"] >= epochs and not state.get("batch_in_epoch", 0)
+    return done and os.path.exists(os.path.join(args.logdir, "metrics.json"))
+
+
 def restore(state: dict, model: torchbp.MLP, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device) -> Progress:
     """Load a checkpoint into the model, optimizer, scheduler and the RNGs; return its progress."""
@@ -615,15 +637,15 @@ def mean_over_ranks(run: Run, total: Tensor) -> Tensor:
 
 
 def log_step(run: Run, progress: Progress, monitor: torchbp.DeltaMonitor | None,
-             loss_since_log: Tensor, n: int) -> float:
-    """The mean loss of the last ``n`` steps (exit 1 if not finite); rank 0 logs it, the lr and δ statistics."""
+             loss_since_log: Tensor, n: int, lr: float | None) -> float:
+    """The mean loss of the last ``n`` steps (exit 1 if not finite); rank 0 logs it, the step's ``lr`` and δ statistics."""
     loss = (mean_over_ranks(run, loss_since_log) / n).item()
     if not math.isfinite(loss):
         diverged(run, f"the training loss is {loss} at step {progress.step} (epoch {progress.epoch + 1})")
     writer, step, model = run.writer, progress.step, run.model
     if run.main_rank:
         writer.add_scalar("train/loss", loss, step)
-        writer.add_scalar("train/lr", float(run.optimizer.param_groups[0]["lr"]), step)
+        writer.add_scalar("train/lr", lr, step)
     if monitor is None:
         return loss
     if not run.main_rank:
@@ -683,6 +705,9 @@ def train(run: Run, progress: Progress, batches: Batches, generator: torch.Gener
             cost = run.fast_steps(*batches.span(progress.batch_in_epoch, n))
         else:
             cost = run.fast_step(*batches.span(progress.batch_in_epoch))
+        logs = (progress.step + n) % args.log_every == 0
+        # The lr this step used, logged with it: read before the scheduler moves it on.
+        lr = float(run.optimizer.param_groups[0]["lr"]) if logs and run.main_rank else None
         if run.scheduler is not None:
             run.scheduler.step()  # never with fast_steps: by hand means no scheduler
         epoch_loss += cost
@@ -692,8 +717,8 @@ def train(run: Run, progress: Progress, batches: Batches, generator: torch.Gener
         n_since_log += n
         if bar is not None:
             bar.update(n)
-        if progress.step % args.log_every == 0:
-            loss = log_step(run, progress, monitor, loss_since_log, n_since_log)
+        if logs:
+            loss = log_step(run, progress, monitor, loss_since_log, n_since_log, lr)
             if monitor is not None:
                 monitor.close()
             loss_since_log.zero_()
@@ -805,6 +830,7 @@ def finish(run: Run, progress: Progress, data: MNIST, test: Split, ranks_identic
         {"hparam/test_accuracy": metrics["test_accuracy"], "hparam/best_val_accuracy": best_val,
          "hparam/train_seconds": train_seconds},
         run_name=".",  # keep the hparams in this run's folder, not in a timestamped subfolder
+        global_step=step,  # a run resumed for more epochs adds its final metrics at its new last step
     )
     writer.close()
     with open(os.path.join(args.logdir, "metrics.json"), "w") as f:
@@ -818,6 +844,11 @@ def main(argv: list[str] | None = None) -> int:
     args = resolve_args(argv)
     stop = Stop()
     args, state = resume_args(args)
+    if state is not None and run_complete(args, state):
+        # Resuming would rewrite the final epoch's events and metrics of a run that has them all.
+        print(f"the run in {args.logdir} is complete ({state['epoch']} epochs, metrics.json written); nothing to "
+              "do: give --epochs to train a run without a schedule for longer, or start a new run")
+        return 0
     args.logdir = run_folder(args)  # before any rank creates it, so that every rank sees the same
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -838,7 +869,9 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(epoch_generator_state=generator.get_state())
     if state is not None:
         progress = restore(state, model, optimizer, scheduler, device)
-    writer = open_writer(args.logdir, progress.step if state is not None else None) if rank == 0 else None
+    # A resumed run keeps the events up to its checkpoint's step (that step's logs and evaluation were
+    # written before the checkpoint) and drops those a killed run wrote after it.
+    writer = open_writer(args.logdir, progress.step + 1 if state is not None else None) if rank == 0 else None
     train_step, fast_step, fast_steps = make_steps(args, model, step_module, optimizer, scheduler, world_size)
     run = Run(args=args, model=model, optimizer=optimizer, scheduler=scheduler, train_step=train_step,
               fast_step=fast_step, writer=writer, stop=stop, device=device, rank=rank, world_size=world_size,

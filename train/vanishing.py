@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 import torchbp
-from train.data import DATA_DIR, EXPECTED_COUNT, DataError, int_in, read_mnist
+from train.cli import int_in, run_folder, writable_file
+from train.data import DATA_DIR, EXPECTED_COUNT, DataError, read_mnist
 
 ARCHITECTURES = ([784, 30, 30, 10], [784, 30, 30, 30, 10], [784, 30, 30, 30, 30, 10])
 # The book's table (ch. 5, cross-entropy cost, N(0, 1/n_in) weights, N(0, 1) biases, the first 1000 training images).
@@ -150,25 +151,6 @@ def write_tensorboard(logdir: str, summary: dict[str, dict[str, list[float]]], t
     writer.close()
 
 
-def _writable_file(path: str) -> str:
-    """An argparse ``type`` for --json: a file to write in an existing folder, refused before the run rather than after."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise argparse.ArgumentTypeError(f"must be a file to write, got the folder {path}")
-    if not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(f"must be in an existing folder, got {path} ({folder} does not exist)")
-    if not os.access(folder, os.W_OK):
-        raise argparse.ArgumentTypeError(f"must be in a folder you can write to, got {path}")
-    return path
-
-
-def _run_folder(path: str) -> str:
-    """An argparse ``type`` for --logdir: TensorBoard writes into a folder, which a file there would block."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise argparse.ArgumentTypeError(f"must be a folder, got the file {path}")
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m train.vanishing", description=__doc__.splitlines()[0],
@@ -184,11 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", choices=INITS, default="default",
                         help="default (torch.nn.Linear's) or gaussian-scaled (N(0, 1/n_in) weights, N(0, 1) biases, "
                              "the book's) (default: default)")
-    parser.add_argument("--json", metavar="PATH", type=_writable_file, default=None,
+    parser.add_argument("--json", metavar="PATH", type=writable_file, default=None,
                         help="write {network: [mean ‖δ‖ per hidden layer, first to last]} here (default: none)")
-    parser.add_argument("--logdir", type=_run_folder, default=None,
+    parser.add_argument("--logdir", type=run_folder, default=None,
                         help="TensorBoard run folder (default: runs/vanishing-<timestamp>)")
     args = parser.parse_args(argv)
+    if args.logdir and os.path.isdir(args.logdir) and os.listdir(args.logdir):
+        # another experiment's curves would be interleaved with this one's in the same charts
+        parser.error(f"--logdir must be a new or empty folder, got {args.logdir} (not empty)")
 
     try:
         images, targets = load_mnist(args.data_dir, args.download, args.samples)

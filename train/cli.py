@@ -1,0 +1,54 @@
+"""argparse ``type`` functions shared by the training scripts: bad flags are refused before any work."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def int_in(low: int, high: int | None = None):
+    """An argparse ``type``: an int in low..high (no upper bound for None), else argparse's error naming the flag."""
+    def parse(text: str) -> int:
+        span = f"in {low}..{high}" if high is not None else f">= {low}"
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        return value
+    return parse
+
+
+def writable_file(path: str) -> str:
+    """An argparse ``type`` for an output file in an existing folder, refused before the run rather than after."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"must be a file to write, got the folder {path}")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"must be in an existing folder, got {path} ({folder} does not exist)")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"must be in a folder you can write to, got {path}")
+    return path
+
+
+def run_folder(path: str) -> str:
+    """An argparse ``type`` for --logdir: a folder that exists or can be created (TensorBoard writes into it).
+
+    Checked without creating anything: the nearest existing ancestor must be a
+    folder this user can write to.
+    """
+    if not path:
+        raise argparse.ArgumentTypeError("must be a folder path, got ''")
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise argparse.ArgumentTypeError(f"must be a folder, got the file {path}")
+        return path
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"cannot be created, {parent} is a file: got {path}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot be created, no write permission in {parent}: got {path}")
+    return path
