@@ -36,6 +36,14 @@ What is recorded where:
 - ``backward(create_graph=True)``: recorded; δ is detached first.
 - A Linear applied k times in one forward gets k δ per backward pass; each
   counts as one pass in the averages.
+- ``torch.amp.GradScaler``: the backward runs on the scaled cost, so every
+  statistic is the scale factor times the unscaled one (divide by
+  ``scaler.get_scale()``, or log where the loss is not scaled).
+- Gradient accumulation over k micro-batches: each micro-batch's backward is
+  a pass of its own, with its own N; ``norm`` is then a micro-batch's
+  ‖∇_b C‖ scaled as the cost you backpropagate, not the accumulated step's.
+- Copies of the model (``copy.deepcopy``, pickle) are not monitored; a
+  monitor records the modules it was given.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ The only torchbp module that needs the ``tensorboard`` package; import it
 explicitly (``import torchbp.tensorboard``), ``import torchbp`` never does.
 One call per logging step writes everything a :class:`~torchbp.DeltaMonitor`
 recorded since the last one, into the writer's own run folder (never
-``add_scalars``, which makes one run folder per key)::
+``add_scalars``, which makes one run folder per key). Tags are named by layer
+only: give each monitored model a writer (a run folder) of its own, and
+TensorBoard compares the models' charts side by side::
 
     from torch.utils.tensorboard import SummaryWriter
     import torchbp

@@ -71,7 +71,9 @@ previous epoch, stays good).
 Ctrl-C finishes the current step, writes the checkpoint with the position
 inside the epoch (resume continues from the next step, with the same batch
 order), flushes TensorBoard and exits 130. Under torchrun the ranks agree on
-stopping at the next log step or epoch end (one all-reduce there, not per step).
+stopping at the next log step or epoch end (one all-reduce there, not per step)
+and checkpoint there; torchrun itself then reports the signal (a
+SignalException traceback) and exits 1.
 
 More than one process: ``torchrun --nproc_per_node=2 -m train.mnist ...`` trains
 with DistributedDataParallel (gloo on CPU, nccl on CUDA). Every rank draws the
