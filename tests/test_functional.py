@@ -506,6 +506,17 @@ BAD_INPUTS = {
                                 "cross_entropy_cost(): every element of a must lie in [0, 1]"),
     "cross entropy a nan": (lambda: F.cross_entropy_cost(torch.full((4, 3), math.nan), _t(4, 3)), RuntimeError,
                             "cross_entropy_cost(): every element of a must lie in [0, 1]"),
+    # a target outside [0, 1] (class labels, 0..255 pixels) is refused as binary_cross_entropy refuses it
+    "cross entropy y above 1": (lambda: F.cross_entropy_cost(_t(4, 3), torch.full((4, 3), 255.0)), RuntimeError,
+                                "cross_entropy_cost(): every element of y must lie in [0, 1] (a probability), "
+                                "got one outside"),
+    "mlp_cost cross entropy target": (
+        lambda: F.mlp_cost(_t(5, 3), torch.full((5, 2), 2.0), ws, bs, cost="cross_entropy"), RuntimeError,
+        "mlp_cost(): every element of target must lie in [0, 1] (a probability), got one outside"),
+    "mlp_sgd_step cross entropy target": (
+        lambda: F.mlp_sgd_step(_t(5, 3), torch.full((5, 2), -1.0), ws, bs, 0.5,
+                               cost="cross_entropy"), RuntimeError,
+        "mlp_sgd_step(): every element of target must lie in [0, 1] (a probability), got one outside"),
     "quadratic dtypes": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 3, dtype=torch.float64)), TypeError,
                          "quadratic_cost(): y must have the same dtype as a (torch.float32), got torch.float64"),
     # mlp

@@ -236,7 +236,7 @@ def test_bad_arguments_fail_fast():
         torchbp.DeltaMonitor("model")
 
 
-def test_a_closed_monitor_refuses_a_new_with_block():
+def test_a_closed_monitor_refuses_a_new_with_block_and_arguments_are_checked():
     """Re-entering a closed monitor would record nothing, silently: it raises instead."""
     model = torchbp.MLP([4, 3, 2])
     monitor = torchbp.DeltaMonitor(model)
@@ -246,6 +246,8 @@ def test_a_closed_monitor_refuses_a_new_with_block():
             pass
     with pytest.raises(TypeError, match="keep_last must be a bool, got 'no'"):
         torchbp.DeltaMonitor(model, keep_last="no")
+    np = pytest.importorskip("numpy")
+    assert torchbp.DeltaMonitor(model, flush_every=np.int64(4)).flush_every == 4  # numpy's ints are ints
 
 
 def test_pop_inside_inference_mode_leaves_the_monitor_usable():

@@ -752,6 +752,80 @@ def test_hooks_registered_for_every_module_see_every_layer_as_on_sequential(fuse
     assert seen == ["MLP", *layers, "Sequential", *layers]
 
 
+def _relu_in_the_middle(model):
+    model.set_submodule("1", nn.ReLU())
+
+
+def _plain_nn_linear(model):
+    layer = nn.Linear(*reversed(model[2].weight.shape), dtype=model[2].weight.dtype)
+    layer.load_state_dict(model[2].state_dict())  # the same numbers: only the class differs
+    model.set_submodule("2", layer)
+
+
+def _softmax_appended(model):
+    model.add_module(str(len(model)), nn.Softmax(dim=-1))
+
+
+REPLACED = {  # children a user swaps or adds after building the MLP, as in an nn.Sequential
+    "ReLU for a Sigmoid": (_relu_in_the_middle, "layer 1 is a torch.nn.modules.activation.ReLU where it was "
+                                                "built with a torchbp.Sigmoid"),
+    "nn.Linear for a Linear": (_plain_nn_linear, "layer 2 is a torch.nn.modules.linear.Linear where it was "
+                                                 "built with a torchbp.Linear"),
+    "a layer appended": (_softmax_appended, "it has 5 layers where it was built with 4"),
+}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("change", REPLACED, ids=list(REPLACED))
+def test_replaced_children_are_computed_as_on_sequential(change, fused):
+    """A child replaced or appended: forward, cost and every gradient are those of nn.Sequential with the
+    same change (the fused node once computed Linear, Sigmoid, ... regardless, or crashed on a plain
+    nn.Linear); 1e-12 in float64. The steps by hand, which compute the network as built, refuse it."""
+    make, message = REPLACED[change]
+    torch.manual_seed(7)
+    model = torchbp.MLP([4, 3, 2], fused=fused, dtype=torch.float64)
+    reference = sequential_like(model)
+    make(model)
+    make(reference)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(5, 2, dtype=torch.float64)
+    close(model(x), reference(x))
+    c, c_ref = model.cost(x, y), oracle_cost(reference(x), y)
+    close(c, c_ref)
+    for g, e in zip(_grads([c], [x, *model.parameters()]), _grads([c_ref], [x, *reference.parameters()])):
+        close(g, e)
+    for method, args in (("sgd_step", (0.5,)), ("sgd_epoch", (0.5, 2))):
+        with pytest.raises(RuntimeError, match=re.escape(f"MLP.{method}(): {message}")):
+            getattr(model, method)(x.detach(), y, *args)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_a_subclass_forward_runs_in_cost_and_is_refused_by_the_steps_by_hand(fused):
+    """MLP.cost is the cost of self(input): a subclass that scales its input in forward gets that cost
+    (the fused cost once skipped forward); oracle: quadratic_cost of nn.Sequential on the scaled input.
+    The steps by hand would skip forward too, and refuse."""
+
+    class Scaled(torchbp.MLP):
+        def forward(self, input):
+            return super().forward(input / 255)
+
+    torch.manual_seed(8)
+    model = Scaled([4, 3, 2], fused=fused, dtype=torch.float64)
+    reference = sequential_like(model)
+    x = 255 * torch.rand(5, 4, dtype=torch.float64)
+    y = torch.rand(5, 2, dtype=torch.float64)
+    close(model.cost(x, y), oracle_cost(reference(x / 255), y))
+    with pytest.raises(RuntimeError, match=re.escape("MLP.sgd_step(): Scaled overrides MLP.forward")):
+        model.sgd_step(x, y, 0.5)
+
+
+def test_mlp_rejects_a_non_bool_fused_and_a_non_sequence_sizes():
+    with pytest.raises(TypeError, match=re.escape("MLP: fused must be a bool, got 'no'")):
+        torchbp.MLP([3, 2], fused="no")
+    with pytest.raises(TypeError, match=re.escape("MLP: sizes must be a sequence of ints (input first), got 4")):
+        torchbp.MLP(4)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("via", ["MLP.cost", "F.mlp_cost", "MLP"])
 def test_non_reentrant_checkpoint_gives_the_same_gradients(fused, via):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import torchbp
+from torchbp import functional as F
 
 from oracles import oracle_cost, sequential_like
 
@@ -166,12 +167,19 @@ def _own_hook(model):
     model.register_forward_pre_hook(lambda module, args: (args[0] + 1,))
 
 
+def _global_hook(model):
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    return register_module_forward_pre_hook(lambda module, args: (args[0] + 1,))
+
+
 REFUSED = {  # what changes the network's computation outside the parameters the step by hand would move
     "parametrize": (_parametrize, "layer 0's weight or bias is computed from other tensors"),
     "prune": (_prune, r"layer 0 \(Linear\) has forward or backward hooks"),
     "spectral_norm": (_spectral_norm, r"layer 2 \(Linear\) has forward or backward hooks"),
     "child hook": (_child_hook, r"layer 1 \(Sigmoid\) has forward or backward hooks"),
     "own hook": (_own_hook, "the MLP has forward or backward hooks"),
+    "hook for every module": (_global_hook, r"the MLP has forward or backward hooks \(of its own, or registered for every"),
 }
 
 
@@ -184,17 +192,21 @@ def test_sgd_step_refuses_a_network_it_would_train_wrong(change, method):
     make, message = REFUSED[change]
     torch.manual_seed(0)
     model = torchbp.MLP([4, 3, 2], fused=True, dtype=torch.float64)
-    make(model)
-    x, y = torch.randn(6, 4, dtype=torch.float64), torch.rand(6, 2, dtype=torch.float64)
-    before = copy.deepcopy(model.state_dict())
-    args = (LR,) if method == "sgd_step" else (LR, 3)
-    with pytest.raises(RuntimeError, match=rf"MLP\.{method}\(\): {message}.*MLP\.cost\(\.\.\.\)\.backward\(\)"):
-        getattr(model, method)(x, y, *args)
-    after = model.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    model.cost(x, y).backward()
-    optimizer.step()
+    handle = make(model)  # a handle where the change is global, to undo it
+    try:
+        x, y = torch.randn(6, 4, dtype=torch.float64), torch.rand(6, 2, dtype=torch.float64)
+        before = copy.deepcopy(model.state_dict())
+        args = (LR,) if method == "sgd_step" else (LR, 3)
+        with pytest.raises(RuntimeError, match=rf"MLP\.{method}\(\): {message}.*MLP\.cost\(\.\.\.\)\.backward\(\)"):
+            getattr(model, method)(x, y, *args)
+        after = model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        model.cost(x, y).backward()
+        optimizer.step()
+    finally:
+        if handle is not None:
+            handle.remove()
     assert all(not torch.equal(p, before[k]) for k, p in model.named_parameters() if k in before)
 
 
@@ -405,3 +417,17 @@ def test_sgd_epoch_on_every_device_equals_sgd_step_per_mini_batch(device):
     torch.testing.assert_close(costs, expected, rtol=1e-6, atol=0)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_functional_step_refuses_a_computed_weight():
+    """F.mlp_sgd_step on a weight computed from a parameter (V * 2, as a parametrization gives) would move
+    that temporary in place and leave V as it is: refused by name, V untouched."""
+    torch.manual_seed(0)
+    v = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.rand(6, 3, dtype=torch.float64)
+    before = v.detach().clone()
+    with pytest.raises(ValueError, match=r"mlp_sgd_step\(\): weights\[0\] must be a leaf tensor \(a parameter\) "
+                                         r"to be trained in place, got one computed by MulBackward0"):
+        F.mlp_sgd_step(x, y, [v * 2], [b], LR)
+    assert torch.equal(v.detach(), before)

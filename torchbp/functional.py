@@ -516,16 +516,25 @@ def _check_cost_args(fn: str, a: Tensor, y: Tensor, reduction: str) -> None:
     _check_reduction(fn, reduction)
 
 
+def _assert_unit_interval(fn: str, name: str, t: Tensor, what: str) -> None:
+    """As binary_cross_entropy: an element of ``t`` outside [0, 1] fails rather than giving nan or a wrong cost.
+
+    An async assert, so no host sync: on CPU it raises here, on CUDA the kernel asserts. vmap has no
+    rule for it, so under functorch transforms nothing is checked.
+    """
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        torch._assert_async(((t >= 0) & (t <= 1)).all(),
+                            f"{fn}(): every element of {name} must lie in [0, 1] ({what}), got one outside")
+
+
 def _apply_cost(
     fn: str, function: type, classic: type, traced: type, a: Tensor, y: Tensor, reduction: str,
-    a_in_unit_interval: bool = False,
+    unit_interval: bool = False,
 ) -> Tensor:
     _check_cost_args(fn, a, y, reduction)
-    if a_in_unit_interval and (torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active()):
-        # As binary_cross_entropy: an a outside [0, 1] (logits, say) fails rather than giving nan. An async
-        # assert, so no host sync: on CPU it raises here, on CUDA the kernel asserts. vmap has no rule for it.
-        torch._assert_async(((a >= 0) & (a <= 1)).all(),
-                            f"{fn}(): every element of a must lie in [0, 1] (a sigmoid's output), got one outside")
+    if unit_interval:  # the cross-entropy's a (logits, say, would give nan) and y (labels, pixels)
+        _assert_unit_interval(fn, "a", a, "a sigmoid's output")
+        _assert_unit_interval(fn, "y", y, "a probability")
     # Autocast computes losses in float32 (mse_loss and binary_cross_entropy are on its float32 list).
     autocast = _autocast_dtype(a) is not None
     if autocast:
@@ -639,7 +648,7 @@ def cross_entropy_cost(a: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
 
     With a sigmoid output layer its ``δ^L = a − y``: the ``φ'(z^L)`` that slows
     the quadratic cost down cancels. Reduced like :func:`quadratic_cost` (one
-    sample's cost sums over the last dimension); ``a`` must lie in ``[0, 1]``.
+    sample's cost sums over the last dimension); ``a`` and ``y`` must lie in ``[0, 1]``.
     Equal to :func:`torch.nn.functional.binary_cross_entropy` summed over
     features and averaged over samples, guards included: each ln is clamped
     at −100 and the gradient's a(1 − a) at 1e-12, so an output saturated at
@@ -651,7 +660,7 @@ def cross_entropy_cost(a: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
     """
     return _apply_cost(
         "cross_entropy_cost", CrossEntropyCostFunction, _CrossEntropyCostClassic, _CrossEntropyCost,
-        a, y, reduction, a_in_unit_interval=True,
+        a, y, reduction, unit_interval=True,
     )
 
 
@@ -951,6 +960,8 @@ def _check_network_cost(
         if tuple(target.shape) != expected:
             raise ValueError(f"{fn}(): target must have shape {expected} (the output's), got {tuple(target.shape)}")
         _check_same(fn, "input", x, "target", target, dtype=_autocast_dtype(x) is None)
+    if cost == "cross_entropy":
+        _assert_unit_interval(fn, "target", target, "a probability")  # a^L is a sigmoid's: in [0, 1]
     return _network_params(x, weights, biases)
 
 
@@ -1042,6 +1053,12 @@ def _check_sgd(
         raise ValueError(f"{fn}(): lr must be finite and at most {torch.finfo(dtype).max:.4g} (the largest "
                          f"{dtype}, the parameters' dtype), got {lr!r}")
     trains = [p is not None and p.requires_grad for p in params]
+    for i, (p, train) in enumerate(zip(params, trains)):
+        if train and not p.is_leaf:
+            # the step moves it in place; a computed tensor (a parametrization's weight, say) is a
+            # temporary, and the tensors it was computed from would not move
+            raise ValueError(f"{fn}(): {'biases' if i % 2 else 'weights'}[{i // 2}] must be a leaf tensor (a "
+                             f"parameter) to be trained in place, got one computed by {type(p.grad_fn).__name__}")
     if not any(trains):
         # As mlp_cost(...).backward() would: a cost that depends on nothing trainable has no gradient.
         raise ValueError(f"{fn}(): no weight or bias requires grad, so there is nothing to train")
@@ -1160,6 +1177,7 @@ def _sgd_step(
     diff = a_L - target
     delta = _output_delta(cost, a_L, diff)
     step = lr * weight if n else 0.0  # with no samples no parameter moves (the mean's weight is nan)
+    compiling = torch.compiler.is_compiling()
     for l in range(len(params) // 2, 0, -1):  # l = L, ..., 1
         weight_l, bias_l = params[2 * l - 2], params[2 * l - 1]
         if delta_hook is not None:
@@ -1167,12 +1185,21 @@ def _sgd_step(
         # (W^l)^T δ^l, taken before W^l moves, where a layer below trains: (*, out) @ (out, in) -> (*, in)
         back = delta @ weight_l if any(trains[: 2 * l - 2]) else None
         delta_t = _rows(delta).mT  # δ^l with samples as columns, as in the notes: (out, N)
-        if trains[2 * l - 2]:
-            # W^l ← W^l − η δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
-            weight_l.addmm_(delta_t, _rows(a[l - 1]), alpha=-step)
-        if trains[2 * l - 1]:
-            # b^l ← b^l − η δ^l, summed over samples: (out, N) @ (N,) -> (out,)
-            bias_l.addmv_(delta_t, ones, alpha=-step)
+        if compiling:
+            # Inductor miscompiles an addmm_ and an addmv_ that share a symbolic alpha (a float lr it made
+            # dynamic after a recompile): W moved by the wrong amount. The same update as a product and a
+            # sub_, which it fuses as well.
+            if trains[2 * l - 2]:
+                weight_l.sub_(delta_t @ _rows(a[l - 1]), alpha=step)
+            if trains[2 * l - 1]:
+                bias_l.sub_(delta_t @ ones, alpha=step)
+        else:
+            if trains[2 * l - 2]:
+                # W^l ← W^l − η δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
+                weight_l.addmm_(delta_t, _rows(a[l - 1]), alpha=-step)
+            if trains[2 * l - 1]:
+                # b^l ← b^l − η δ^l, summed over samples: (out, N) @ (N,) -> (out,)
+                bias_l.addmv_(delta_t, ones, alpha=-step)
         delta = delta_t = None  # δ^l is spent
         if back is None:
             break  # no layer below trains

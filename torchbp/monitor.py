@@ -49,6 +49,7 @@ What is recorded where:
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -135,7 +136,7 @@ class DeltaMonitor:
         if not isinstance(keep_last, bool):
             raise TypeError(f"DeltaMonitor: keep_last must be a bool, got {keep_last!r}")
         for name, value in (("flush_every", flush_every), ("max_held_bytes", max_held_bytes)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DeltaMonitor: {name} must be a positive int, got {value!r}")
         linears = named_linears(model)
         if not linears:
@@ -145,8 +146,8 @@ class DeltaMonitor:
             )
         self.reduction = reduction
         self.keep_last = keep_last
-        self.flush_every = flush_every
-        self.max_held_bytes = max_held_bytes
+        self.flush_every = int(flush_every)  # numpy's integers as plain ints
+        self.max_held_bytes = int(max_held_bytes)
         self.layer_names: tuple[str, ...] = tuple(linears)
         #: The last δ of every layer (detached), filled while ``keep_last`` is True.
         self.last_delta: dict[str, Tensor] = {}

@@ -203,7 +203,12 @@ class MLP(nn.Module):
         self, sizes: Sequence[int], bias: bool = True, fused: bool = False, device=None, dtype=None
     ) -> None:
         super().__init__()
-        sizes = tuple(sizes)
+        if not isinstance(fused, bool):
+            raise TypeError(f"MLP: fused must be a bool, got {fused!r}")
+        try:
+            sizes = tuple(sizes)
+        except TypeError:
+            raise TypeError(f"MLP: sizes must be a sequence of ints (input first), got {sizes!r}") from None
         if len(sizes) < 2 or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0
                                      for n in sizes):
             raise ValueError(f"MLP: sizes must be at least two positive ints (input first), got {list(sizes)}")
@@ -230,13 +235,35 @@ class MLP(nn.Module):
         return nn.Sequential(*modules[idx]) if isinstance(idx, slice) else modules[idx]
 
     def _per_layer(self) -> bool:
-        """Whether the network must run layer by layer: not fused, or a child module has hooks.
+        """Whether the network must run layer by layer: not fused, a child replaced, or a child with hooks.
 
-        The fused node never calls its children, so their forward (pre-)hooks and backward hooks would
-        not run: nn.utils.spectral_norm, weight_norm and prune hooks among them, and hooks registered
-        for every module (``torch.nn.modules.module.register_module_forward_hook`` and its kin).
+        The fused node computes Linear, Sigmoid, Linear, ... and never calls its children, so a
+        replaced child (``model[1] = nn.ReLU()``) would not be computed, and forward (pre-)hooks and
+        backward hooks would not run: nn.utils.spectral_norm, weight_norm and prune hooks among them,
+        and hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook``
+        and its kin).
         """
-        return not self.fused or _global_hooks() or any(_has_hooks(m) for m in self._modules.values())
+        return (not self.fused or _global_hooks() or self._replaced() is not None
+                or any(_has_hooks(m) for m in self._modules.values()))
+
+    def _replaced(self) -> str | None:
+        """What differs from the Linear, Sigmoid, Linear, ... that __init__ built, or None if nothing does.
+
+        Exact types: a subclass's forward may differ.
+        """
+        modules = self._modules
+        if len(modules) != 2 * (len(self.sizes) - 1):
+            return f"it has {len(modules)} layers where it was built with {2 * (len(self.sizes) - 1)}"
+        for i, (name, m) in enumerate(modules.items()):
+            built = Sigmoid if i % 2 else Linear
+            if type(m) is not built:
+                got = f"{type(m).__module__}.{type(m).__qualname__}"
+                return f"layer {name} is a {got} where it was built with a torchbp.{built.__name__}"
+        return None
+
+    def _forward_overridden(self) -> bool:
+        """Whether a subclass defines its own forward, which the fused cost and the steps by hand would skip."""
+        return type(self).forward is not MLP.forward
 
     def forward(self, input: Tensor) -> Tensor:
         if self._per_layer():
@@ -256,8 +283,8 @@ class MLP(nn.Module):
         The two paths differ only where a cross-entropy output saturates: see
         :func:`torchbp.functional.mlp_cost`.
         """
-        if self._per_layer() or _has_hooks(self):
-            # the MLP's own hooks run only when it is called: self(input), then the cost
+        if self._per_layer() or _has_hooks(self) or self._forward_overridden():
+            # the MLP's own hooks and a subclass's forward run only when it is called: self(input), then the cost
             F._check_cost("MLP.cost", cost)
             fn = F.quadratic_cost if cost == "quadratic" else F.cross_entropy_cost
             return fn(self(input), target, reduction)
@@ -276,10 +303,11 @@ class MLP(nn.Module):
         ``torch.optim.SGD(self.parameters(), lr).step()``, in a fraction of the time.
 
         No module is called, so the step refuses a network whose layers or
-        itself have forward or backward hooks, or a layer whose weight or bias
+        itself have forward or backward hooks, a layer whose weight or bias
         is derived from other tensors (``parametrize``, ``prune``,
         ``weight_norm``, ``spectral_norm``): their parameters are not the ones
-        the step would move. Train those with :meth:`cost` and an optimizer.
+        the step would move, a layer replaced since the MLP was built, or a
+        subclass's own ``forward``. Train those with :meth:`cost` and an optimizer.
         """
         weights, biases, hook = self._params(by_hand="MLP.sgd_step")
         return F.mlp_sgd_step(input, target, weights, biases, lr, cost, reduction, delta_hook=hook)
@@ -328,9 +356,12 @@ class MLP(nn.Module):
     def _check_by_hand(self, fn: str) -> None:
         """Refuse what a step by hand, which calls no module, would silently get wrong."""
         advice = "train it with MLP.cost(...).backward() and an optimizer"
-        if _has_hooks(self):
-            raise RuntimeError(f"{fn}(): the MLP has forward or backward hooks, which a step by hand would "
-                               f"not run; {advice}")
+        if _has_hooks(self) or _global_hooks():
+            raise RuntimeError(f"{fn}(): the MLP has forward or backward hooks (of its own, or registered for "
+                               f"every module), which a step by hand would not run; {advice}")
+        if self._forward_overridden():
+            raise RuntimeError(f"{fn}(): {type(self).__name__} overrides MLP.forward, which a step by hand "
+                               f"would not run; {advice}")
         for name, m in self._modules.items():
             if _has_hooks(m):
                 raise RuntimeError(f"{fn}(): layer {name} ({type(m).__name__}) has forward or backward hooks "
@@ -341,6 +372,9 @@ class MLP(nn.Module):
                                    f"(a parametrization: torch.nn.utils.parametrize, "
                                    f"parametrizations.weight_norm, ...), so a step by hand would move a copy and "
                                    f"leave the parameters as they are; {advice}")
+        replaced = self._replaced()  # after the checks above, which name a parametrized layer's cause
+        if replaced is not None:
+            raise RuntimeError(f"{fn}(): {replaced}, and a step by hand computes the network as built; {advice}")
 
     def extra_repr(self) -> str:
         return f"sizes={list(self.sizes)}, fused={self.fused}"
