@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -95,13 +96,16 @@ def test_event_files_hold_tags_steps_values_histograms_layout_in_one_run(tmp_pat
         assert [h.step for h in hists] == [0, 2]
         assert all(h.histogram_value.num == 8 * out for h in hists)
 
-    # The layout, once: one category, a multiline "δ norm by layer" chart naming every layer's tag.
+    # The layout, once: one category, a multiline chart per statistic whose tag regex takes exactly that
+    # statistic's tags, every layer's (as TensorBoard matches them: re.search).
     (layout_event,) = acc.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(layout_event.tensor_proto.string_val[0])
     (category,) = layout.category
     charts = {chart.title: list(chart.multiline.tag) for chart in category.chart}
-    assert charts["δ norm by layer"] == [f"^delta/norm/{n}$" for n in LAYERS]
-    assert charts["max |δ| by layer"] == [f"^delta/max_abs/{n}$" for n in LAYERS]
+    for title, stat in (("δ norm by layer", "delta/norm"), ("max |δ| by layer", "delta/max_abs"),
+                        ("weight gradient norm by layer", "grad/weight_norm")):
+        (regex,) = charts[title]
+        assert {t for t in tags["scalars"] if re.search(regex, t)} == {f"{stat}/{n}" for n in LAYERS}, title
 
 
 def test_histograms_need_keep_last(tmp_path):
@@ -123,9 +127,17 @@ def _get(url: str):
 
 
 def test_live_tensorboard_serves_the_delta_tags(tmp_path):
-    """A real `tensorboard` process serves the δ tags, their values and the custom-scalars layout."""
+    """A real `tensorboard` process serves the δ tags, their values and the custom-scalars layout.
+
+    Beside the three-layer run, a one-layer one: TensorBoard merges the runs' layouts, and each
+    statistic's chart must appear once (charts that listed each run's layers appeared once per depth).
+    """
     run = tmp_path / "mlp"
     expected = write_run(run, steps=(0, 1), hist_every=0)
+    shallow = torchbp.MLP([6, 3])
+    with torchbp.DeltaMonitor(shallow) as monitor, SummaryWriter(os.fspath(tmp_path / "shallow")) as writer:
+        shallow.cost(torch.randn(8, 6), torch.rand(8, 3)).backward()
+        log_deltas(writer, monitor, 0)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
@@ -153,10 +165,18 @@ def test_live_tensorboard_serves_the_delta_tags(tmp_path):
         for _, step, value in points:
             assert value == pytest.approx(expected["delta/norm/0", step], rel=1e-5)
 
-        layout = _get(f"{base}/data/plugin/custom_scalars/layout")
+        layout = {}
+        while time.monotonic() < deadline and len(layout.get("category", [{}])[0].get("chart", [])) != 4:
+            layout = _get(f"{base}/data/plugin/custom_scalars/layout")  # both runs' layouts, merged
+            time.sleep(0.5)
         (category,) = layout["category"]
+        titles = [c["title"] for c in category["chart"]]
+        assert sorted(titles) == sorted(["δ norm by layer", "mean per-sample ‖δ‖ by layer", "max |δ| by layer",
+                                         "weight gradient norm by layer"]), titles
         chart = next(c for c in category["chart"] if c["title"] == "δ norm by layer")
-        assert chart["multiline"]["tag"] == [f"^delta/norm/{n}$" for n in LAYERS]
+        (regex,) = chart["multiline"]["tag"]
+        served = {tag for run_tags in tags.values() for tag in run_tags}
+        assert {t for t in served if re.search(regex, t)} == {f"delta/norm/{n}" for n in LAYERS}
     finally:
         server.terminate()
         try:

@@ -252,6 +252,7 @@ def test_resume_with_more_epochs_continues_a_run_without_schedule_as_if_it_had_b
     (["--resume", "run/checkpoint.pt", "--threads", "0"], "--threads must be at least 1, got 0"),
     # the run would go on in backups/, overwriting the checkpoint.pt and metrics of whatever run is there
     (["--resume", "backups/run-a.pt"], "copy backups/run-a.pt into a folder of its own as checkpoint.pt"),
+    (["--resume", "."], "--resume takes a run's checkpoint.pt, got the folder .; did you mean ./checkpoint.pt?"),
     (["--seed", str(2**64)], "argument --seed: must be in 0..18446744073709551615, got 18446744073709551616"),
     (["--logdir", ""], "argument --logdir: must be a folder path, got ''"),
 ])
@@ -471,3 +472,23 @@ def test_train_lr_is_the_lr_each_logged_step_used(tmp_path):
     logged = events.Scalars("train/lr")
     assert [e.step for e in logged] == list(range(1, 11))
     assert [e.value for e in logged] == pytest.approx(used, rel=1e-6)  # float32 in the event file
+
+
+def test_runs_started_together_get_run_folders_of_their_own(tmp_path):
+    """Three runs launched at once (a seed sweep) with the default --logdir: each its own runs/fast-<time>[-k]
+    folder holding its own seed's metrics (they once shared one folder, events of all three in it)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(cli("--dry-run", "--hidden", "8", "--seed", str(seed)), cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in range(3)]
+    folders = {}
+    for seed, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        folders[seed] = out.strip().rsplit("run folder ", 1)[1]
+    assert len(set(folders.values())) == 3, folders
+    for seed, folder in folders.items():
+        assert folder.startswith(os.path.join("runs", "fast-"))
+        assert json.loads((tmp_path / folder / "metrics.json").read_text())["args"]["seed"] == seed
+        # events.out.tfevents.<time>.<host>.<pid>.<n>: one process wrote them all, this run
+        writers = {p.name.rsplit(".", 2)[1] for p in (tmp_path / folder).glob("events.out.tfevents.*")}
+        assert writers == {str(procs[seed].pid)}

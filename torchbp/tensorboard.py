@@ -54,23 +54,21 @@ def _tag(prefix: str, layer: str) -> str:
     return f"{prefix}/{layer or 'model'}"  # the model itself may be the Linear: its name is ""
 
 
-def delta_layout(layer_names: list[str] | tuple[str, ...]) -> dict:
-    """The custom-scalars layout: one category, one multiline chart per statistic listing every layer.
+def delta_layout() -> dict:
+    """The custom-scalars layout: one category, one multiline chart per statistic, every layer a line.
 
-    Chart tags are regular expressions in TensorBoard; each is anchored and
-    escaped so that layer ``"1"`` does not also match ``"10"``.
+    Chart tags are regular expressions in TensorBoard: each chart takes every
+    tag under its statistic (``^delta/norm/``), whatever the layers are called.
+    So every run writes the same layout, and TensorBoard, which merges the runs'
+    layouts and drops identical charts, shows each chart once for runs of any
+    depth side by side.
     """
-    return {
-        "torchbp δ by layer": {
-            title: ["Multiline", [f"^{re.escape(_tag(prefix, name))}$" for name in layer_names]]
-            for title, prefix in _CHARTS
-        }
-    }
+    return {"torchbp δ by layer": {title: ["Multiline", [f"^{re.escape(prefix)}/"]] for title, prefix in _CHARTS}}
 
 
-def write_layout(writer, layer_names: list[str] | tuple[str, ...]) -> None:
+def write_layout(writer) -> None:
     """Write :func:`delta_layout` to ``writer`` (``log_deltas`` does this the first time by itself)."""
-    writer.add_custom_scalars(delta_layout(layer_names))
+    writer.add_custom_scalars(delta_layout())
     setattr(writer, _LAYOUT_WRITTEN, True)
 
 
@@ -111,7 +109,7 @@ def log_deltas(writer, monitor: DeltaMonitor, step: int, model: nn.Module | None
     if hist_every and not monitor.keep_last:
         raise ValueError("log_deltas(): hist_every > 0 needs DeltaMonitor(..., keep_last=True), got keep_last=False")
     if not getattr(writer, _LAYOUT_WRITTEN, False):
-        write_layout(writer, monitor.layer_names)
+        write_layout(writer)
 
     stats = monitor.pop()
     for layer, values in stats.items():

@@ -1,9 +1,11 @@
-"""argparse ``type`` functions shared by the training scripts: bad flags are refused before any work."""
+"""Command-line helpers shared by the training scripts: argparse types that refuse bad flags before any
+work, and the default run folder."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
 
 
 def int_in(low: int, high: int | None = None):
@@ -52,3 +54,21 @@ def run_folder(path: str) -> str:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot be created, no write permission in {parent}: got {path}")
     return path
+
+
+def new_run_folder(name: str, root: str = "runs") -> str:
+    """Create and return ``root/<name>-<timestamp>``, or ``...-2``, ``-3``, ... if that exists.
+
+    Created here, atomically, so that runs started in the same second (a sweep launched in parallel)
+    each get a folder of their own. Raises OSError if ``root`` cannot be written.
+    """
+    base = os.path.join(root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(root, exist_ok=True)
+    path, k = base, 1
+    while True:
+        try:
+            os.mkdir(path)  # fails if another process made it first
+            return path
+        except FileExistsError:
+            k += 1
+            path = f"{base}-{k}"

@@ -108,7 +108,7 @@ from torch import Tensor, nn
 
 import torchbp
 from train import checkpoint
-from train.cli import int_in, run_folder as folder_arg
+from train.cli import int_in, new_run_folder, run_folder as folder_arg
 from train.data import DATA_DIR, MNIST, Batches, DataError, Split, load_mnist, one_hot
 
 if TYPE_CHECKING:
@@ -203,12 +203,18 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--epochs must be at least 1, got {args.epochs}")
         if args.threads is not None and args.threads < 1:
             parser.error(f"--threads must be at least 1, got {args.threads}")
+        if os.path.isdir(args.resume):
+            parser.error(f"--resume takes a run's checkpoint.pt, got the folder {args.resume}; did you mean "
+                         f"{os.path.join(args.resume, 'checkpoint.pt')}?")
         if os.path.basename(args.resume) != "checkpoint.pt":
             # The run goes on in the checkpoint's folder, writing checkpoint.pt, metrics.json and
             # TensorBoard events there: another run's, or a folder of copies, would be overwritten or mixed.
-            parser.error(f"--resume continues the run whose folder holds the given checkpoint.pt; copy "
-                         f"{args.resume} into a folder of its own as checkpoint.pt and resume from that, "
-                         f"got {args.resume}")
+            sibling = os.path.join(os.path.dirname(args.resume), "checkpoint.pt")
+            advice = (f"did you mean {sibling}?" if os.path.isfile(sibling) else
+                      f"to continue from this file, copy {args.resume} into a folder of its own as checkpoint.pt "
+                      "and resume from that")
+            parser.error(f"--resume takes a run's checkpoint.pt (the run goes on in its folder), got "
+                         f"{args.resume}; {advice}")
         return args  # resume_args fills in the rest from the checkpoint
     if args.data_dir is None:
         args.data_dir = DATA_DIR
@@ -450,12 +456,12 @@ def run_folder(args: argparse.Namespace) -> str:
     if args.resume:
         return args.logdir  # the checkpoint's folder
     if args.logdir is None:
-        base = os.path.join("runs", f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
-        path, k = base, 1
-        while os.path.exists(path):  # another run started in the same second
-            k += 1
-            path = f"{base}-{k}"
-        return path
+        if int(os.environ.get("RANK", "0")):
+            return None  # under torchrun rank 0 creates the folder and main() hands its name to the others
+        try:
+            return new_run_folder(args.recipe)
+        except OSError as e:
+            fail(f"cannot create the run folder under runs/: {e.strerror}; give --logdir", EXIT_DATA)
     if os.path.exists(args.logdir) and not os.path.isdir(args.logdir):
         fail(f"--logdir {args.logdir} is a file, not a folder", EXIT_DATA)
     if os.path.isdir(args.logdir) and os.listdir(args.logdir):
@@ -851,10 +857,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the run in {args.logdir} is complete ({state['epoch']} epochs, metrics.json written); nothing to "
               "do: give --epochs to train a run without a schedule for longer, or start a new run")
         return 0
-    args.logdir = run_folder(args)  # before any rank creates it, so that every rank sees the same
+    args.logdir = run_folder(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rank, world_size, device = init_distributed(args.device)
+    if world_size > 1:
+        folder = [args.logdir]
+        torch.distributed.broadcast_object_list(folder, src=0)  # rank 0's run folder, the one it writes
+        args.logdir = folder[0]
     if args.batch_size % world_size:
         fail(f"--batch-size ({args.batch_size}) must be divisible by the number of processes ({world_size})", EXIT_DATA)
 

@@ -20,14 +20,13 @@ import math
 import os
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 import torchbp
-from train.cli import int_in, run_folder, writable_file
+from train.cli import int_in, new_run_folder, run_folder, writable_file
 from train.data import DATA_DIR, EXPECTED_COUNT, DataError, read_mnist
 
 ARCHITECTURES = ([784, 30, 30, 10], [784, 30, 30, 30, 10], [784, 30, 30, 30, 30, 10])
@@ -192,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({arch: s["mean"] for arch, s in summary.items()}, f, indent=2)
-    logdir = args.logdir or os.path.join("runs", f"vanishing-{time.strftime('%Y%m%d-%H%M%S')}")
+    logdir = args.logdir or new_run_folder("vanishing")  # a folder of its own, even for parallel runs
     write_tensorboard(logdir, summary, table)
     print(f"\nTensorBoard: tensorboard --logdir {logdir}")
     return 0
