@@ -68,16 +68,27 @@ def measure(variant: str, sizes: list[int], batch: int, device: torch.device) ->
             "peak_extra_bytes": _cpu_step_peak(step, x, y)}
 
 
+def _sizes(text: str) -> list[int]:
+    """An argparse ``type`` for --sizes: comma-separated positive widths, at least two."""
+    try:
+        sizes = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, e.g. 784,800,10, got {text!r}") from None
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least two positive widths, got {text!r}")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--sizes", default="784,800,800,10", help="layer widths, input first (default: 784,800,800,10)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--sizes", type=_sizes, default="784,800,800,10", help="layer widths, input first (default: 784,800,800,10)")
     p.add_argument("--batch", type=int, default=4096, help="mini-batch size (default: 4096)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS} (default: all)")
     p.add_argument("--json", default=None, help="write the figures to this file (default: none)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one variant, in this process
     args = p.parse_args(argv)
-    sizes = [int(n) for n in args.sizes.split(",")]
+    sizes = args.sizes
     device = torch.device(args.device)
     if args.child:
         print(json.dumps(measure(args.child, sizes, args.batch, device)))
@@ -91,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     check_json_path(args.json)
     results = []
     for v in variants:  # each in a fresh process: nothing one variant cached counts against another
-        command = [sys.executable, "-m", "benchmarks.memory", "--device", args.device, "--sizes", args.sizes,
+        command = [sys.executable, "-m", "benchmarks.memory", "--device", args.device, "--sizes", ",".join(map(str, sizes)),
                    "--batch", str(args.batch), "--child", v]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))

@@ -80,8 +80,9 @@ def hook_cost(passes: int = 3200, batch: int = 64) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9, help="off/on pairs, interleaved (default: 9)")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.monitor_overhead", description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9,
+                        help="timings of each setting (monitor off, on, do-nothing hooks), interleaved (default: 9)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per timing (default: 200)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
     args = parser.parse_args(argv)

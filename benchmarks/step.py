@@ -277,7 +277,7 @@ def check_json_path(path: str | None) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)} (default: all)")
     p.add_argument("--variants", default=None, help="comma-separated (default: all for the device)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timings per variant (default: 5)")

@@ -50,6 +50,20 @@ def test_step_benchmark_refuses_bad_flags_before_timing_anything(argv, message, 
         step.main(["--models", "784-30-10@10", "--variants", "nn", *argv])
 
 
+@pytest.mark.parametrize("main, argv, message", [
+    ("step", ["--device", "gpu"], "argument --device: invalid choice: 'gpu' (choose from 'cpu', 'cuda')"),
+    ("memory", ["--device", "gpu"], "argument --device: invalid choice: 'gpu' (choose from 'cpu', 'cuda')"),
+    ("memory", ["--sizes", "784,800,abc"], "argument --sizes: must be comma-separated integers, e.g. 784,800,10, "
+                                           "got '784,800,abc'"),
+    ("memory", ["--sizes", "784"], "argument --sizes: must be at least two positive widths, got '784'"),
+])
+def test_benchmarks_refuse_a_bad_device_or_sizes_by_name(main, argv, message, capsys):
+    """argparse's exit 2 naming the flag, not a traceback from torch.device or int()."""
+    with pytest.raises(SystemExit) as info:
+        {"step": step.main, "memory": memory.main}[main](argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_memory_benchmark_checks_its_json_path_before_measuring(monkeypatch):
     monkeypatch.setattr(memory.subprocess, "run", lambda *a, **k: pytest.fail("measured before checking --json"))
     with pytest.raises(SystemExit, match="--json: the folder /nonexistent-folder of"):

@@ -281,6 +281,9 @@ def test_mlp_cost_rejects_bad_cost(fused):
     model = torchbp.MLP([3, 2], fused=fused)
     with pytest.raises(ValueError, match=re.escape("cost must be one of ('quadratic', 'cross_entropy'), got 'l1'")):
         model.cost(torch.zeros(4, 3), torch.zeros(4, 2), cost="l1")
+    # the scripts' spelling, --cost cross-entropy, gets the function's named
+    with pytest.raises(ValueError, match=re.escape("got 'cross-entropy'; did you mean 'cross_entropy'?")):
+        model.cost(torch.zeros(4, 3), torch.zeros(4, 2), cost="cross-entropy")
 
 
 @pytest.mark.parametrize("sizes", [[3], [], [3, 0], [3, -2], [3, 2.0], [True, 2], [3, "2"]], ids=str)

@@ -98,7 +98,9 @@ def _check_reduction(fn: str, reduction: str) -> None:
 
 def _check_cost(fn: str, cost: str) -> None:
     if cost not in COSTS:
-        raise ValueError(f"{fn}(): cost must be one of {COSTS}, got {cost!r}")
+        meant = cost.replace("-", "_") if isinstance(cost, str) else None  # the scripts' --cost cross-entropy
+        hint = f"; did you mean {meant!r}?" if meant in COSTS else ""
+        raise ValueError(f"{fn}(): cost must be one of {COSTS}, got {cost!r}{hint}")
 
 
 def _check_layer(fn: str, i: int, input: Tensor, a_features: int, weight: object, bias: object) -> None:
