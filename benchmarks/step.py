@@ -281,7 +281,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)} (default: all)")
     p.add_argument("--variants", default=None, help="comma-separated (default: all for the device)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timings per variant (default: 5)")
-    p.add_argument("--steps", type=int, default=None, help="steps per timing (default: ~--target-s of nn eager)")
+    p.add_argument("--steps", type=int, default=None, help="steps per timing (default: enough for ~--target-s of the first variant)")
     p.add_argument("--target-s", type=float, default=0.15, help="seconds per timing when --steps is unset (default: 0.15)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compiles) (default: 5)")
     p.add_argument("--sgd", choices=("default", "foreach", "fused"), default="default",

@@ -756,13 +756,13 @@ def test_hooks_registered_for_every_module_see_every_layer_as_on_sequential(fuse
 
 
 def _relu_in_the_middle(model):
-    model.set_submodule("1", nn.ReLU())
+    model[1] = nn.ReLU()  # as nn.Sequential takes it
 
 
 def _plain_nn_linear(model):
     layer = nn.Linear(*reversed(model[2].weight.shape), dtype=model[2].weight.dtype)
     layer.load_state_dict(model[2].state_dict())  # the same numbers: only the class differs
-    model.set_submodule("2", layer)
+    model[-2] = layer
 
 
 def _softmax_appended(model):

@@ -1007,8 +1007,9 @@ def mlp_cost(
     :func:`torch.nn.functional.binary_cross_entropy_with_logits` differentiates.
     The composition ``cross_entropy_cost(mlp(...))`` goes through ``∇_a C``,
     whose ``a(1 − a)`` torch's guard clamps at 1e-12: where an output
-    saturates at exactly 0 or 1 (float32 past ``|z| ≈ 17``) its δ^L is 0
-    and that output stops learning, while here it still gets ``a^L − y``.
+    saturates (in float32 a = 1 past z ≈ 17, and a(1 − a) < 1e-12 below
+    z ≈ −28, a = 0 past z ≈ −88) its δ^L shrinks to 0 and that output
+    stops learning, while here it still gets ``a^L − y``.
     Elsewhere the two agree to rounding; the cost's value is the same.
 
     Shape:
@@ -1087,7 +1088,7 @@ def mlp_sgd_step(
     ``torch.optim.SGD(lr=lr).step()``: a weight or bias that does not require
     grad stays as it is, as a frozen parameter does there. A tensor passed
     twice (tied weights) is refused, since each layer moves its own as soon as
-    it is done. Eager mode; not under autocast.
+    it is done. Eager or ``torch.compile`` (``delta_hook`` in eager mode only); not under autocast.
 
     Shape:
         - input: ``(*, in_features)``; target: ``(*, out_features)``

@@ -234,6 +234,10 @@ class MLP(nn.Module):
         modules = list(self._modules.values())
         return nn.Sequential(*modules[idx]) if isinstance(idx, slice) else modules[idx]
 
+    def __setitem__(self, idx: int, module: nn.Module) -> None:
+        """Replace layer ``idx``, as in nn.Sequential: ``model[1] = nn.ReLU()`` (then it runs layer by layer)."""
+        setattr(self, list(self._modules)[idx], module)
+
     def _per_layer(self) -> bool:
         """Whether the network must run layer by layer: not fused, a child replaced, or a child with hooks.
 

@@ -1,7 +1,8 @@
 """δ dashboards in TensorBoard: per-layer scalars, δ histograms and one "δ norm by layer" chart.
 
-The only torchbp module that needs the ``tensorboard`` package; import it
-explicitly (``import torchbp.tensorboard``), ``import torchbp`` never does.
+It writes to a ``SummaryWriter`` you pass (which needs the ``tensorboard``
+package) and imports nothing of tensorboard itself; import it explicitly
+(``import torchbp.tensorboard``), ``import torchbp`` never does.
 One call per logging step writes everything a :class:`~torchbp.DeltaMonitor`
 recorded since the last one, into the writer's own run folder (never
 ``add_scalars``, which makes one run folder per key). Tags are named by layer

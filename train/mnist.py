@@ -84,7 +84,7 @@ all-reduce per log step and per epoch). Rank 0 alone evaluates, logs and checkpo
 statistics: each rank's DeltaMonitor sees only its shard, so under DDP the
 ``delta/norm`` scalars are the whole global batch's ‖Σ_n δ_n^l‖ read from the
 all-reduced bias gradient (∇_{b^l} C = Σ_n δ_n^l exactly) at the log step itself;
-rank 0's own shard statistics keep their tags except ``delta/shard_norm``.
+rank 0's own shard statistics keep their tags, except its norm, which goes to ``delta/shard_norm``.
 At the end the ranks' weights are compared (``ranks_identical_weights`` in metrics.json).
 With ``--download`` one process per node (local rank 0) fetches the files while the others wait.
 """
