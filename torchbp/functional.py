@@ -1180,6 +1180,8 @@ def _sgd_step(
     diff = a_L - target
     delta = _output_delta(cost, a_L, diff)
     step = lr * weight if n else 0.0  # with no samples no parameter moves (the mean's weight is nan)
+    # Inductor miscompiles an addmm_ and an addmv_ that share a symbolic alpha (a float lr it made dynamic
+    # after a recompile: W moved by the wrong amount); compiled, each update is a product and a sub_.
     compiling = torch.compiler.is_compiling()
     for l in range(len(params) // 2, 0, -1):  # l = L, ..., 1
         weight_l, bias_l = params[2 * l - 2], params[2 * l - 1]
@@ -1188,20 +1190,17 @@ def _sgd_step(
         # (W^l)^T δ^l, taken before W^l moves, where a layer below trains: (*, out) @ (out, in) -> (*, in)
         back = delta @ weight_l if any(trains[: 2 * l - 2]) else None
         delta_t = _rows(delta).mT  # δ^l with samples as columns, as in the notes: (out, N)
-        if compiling:
-            # Inductor miscompiles an addmm_ and an addmv_ that share a symbolic alpha (a float lr it made
-            # dynamic after a recompile): W moved by the wrong amount. The same update as a product and a
-            # sub_, which it fuses as well.
-            if trains[2 * l - 2]:
+        if trains[2 * l - 2]:
+            # W^l ← W^l − η δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
+            if compiling:
                 weight_l.sub_(delta_t @ _rows(a[l - 1]), alpha=step)
-            if trains[2 * l - 1]:
-                bias_l.sub_(delta_t @ ones, alpha=step)
-        else:
-            if trains[2 * l - 2]:
-                # W^l ← W^l − η δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
+            else:
                 weight_l.addmm_(delta_t, _rows(a[l - 1]), alpha=-step)
-            if trains[2 * l - 1]:
-                # b^l ← b^l − η δ^l, summed over samples: (out, N) @ (N,) -> (out,)
+        if trains[2 * l - 1]:
+            # b^l ← b^l − η δ^l, summed over samples: (out, N) @ (N,) -> (out,)
+            if compiling:
+                bias_l.sub_(delta_t @ ones, alpha=step)
+            else:
                 bias_l.addmv_(delta_t, ones, alpha=-step)
         delta = delta_t = None  # δ^l is spent
         if back is None:

@@ -78,8 +78,9 @@ class Linear(nn.Linear):
         """Call ``hook(module, delta)`` in every backward pass with δ = ∇_z C, shape ``(*, out_features)``.
 
         The hook must not modify ``delta``. Costs nothing while no hook is
-        registered. A copy of the module (``copy.deepcopy``, pickle) has none. Eager mode only: a forward traced by ``torch.compile``
-        passes no hook to the backward (a Python call would break the graph).
+        registered. A copy of the module (``copy.deepcopy``, pickle) has none.
+        Eager mode only: a forward traced by ``torch.compile`` passes no hook
+        to the backward (a Python call would break the graph).
         Returns a handle whose ``remove()`` unregisters it.
         """
         handle = RemovableHandle(self._delta_hooks)
