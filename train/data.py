@@ -4,8 +4,8 @@ The files are read by :class:`torchvision.datasets.MNIST` (torchvision's IDX
 reader), then every split is turned into ONE float tensor on the device:
 no per-sample PIL transform, no DataLoader worker. A mini-batch is an index
 into that tensor, so an epoch of batches costs one ``randperm`` and one
-gather, and each batch is then a view. ``python -m train.data --data-dir DIR`` measures that against
-torchvision's DataLoader with ``ToTensor``.
+gather, and each batch is then a view. ``python -m train.data --data-dir DIR``
+measures that against torchvision's DataLoader with ``ToTensor``.
 
 Split (Nielsen, "Neural Networks and Deep Learning", chapter 1): the first
 50,000 training images train, the last 10,000 validate (model selection), the

@@ -451,8 +451,11 @@ def make_steps(args: argparse.Namespace, model: torchbp.MLP, step_module: nn.Mod
     return train_step, fast_step, hand_steps if by_hand else None
 
 
-def run_folder(args: argparse.Namespace) -> str:
-    """The run folder: ``--logdir``, new or empty unless resumed, else a new runs/<recipe>-<timestamp>."""
+def run_folder(args: argparse.Namespace) -> str | None:
+    """The run folder: ``--logdir``, new or empty unless resumed, else a new runs/<recipe>-<timestamp>.
+
+    None on a torchrun rank other than 0 when the folder is the default one: rank 0 creates it.
+    """
     if args.resume:
         return args.logdir  # the checkpoint's folder
     if args.logdir is None:
