@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from benchmarks.step import KINDS, check_json_path, data, make_step, ratio
+from benchmarks.step import KINDS, check_json_path, data, device_arg, make_step, ratio
 
 VARIANTS = [*KINDS, "sgd_step"]
 
@@ -81,7 +81,7 @@ def _sizes(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--sizes", type=_sizes, default="784,800,800,10", help="layer widths, input first (default: 784,800,800,10)")
     p.add_argument("--batch", type=int, default=4096, help="mini-batch size (default: 4096)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS} (default: all)")

@@ -268,6 +268,17 @@ def epoch_table(results: dict, baseline: str) -> str:
     return "\n".join(lines)
 
 
+def device_arg(text: str) -> str:
+    """An argparse ``type`` for --device: a CPU or CUDA device as torch.device spells it."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def check_json_path(path: str | None) -> None:
     """``--json PATH`` must be writable where it is asked, before minutes of timing, not after."""
     folder = os.path.dirname(os.path.abspath(path)) if path else None
@@ -277,7 +288,7 @@ def check_json_path(path: str | None) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.split("\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)} (default: all)")
     p.add_argument("--variants", default=None, help="comma-separated (default: all for the device)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timings per variant (default: 5)")

@@ -892,3 +892,22 @@ def test_linear_with_zero_features_backpropagates_on_3d_input_like_nn_linear(n_i
     for a, e in zip(got, expected):
         assert a.shape == e.shape
         close(a, e)
+
+
+@pytest.mark.parametrize("cls", [nn.Linear, torchbp.Linear], ids=["nn.Linear", "torchbp.Linear"])
+def test_a_copy_of_a_compiled_linear_is_a_module_of_its_own(cls):
+    """After module.compile(), nn.Linear's copies drop the compiled call (it would run the original's
+    forward), and torch.save works; torchbp.Linear, which also drops its δ hooks from copies, the same.
+    Oracle: the copy's output from its own (zeroed) parameters."""
+    import io
+
+    layer = cls(3, 2)
+    layer.compile()
+    copied = copy.deepcopy(layer)
+    assert "_compiled_call_impl" not in vars(copied)
+    torch.save(layer, io.BytesIO())
+    with torch.no_grad():
+        copied.weight.zero_()
+        copied.bias.zero_()
+    copied._compiled_call_impl = None  # run it eagerly here: compiling is the slow part, not what is tested
+    assert torch.equal(copied(torch.ones(1, 3)), torch.zeros(1, 2))

@@ -427,7 +427,26 @@ def test_functional_step_refuses_a_computed_weight():
     b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.rand(6, 3, dtype=torch.float64)
     before = v.detach().clone()
-    with pytest.raises(ValueError, match=r"mlp_sgd_step\(\): weights\[0\] must be a leaf tensor \(a parameter\) "
+    with pytest.raises(ValueError, match=r"mlp_sgd_step\(\): weights\[0\] must be a parameter or a view of one "
                                          r"to be trained in place, got one computed by MulBackward0"):
         F.mlp_sgd_step(x, y, [v * 2], [b], LR)
     assert torch.equal(v.detach(), before)
+
+
+def test_functional_step_trains_views_of_a_flat_parameter():
+    """Weights and biases as views of one flat leaf (a flat parameter buffer): the step moves the buffer as
+    backward + torch.optim.SGD would (oracle), to 1e-12 in float64."""
+    torch.manual_seed(1)
+    flat = torch.randn(4 * 3 + 3 + 3 * 2 + 2, dtype=torch.float64, requires_grad=True)
+    oracle = flat.detach().clone().requires_grad_()
+
+    def layers(t):
+        w1, b1, w2, b2 = t.split([12, 3, 6, 2])
+        return [w1.view(3, 4), w2.view(2, 3)], [b1, b2]
+
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.rand(5, 2, dtype=torch.float64)
+    F.mlp_sgd_step(x, y, *layers(flat), LR)
+    optimizer = torch.optim.SGD([oracle], lr=LR)
+    F.mlp_cost(x, y, *layers(oracle))[0].backward()
+    optimizer.step()
+    torch.testing.assert_close(flat.detach(), oracle.detach(), rtol=1e-12, atol=1e-12)

@@ -253,7 +253,7 @@ def test_resume_with_more_epochs_continues_a_run_without_schedule_as_if_it_had_b
     # the run would go on in backups/, overwriting the checkpoint.pt and metrics of whatever run is there
     (["--resume", "backups/run-a.pt"], "copy backups/run-a.pt into a folder of its own as checkpoint.pt"),
     (["--resume", "."], "--resume takes a run's checkpoint.pt, got the folder .; did you mean ./checkpoint.pt?"),
-    (["--seed", str(2**64)], "argument --seed: must be in 0..18446744073709551615, got 18446744073709551616"),
+    (["--seed", str(2**64)], "argument --seed: must be in -9223372036854775808..18446744073709551615, got 18446744073709551616"),
     (["--logdir", ""], "argument --logdir: must be a folder path, got ''"),
 ])
 def test_contradicting_or_impossible_flags_are_refused_by_name(argv, message, capsys):
@@ -492,3 +492,34 @@ def test_runs_started_together_get_run_folders_of_their_own(tmp_path):
         # events.out.tfevents.<time>.<host>.<pid>.<n>: one process wrote them all, this run
         writers = {p.name.rsplit(".", 2)[1] for p in (tmp_path / folder).glob("events.out.tfevents.*")}
         assert writers == {str(procs[seed].pid)}
+
+
+def test_the_default_run_folder_is_made_only_when_the_run_writes(tmp_path, monkeypatch, capsys):
+    """A run that fails before it writes (no data here) leaves no empty runs/<recipe>-<time> behind; a file
+    named runs is refused before any work; RANK set without WORLD_SIZE (one process) still gets a folder."""
+    import train.mnist
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    with pytest.raises(SystemExit) as info:
+        train.mnist.main(["--data-dir", str(tmp_path / "no-data"), "--dry-run"])
+    assert info.value.code == 2 and not (tmp_path / "runs").exists()
+    (tmp_path / "runs").write_text("")
+    with pytest.raises(SystemExit) as info:
+        train.mnist.resolve_args([])
+    assert info.value.code == 2
+    assert "without --logdir the run folder goes under runs/, which must be a folder" in capsys.readouterr().err
+    (tmp_path / "runs").unlink()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert train.mnist.main(["--data-dir", DATA_DIR, "--dry-run", "--hidden", "8"]) == 0
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert (folder / "metrics.json").exists()
+
+
+def test_seed_takes_the_range_torch_takes():
+    """torch.manual_seed takes -2^63..2^64-1; so does --seed."""
+    import train.mnist
+
+    assert train.mnist.resolve_args(["--seed", "-1"]).seed == -1
+    assert train.mnist.resolve_args(["--seed", str(2**64 - 1)]).seed == 2**64 - 1

@@ -158,3 +158,15 @@ def test_book_setting_on_mnist_reproduces_the_vanishing_gradient(data_dir, tmp_p
     deepest = norms["784-30-30-30-30-10"]
     assert 30 < deepest[-1] / deepest[0] < 300
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+
+
+def test_a_file_named_runs_is_refused_before_the_experiment(tmp_path, monkeypatch, capsys):
+    """Without --logdir the folder goes under runs/: a file there is refused up front (it was a traceback
+    after the whole experiment)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("")
+    monkeypatch.setattr(vanishing, "experiment", lambda *a, **k: pytest.fail("ran before checking runs/"))
+    with pytest.raises(SystemExit) as info:
+        vanishing.main(["--data-dir", os.fspath(tmp_path)])
+    assert info.value.code == 2
+    assert "without --logdir the run folder goes under runs/, which must be a folder, got the file runs" in capsys.readouterr().err

@@ -1057,11 +1057,11 @@ def _check_sgd(
                          f"{dtype}, the parameters' dtype), got {lr!r}")
     trains = [p is not None and p.requires_grad for p in params]
     for i, (p, train) in enumerate(zip(params, trains)):
-        if train and not p.is_leaf:
-            # the step moves it in place; a computed tensor (a parametrization's weight, say) is a
-            # temporary, and the tensors it was computed from would not move
-            raise ValueError(f"{fn}(): {'biases' if i % 2 else 'weights'}[{i // 2}] must be a leaf tensor (a "
-                             f"parameter) to be trained in place, got one computed by {type(p.grad_fn).__name__}")
+        if train and not (p.is_leaf or p._is_view() and p._base.is_leaf):
+            # the step moves it in place: a view of a parameter (a flat parameter buffer) moves the
+            # parameter, a computed tensor (a parametrization's weight, say) is a temporary and would not
+            raise ValueError(f"{fn}(): {'biases' if i % 2 else 'weights'}[{i // 2}] must be a parameter or a "
+                             f"view of one to be trained in place, got one computed by {type(p.grad_fn).__name__}")
     if not any(trains):
         # As mlp_cost(...).backward() would: a cost that depends on nothing trainable has no gradient.
         raise ValueError(f"{fn}(): no weight or bias requires grad, so there is nothing to train")

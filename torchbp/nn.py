@@ -95,7 +95,7 @@ class Linear(nn.Linear):
         # A copy (copy.deepcopy, pickle, torch.save(model)) carries no δ hook: a hook belongs to
         # the module it was registered on, whose handle alone can remove it; a DeltaMonitor's
         # hook in a copy would record the copy under the original's names, after close() too.
-        state = self.__dict__.copy()
+        state = super().__getstate__()  # a copy of __dict__, less what nn.Module leaves out
         state["_delta_hooks"] = OrderedDict()
         return state
 

@@ -56,6 +56,14 @@ def run_folder(path: str) -> str:
     return path
 
 
+def check_default_root(parser: argparse.ArgumentParser, root: str = "runs") -> None:
+    """Exit through ``parser.error`` now if the default run folders' ``root`` cannot hold them."""
+    try:
+        run_folder(root)
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"without --logdir the run folder goes under {root}/, which {e}; give --logdir")
+
+
 def new_run_folder(name: str, root: str = "runs") -> str:
     """Create and return ``root/<name>-<timestamp>``, or ``...-2``, ``-3``, ... if that exists.
 

@@ -108,7 +108,7 @@ from torch import Tensor, nn
 
 import torchbp
 from train import checkpoint
-from train.cli import int_in, new_run_folder, run_folder as folder_arg
+from train.cli import check_default_root, int_in, new_run_folder, run_folder as folder_arg
 from train.data import DATA_DIR, MNIST, Batches, DataError, Split, load_mnist, one_hot
 
 if TYPE_CHECKING:
@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one-hot target values, e.g. 0.05 0.95 {_recipe_default('target_range')}")
     p.add_argument("--normalization", choices=["unit", "standard"],
                    help=f"unit: pixels in [0, 1]; standard: zero mean, unit variance {_recipe_default('normalization')}")
-    p.add_argument("--seed", type=int_in(0, 2**64 - 1), default=0, metavar="N",
-                   help="seed of the initialisation and batch order, 0..2^64-1 as torch takes it (default: 0)")
+    p.add_argument("--seed", type=int_in(-2**63, 2**64 - 1), default=0, metavar="N",
+                   help="seed of the initialisation and batch order, -2^63..2^64-1 as torch takes it (default: 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda when available (default: auto)")
     p.add_argument("--threads", type=int, metavar="N",
@@ -218,6 +218,8 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         return args  # resume_args fills in the rest from the checkpoint
     if args.data_dir is None:
         args.data_dir = DATA_DIR
+    if args.logdir is None:
+        check_default_root(parser)
     if args.hidden is not None and args.sizes is not None:
         parser.error(f"--hidden and --sizes both give the layer widths; pass one, got --hidden {args.hidden} "
                      f"and --sizes {args.sizes}")
@@ -452,19 +454,11 @@ def make_steps(args: argparse.Namespace, model: torchbp.MLP, step_module: nn.Mod
 
 
 def run_folder(args: argparse.Namespace) -> str | None:
-    """The run folder: ``--logdir``, new or empty unless resumed, else a new runs/<recipe>-<timestamp>.
-
-    None on a torchrun rank other than 0 when the folder is the default one: rank 0 creates it.
-    """
+    """The run folder: ``--logdir``, new or empty unless resumed; None for the default one (see default_folder)."""
     if args.resume:
         return args.logdir  # the checkpoint's folder
     if args.logdir is None:
-        if int(os.environ.get("RANK", "0")):
-            return None  # under torchrun rank 0 creates the folder and main() hands its name to the others
-        try:
-            return new_run_folder(args.recipe)
-        except OSError as e:
-            fail(f"cannot create the run folder under runs/: {e.strerror}; give --logdir", EXIT_DATA)
+        return None
     if os.path.exists(args.logdir) and not os.path.isdir(args.logdir):
         fail(f"--logdir {args.logdir} is a file, not a folder", EXIT_DATA)
     if os.path.isdir(args.logdir) and os.listdir(args.logdir):
@@ -473,6 +467,23 @@ def run_folder(args: argparse.Namespace) -> str | None:
         hint = f"continue that run with --resume {ckpt}, or " if os.path.exists(ckpt) else ""
         fail(f"--logdir {args.logdir} is not empty; {hint}give a new or empty folder", EXIT_DATA)
     return args.logdir
+
+
+def default_folder(recipe: str, rank: int, world_size: int) -> str:
+    """A new runs/<recipe>-<timestamp>[-k], created by rank 0 once the run is about to write, named to all ranks.
+
+    Created atomically, so that runs started together get folders of their own, and only now, so that
+    a run that fails before (no data, a bad flag) leaves no empty folder behind.
+    """
+    folder = [None]
+    if rank == 0:
+        try:
+            folder[0] = new_run_folder(recipe)
+        except OSError as e:
+            fail(f"cannot create the run folder under runs/: {e.strerror}; give --logdir", EXIT_DATA)
+    if world_size > 1:
+        torch.distributed.broadcast_object_list(folder, src=0)
+    return folder[0]
 
 
 def open_writer(logdir: str, purge_step: int | None) -> SummaryWriter:
@@ -864,10 +875,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rank, world_size, device = init_distributed(args.device)
-    if world_size > 1:
-        folder = [args.logdir]
-        torch.distributed.broadcast_object_list(folder, src=0)  # rank 0's run folder, the one it writes
-        args.logdir = folder[0]
     if args.batch_size % world_size:
         fail(f"--batch-size ({args.batch_size}) must be divisible by the number of processes ({world_size})", EXIT_DATA)
 
@@ -886,6 +893,8 @@ def main(argv: list[str] | None = None) -> int:
         progress = restore(state, model, optimizer, scheduler, device)
     # A resumed run keeps the events up to its checkpoint's step (that step's logs and evaluation were
     # written before the checkpoint) and drops those a killed run wrote after it.
+    if args.logdir is None:
+        args.logdir = default_folder(args.recipe, rank, world_size)
     writer = open_writer(args.logdir, progress.step + 1 if state is not None else None) if rank == 0 else None
     train_step, fast_step, fast_steps = make_steps(args, model, step_module, optimizer, scheduler, world_size)
     run = Run(args=args, model=model, optimizer=optimizer, scheduler=scheduler, train_step=train_step,

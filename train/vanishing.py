@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 import torchbp
-from train.cli import int_in, new_run_folder, run_folder, writable_file
+from train.cli import check_default_root, int_in, new_run_folder, run_folder, writable_file
 from train.data import DATA_DIR, EXPECTED_COUNT, DataError, read_mnist
 
 ARCHITECTURES = ([784, 30, 30, 10], [784, 30, 30, 30, 10], [784, 30, 30, 30, 30, 10])
@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.logdir and os.path.isdir(args.logdir) and os.listdir(args.logdir):
         # another experiment's curves would be interleaved with this one's in the same charts
         parser.error(f"--logdir must be a new or empty folder, got {args.logdir} (not empty)")
+    if args.logdir is None:
+        check_default_root(parser)
 
     try:
         images, targets = load_mnist(args.data_dir, args.download, args.samples)
