@@ -100,13 +100,15 @@ def test_sgd_epoch_under_no_grad_is_recorded_step_by_step():
     assert_close(popped, mean_stats(expected))
 
 
-def test_sum_reduction_has_no_batch_factor():
-    """reduction="sum": sample_norm is the plain mean of ‖δ_n‖ of a summed cost."""
+@pytest.mark.parametrize("batch", [(5,), (2, 8)], ids=["2-D", "3-D"])
+def test_sum_reduction_has_no_batch_factor(batch):
+    """reduction="sum": sample_norm is the plain mean of ‖δ_n‖ of a summed cost, over every sample of
+    every leading dimension (a (2, 8) batch is 16 samples, not 2)."""
     torch.manual_seed(1)
     ref = nn_sequential([4, 3, 2], dtype=DT)
     model = torchbp.MLP([4, 3, 2], dtype=DT)
     model.load_state_dict(ref.state_dict())
-    x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)
+    x, y = torch.randn(*batch, 4, dtype=DT), torch.rand(*batch, 2, dtype=DT)
     with torchbp.DeltaMonitor(model, reduction="sum") as monitor:
         model.cost(x, y, reduction="sum").backward()
         assert_close(monitor.pop(), oracle_stats(ref, x, y, reduction="sum"))

@@ -769,12 +769,28 @@ def _softmax_appended(model):
     model.add_module(str(len(model)), nn.Softmax(dim=-1))
 
 
+class Doubled(torchbp.Linear):
+    """A torchbp.Linear subclass with a forward of its own."""
+
+    def forward(self, input):
+        return 2 * super().forward(input)
+
+
+def _linear_subclass(model):
+    layer = Doubled(*reversed(model[0].weight.shape), dtype=model[0].weight.dtype)
+    layer.load_state_dict(model[0].state_dict())
+    model[0] = layer
+
+
 REPLACED = {  # children a user swaps or adds after building the MLP, as in an nn.Sequential
     "ReLU for a Sigmoid": (_relu_in_the_middle, "layer 1 is a torch.nn.modules.activation.ReLU where it was "
                                                 "built with a torchbp.Sigmoid"),
     "nn.Linear for a Linear": (_plain_nn_linear, "layer 2 is a torch.nn.modules.linear.Linear where it was "
                                                  "built with a torchbp.Linear"),
     "a layer appended": (_softmax_appended, "it has 5 layers where it was built with 4"),
+    # a subclass of torchbp's own Linear has its own forward too
+    "a Linear subclass": (_linear_subclass, f"layer 0 is a {Doubled.__module__}.Doubled where it was built with "
+                                            "a torchbp.Linear"),
 }
 
 
@@ -911,3 +927,55 @@ def test_a_copy_of_a_compiled_linear_is_a_module_of_its_own(cls):
         copied.bias.zero_()
     copied._compiled_call_impl = None  # run it eagerly here: compiling is the slow part, not what is tested
     assert torch.equal(copied(torch.ones(1, 3)), torch.zeros(1, 2))
+
+
+def test_fused_backward_with_only_a_lower_bias_training():
+    """Everything frozen but b^1: the fused recursion must go down to layer 1 for it (stopping where no
+    weight below trains would leave b^1.grad None). Oracle: the same on nn.Sequential, 1e-12."""
+    torch.manual_seed(9)
+    model = torchbp.MLP(SIZES, fused=True, dtype=torch.float64)
+    reference = sequential_like(model)
+    for m in (model, reference):
+        for name, p in m.named_parameters():
+            p.requires_grad_(name == "0.bias")
+    x, y = torch.randn(5, SIZES[0], dtype=torch.float64), torch.rand(5, SIZES[-1], dtype=torch.float64)
+    model.cost(x, y).backward()
+    oracle_cost(reference(x), y).backward()
+    close(model[0].bias.grad, reference[0].bias.grad)
+
+
+def test_delta_hooks_see_whole_deltas_where_the_fused_backward_runs_in_blocks(monkeypatch):
+    """A fused backward over many samples runs on blocks of them; with a delta hook it must run on all at
+    once and call the hook with each whole δ^l. Blocks of 4 samples here (the widest layer is 6 wide);
+    oracle: the δ the per-layer network's hooks get, and its gradients, 1e-12 in float64."""
+    monkeypatch.setattr(F, "_BLOCK_ELEMENTS", 24)
+    torch.manual_seed(10)
+    fused = torchbp.MLP(SIZES, fused=True, dtype=torch.float64)
+    unfused = copy.deepcopy(fused)
+    unfused.fused = False
+    seen = {"fused": {}, "unfused": {}}
+    for key, model in (("fused", fused), ("unfused", unfused)):
+        for i, layer in enumerate(model.linears):
+            layer.register_delta_hook(lambda m, delta, i=i, key=key: seen[key].__setitem__(i, delta.clone()))
+    x, y = torch.randn(20, SIZES[0], dtype=torch.float64), torch.rand(20, SIZES[-1], dtype=torch.float64)
+    fused.cost(x, y).backward()
+    unfused.cost(x, y).backward()
+    assert set(seen["fused"]) == set(range(len(SIZES) - 1))
+    for i, delta in seen["unfused"].items():
+        assert seen["fused"][i].shape == (20, SIZES[i + 1])
+        close(seen["fused"][i], delta, what=f"δ of layer {i}")
+    for p, q in zip(fused.parameters(), unfused.parameters()):
+        close(p.grad, q.grad)
+
+
+def test_linear_saves_no_input_when_its_weight_is_frozen():
+    """∇_W needs a^{l-1}, ∇_a needs W: with the weight frozen the input is not kept for backward (memory),
+    with the input not needing a gradient the weight is not."""
+    x = torch.randn(4, 3, requires_grad=True)
+    layer = torchbp.Linear(3, 2)
+    layer.weight.requires_grad_(False)
+    saved_input, saved_weight = layer(x).grad_fn.saved_tensors
+    assert saved_input is None and saved_weight is layer.weight
+    layer.weight.requires_grad_(True)
+    saved_input, saved_weight = layer(x.detach()).grad_fn.saved_tensors
+    assert saved_weight is None and torch.equal(saved_input, x)

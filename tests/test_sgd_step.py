@@ -450,3 +450,15 @@ def test_functional_step_trains_views_of_a_flat_parameter():
     F.mlp_cost(x, y, *layers(oracle))[0].backward()
     optimizer.step()
     torch.testing.assert_close(flat.detach(), oracle.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_lr_zero_returns_the_cost_and_moves_nothing():
+    """lr=0 is allowed (lr >= 0): the cost of the batch, every parameter bit for bit as it was."""
+    torch.manual_seed(2)
+    model = torchbp.MLP([4, 3, 2], dtype=torch.float64)
+    before = copy.deepcopy(model.state_dict())
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.rand(6, 2, dtype=torch.float64)
+    torch.testing.assert_close(model.sgd_step(x, y, 0), oracle_cost(sequential_like(model)(x), y),
+                               rtol=1e-12, atol=1e-12)
+    model.sgd_epoch(x, y, 0.0, 4)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -221,3 +221,15 @@ def test_bad_arguments_fail_before_anything_is_popped(tmp_path):
     acc = event_accumulator.EventAccumulator(os.fspath(tmp_path), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("delta/norm/0")] == [3]
+
+
+def test_a_single_linear_model_is_tagged_model(tmp_path):
+    """The monitored model may be one torchbp.Linear, whose qualified name is "": its tags end in "model"."""
+    layer = torchbp.Linear(3, 2)
+    with torchbp.DeltaMonitor(layer) as monitor, SummaryWriter(os.fspath(tmp_path)) as writer:
+        torchbp.QuadraticCost()(layer(torch.randn(4, 3)), torch.rand(4, 2)).backward()
+        log_deltas(writer, monitor, 0, model=layer)
+    acc = event_accumulator.EventAccumulator(os.fspath(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == {"delta/norm/model", "delta/sample_norm/model", "delta/max_abs/model",
+                                          "grad/weight_norm/model"}

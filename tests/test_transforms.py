@@ -214,6 +214,10 @@ def test_compiled_sgd_step_matches_eager(fresh_dynamo):
         close(step(x, y, lr), eager.sgd_step(x, y, lr), COMPILE_TOL, f"cost of step {i}")
         for (name, p), q in zip(compiled_model.named_parameters(), eager.parameters()):
             close(p, q, COMPILE_TOL, f"{name} after step {i} (lr {lr})")
+    # An empty batch moves nothing: the mean's 1/N is nan there, and a compiled update would spread it.
+    before = copy.deepcopy(compiled_model.state_dict())
+    step(torch.randn(0, SIZES[0], dtype=torch.float64), torch.rand(0, SIZES[-1], dtype=torch.float64), 0.5)
+    assert all(torch.equal(compiled_model.state_dict()[k], v) for k, v in before.items())
 
 
 # --------------------------------------------------------------------------
