@@ -583,3 +583,34 @@ def test_bad_input_is_rejected_with_a_message(name):
     call, error, message = BAD_INPUTS[name]
     with pytest.raises(error, match=re.escape(message)):
         call()
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (2, 1, 3), (3,)], ids=str)
+def test_linear_with_a_1d_weight_drops_only_the_feature_dimension(shape):
+    """A 1-D weight (one output feature): the output drops the last dimension only, as torch's does,
+    even where other dimensions are 1. Values against torch.nn.functional.linear, 1e-12 in float64."""
+    torch.manual_seed(3)
+    x, w = torch.randn(*shape, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    out, expected = F.linear(x, w), TF.linear(x, w)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_under_autocast_with_a_broadcast_bias_has_torchs_dtype():
+    """Under CPU bfloat16 autocast a (N, out) bias is cast like the rest: the output's dtype is torch's."""
+    x, w, b = torch.randn(4, 3), torch.randn(2, 3), torch.randn(4, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.linear(x, w, b).dtype == TF.linear(x, w, b).dtype == torch.bfloat16
+
+
+def test_mlp_cost_under_autocast_takes_a_target_of_another_dtype():
+    """Under autocast the cost runs in float32 whatever the target's dtype (torch's losses take a bf16
+    target with float32 inputs); oracle: the per-layer composition, same bf16 activations, 1e-6."""
+    torch.manual_seed(4)
+    x, y = torch.randn(5, 3), torch.rand(5, 2)
+    w, b = [torch.randn(4, 3), torch.randn(2, 4)], [torch.randn(4), torch.randn(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        c = F.mlp_cost(x, y.bfloat16(), w, b)[0]
+        expected = F.quadratic_cost(F.mlp(x, w, b), y.bfloat16())
+    assert c.dtype == torch.float32
+    torch.testing.assert_close(c, expected, rtol=1e-6, atol=0)

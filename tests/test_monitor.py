@@ -382,3 +382,28 @@ def test_compiled_forward_installs_no_hook_and_keeps_one_graph(fused):
         model.cost(x, y).backward()
         assert sorted(monitor.pop()) == ["0", "2"]
     torch._dynamo.reset()
+
+
+def test_nested_pauses_restore_the_outer_one():
+    """Leaving an inner paused() block keeps the outer one paused: nothing recorded until the outer exits."""
+    model = torchbp.MLP([4, 3, 2])
+    x, y = torch.randn(5, 4), torch.rand(5, 2)
+    with torchbp.DeltaMonitor(model) as monitor:
+        with monitor.paused():
+            with monitor.paused():
+                pass
+            model.cost(x, y).backward()
+            assert monitor.pop() == {}
+        model.cost(x, y).backward()
+        assert set(monitor.pop()) == {"0", "2"}
+
+
+def test_statistics_are_taken_once_the_held_deltas_reach_max_held_bytes():
+    """max_held_bytes=32 and a float32 δ of 4 x 2 (32 bytes): its statistics are taken in that pass, so an
+    in-place change of the gradient afterwards (allowed from then on) changes nothing recorded."""
+    layer = torchbp.Linear(3, 2)
+    g = torch.ones(4, 2)
+    with torchbp.DeltaMonitor(layer, max_held_bytes=32) as monitor:
+        layer(torch.randn(4, 3)).backward(g)
+        g.mul_(100)
+        assert monitor.pop()[""]["max_abs"] == 1.0

@@ -167,6 +167,10 @@ def _own_hook(model):
     model.register_forward_pre_hook(lambda module, args: (args[0] + 1,))
 
 
+def _bias_parametrized(model):
+    torch.nn.utils.parametrize.register_parametrization(model[0], "bias", torch.nn.Tanh())
+
+
 def _global_hook(model):
     from torch.nn.modules.module import register_module_forward_pre_hook
 
@@ -175,6 +179,7 @@ def _global_hook(model):
 
 REFUSED = {  # what changes the network's computation outside the parameters the step by hand would move
     "parametrize": (_parametrize, "layer 0's weight or bias is computed from other tensors"),
+    "parametrized bias": (_bias_parametrized, "layer 0's weight or bias is computed from other tensors"),
     "prune": (_prune, r"layer 0 \(Linear\) has forward or backward hooks"),
     "spectral_norm": (_spectral_norm, r"layer 2 \(Linear\) has forward or backward hooks"),
     "child hook": (_child_hook, r"layer 1 \(Sigmoid\) has forward or backward hooks"),
@@ -462,3 +467,23 @@ def test_lr_zero_returns_the_cost_and_moves_nothing():
                                rtol=1e-12, atol=1e-12)
     model.sgd_epoch(x, y, 0.0, 4)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_functional_step_refuses_a_view_of_a_computed_tensor():
+    """A view is trained in place only where it views a parameter: a view of a computed tensor ((W * 1).view)
+    would move a temporary, and W never."""
+    torch.manual_seed(3)
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.rand(6, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"weights\[0\] must be a parameter or a view of one"):
+        F.mlp_sgd_step(x, y, [(w * 1).view(3, 4)], [b], LR)
+
+
+def test_functional_step_refuses_tied_biases():
+    """A tensor passed twice is refused, biases too (the docstring's promise)."""
+    w1, w2 = (torch.randn(3, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.rand(6, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="weights and biases must be distinct tensors"):
+        F.mlp_sgd_step(x, y, [w1, w2], [b, b], LR)

@@ -233,3 +233,14 @@ def test_a_single_linear_model_is_tagged_model(tmp_path):
     acc.Reload()
     assert set(acc.Tags()["scalars"]) == {"delta/norm/model", "delta/sample_norm/model", "delta/max_abs/model",
                                           "grad/weight_norm/model"}
+
+
+def test_each_chart_takes_its_statistic_and_no_other():
+    """A chart's regex is the statistic's tag prefix with its slash: delta/norm/ takes delta/norm/<layer>,
+    not delta/norm_x/<layer> nor delta/sample_norm/<layer>."""
+    from torchbp.tensorboard import delta_layout
+
+    (charts,) = delta_layout().values()
+    (regex,) = charts["δ norm by layer"][1]
+    assert [t for t in ("delta/norm/0", "delta/norm_x/0", "delta/sample_norm/0", "x/delta/norm/0")
+            if re.search(regex, t)] == ["delta/norm/0"]
