@@ -34,7 +34,7 @@ def writable_file(path: str) -> str:
     return path
 
 
-def run_folder(path: str) -> str:
+def logdir_arg(path: str) -> str:
     """An argparse ``type`` for --logdir: a folder that exists or can be created (TensorBoard writes into it).
 
     Checked without creating anything: the nearest existing ancestor must be a
@@ -59,7 +59,7 @@ def run_folder(path: str) -> str:
 def check_default_root(parser: argparse.ArgumentParser, root: str = "runs") -> None:
     """Exit through ``parser.error`` now if the default run folders' ``root`` cannot hold them."""
     try:
-        run_folder(root)
+        logdir_arg(root)
     except argparse.ArgumentTypeError as e:
         parser.error(f"without --logdir the run folder goes under {root}/, which {e}; give --logdir")
 

@@ -108,7 +108,7 @@ from torch import Tensor, nn
 
 import torchbp
 from train import checkpoint
-from train.cli import check_default_root, int_in, new_run_folder, run_folder as folder_arg
+from train.cli import check_default_root, int_in, logdir_arg, new_run_folder
 from train.data import DATA_DIR, MNIST, Batches, DataError, Split, load_mnist, one_hot
 
 if TYPE_CHECKING:
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch's ops (torch.set_num_threads); at mini-batch 10 one thread is "
                         "fastest, the matmuls being too small to share (default: torch's choice)")
-    p.add_argument("--logdir", type=folder_arg, help="run folder, new or empty (default: runs/<recipe>-<timestamp>)")
+    p.add_argument("--logdir", type=logdir_arg, help="run folder, new or empty (default: runs/<recipe>-<timestamp>)")
     p.add_argument("--log-every", type=int, default=100, help="steps between loss/δ logs (default: 100)")
     p.add_argument("--delta-hist-every", type=int, default=0,
                    help="steps between δ histograms, 0 for none (default: 0)")
@@ -459,8 +459,6 @@ def run_folder(args: argparse.Namespace) -> str | None:
         return args.logdir  # the checkpoint's folder
     if args.logdir is None:
         return None
-    if os.path.exists(args.logdir) and not os.path.isdir(args.logdir):
-        fail(f"--logdir {args.logdir} is a file, not a folder", EXIT_DATA)
     if os.path.isdir(args.logdir) and os.listdir(args.logdir):
         # Another run's checkpoint.pt would be overwritten and its TensorBoard events mixed with this one's.
         ckpt = os.path.join(args.logdir, "checkpoint.pt")
@@ -891,10 +889,10 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(epoch_generator_state=generator.get_state())
     if state is not None:
         progress = restore(state, model, optimizer, scheduler, device)
-    # A resumed run keeps the events up to its checkpoint's step (that step's logs and evaluation were
-    # written before the checkpoint) and drops those a killed run wrote after it.
     if args.logdir is None:
         args.logdir = default_folder(args.recipe, rank, world_size)
+    # A resumed run keeps the events up to its checkpoint's step (that step's logs and evaluation were
+    # written before the checkpoint) and drops those a killed run wrote after it.
     writer = open_writer(args.logdir, progress.step + 1 if state is not None else None) if rank == 0 else None
     train_step, fast_step, fast_steps = make_steps(args, model, step_module, optimizer, scheduler, world_size)
     run = Run(args=args, model=model, optimizer=optimizer, scheduler=scheduler, train_step=train_step,

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 import torchbp
-from train.cli import check_default_root, int_in, new_run_folder, run_folder, writable_file
+from train.cli import check_default_root, int_in, logdir_arg, new_run_folder, writable_file
 from train.data import DATA_DIR, EXPECTED_COUNT, DataError, read_mnist
 
 ARCHITECTURES = ([784, 30, 30, 10], [784, 30, 30, 30, 10], [784, 30, 30, 30, 30, 10])
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                              "the book's) (default: default)")
     parser.add_argument("--json", metavar="PATH", type=writable_file, default=None,
                         help="write {network: [mean ‖δ‖ per hidden layer, first to last]} here (default: none)")
-    parser.add_argument("--logdir", type=run_folder, default=None,
+    parser.add_argument("--logdir", type=logdir_arg, default=None,
                         help="TensorBoard run folder (default: runs/vanishing-<timestamp>)")
     args = parser.parse_args(argv)
     if args.logdir and os.path.isdir(args.logdir) and os.listdir(args.logdir):
