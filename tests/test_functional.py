@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import torchbp.functional as F
+from torchbp import sgd
 
 from oracles import oracle_cost
 
@@ -514,7 +515,7 @@ BAD_INPUTS = {
         lambda: F.mlp_cost(_t(5, 3), torch.full((5, 2), 2.0), ws, bs, cost="cross_entropy"), RuntimeError,
         "mlp_cost(): every element of target must lie in [0, 1] (a probability), got one outside"),
     "mlp_sgd_step cross entropy target": (
-        lambda: F.mlp_sgd_step(_t(5, 3), torch.full((5, 2), -1.0), ws, bs, 0.5,
+        lambda: sgd.mlp_sgd_step(_t(5, 3), torch.full((5, 2), -1.0), ws, bs, 0.5,
                                cost="cross_entropy"), RuntimeError,
         "mlp_sgd_step(): every element of target must lie in [0, 1] (a probability), got one outside"),
     "quadratic dtypes": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 3, dtype=torch.float64)), TypeError,

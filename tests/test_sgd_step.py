@@ -10,6 +10,7 @@ import torch
 
 import torchbp
 from torchbp import functional as F
+from torchbp import sgd
 
 from oracles import oracle_cost, sequential_like
 
@@ -425,7 +426,7 @@ def test_sgd_epoch_on_every_device_equals_sgd_step_per_mini_batch(device):
 
 
 def test_functional_step_refuses_a_computed_weight():
-    """F.mlp_sgd_step on a weight computed from a parameter (V * 2, as a parametrization gives) would move
+    """sgd.mlp_sgd_step on a weight computed from a parameter (V * 2, as a parametrization gives) would move
     that temporary in place and leave V as it is: refused by name, V untouched."""
     torch.manual_seed(0)
     v = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
@@ -434,7 +435,7 @@ def test_functional_step_refuses_a_computed_weight():
     before = v.detach().clone()
     with pytest.raises(ValueError, match=r"mlp_sgd_step\(\): weights\[0\] must be a parameter or a view of one "
                                          r"to be trained in place, got one computed by MulBackward0"):
-        F.mlp_sgd_step(x, y, [v * 2], [b], LR)
+        sgd.mlp_sgd_step(x, y, [v * 2], [b], LR)
     assert torch.equal(v.detach(), before)
 
 
@@ -450,7 +451,7 @@ def test_functional_step_trains_views_of_a_flat_parameter():
         return [w1.view(3, 4), w2.view(2, 3)], [b1, b2]
 
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.rand(5, 2, dtype=torch.float64)
-    F.mlp_sgd_step(x, y, *layers(flat), LR)
+    sgd.mlp_sgd_step(x, y, *layers(flat), LR)
     optimizer = torch.optim.SGD([oracle], lr=LR)
     F.mlp_cost(x, y, *layers(oracle))[0].backward()
     optimizer.step()
@@ -477,7 +478,7 @@ def test_functional_step_refuses_a_view_of_a_computed_tensor():
     b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.rand(6, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"weights\[0\] must be a parameter or a view of one"):
-        F.mlp_sgd_step(x, y, [(w * 1).view(3, 4)], [b], LR)
+        sgd.mlp_sgd_step(x, y, [(w * 1).view(3, 4)], [b], LR)
 
 
 def test_functional_step_refuses_tied_biases():
@@ -486,4 +487,4 @@ def test_functional_step_refuses_tied_biases():
     b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.rand(6, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="weights and biases must be distinct tensors"):
-        F.mlp_sgd_step(x, y, [w1, w2], [b, b], LR)
+        sgd.mlp_sgd_step(x, y, [w1, w2], [b, b], LR)

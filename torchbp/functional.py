@@ -31,7 +31,6 @@ Backwards are built from differentiable torch ops, so double backward works.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -50,8 +49,6 @@ __all__ = [
     "cross_entropy_cost",
     "mlp",
     "mlp_cost",
-    "mlp_sgd_step",
-    "mlp_sgd_epoch",
     "REDUCTIONS",
     "COSTS",
 ]
@@ -256,11 +253,6 @@ def _pick(function: type, classic: type, traced: type) -> type:
 # grad * a * (1 − a): φ'(z) = φ(z)(1 − φ(z)) times the incoming gradient, from the
 # saved output a = φ(z), as one differentiable aten op (torch.sigmoid's own backward).
 _sigmoid_backward = torch.ops.aten.sigmoid_backward
-
-
-def _sigmoid_backward_(grad: Tensor, a: Tensor) -> Tensor:
-    """:func:`_sigmoid_backward` written over ``grad``; only where no graph records it (mlp_sgd_step)."""
-    return torch.ops.aten.sigmoid_backward.grad_input(grad, a, grad_input=grad)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -1026,186 +1018,3 @@ def mlp_cost(
         with _no_autocast(x):
             c, *activations = function.apply(x, target, cost, reduction, delta_hook, *params)
     return c, activations[-1]
-
-
-def _check_sgd(
-    fn: str, input: Tensor, target: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None,
-    lr: float, cost: str, reduction: str,
-) -> tuple[Tensor, list[Tensor | None], list[bool], float]:
-    """(x, [W^1, b^1, ..., W^L, b^L], which of them train, lr) for the SGD steps by hand; raises on bad input.
-
-    A parameter trains if it requires grad: one that does not is frozen, as autograd and an optimizer
-    leave it. The parameters come back detached: under no_grad a tensor that requires grad still costs
-    every op autograd's bookkeeping, its detached alias does not, and updating the alias in place (same
-    storage, same version counter) updates the parameter.
-    """
-    if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not lr >= 0:
-        raise ValueError(f"{fn}(): lr must be a real number >= 0 (not a tensor), got {lr!r}")
-    x, params, autocast_dtype = _check_network_cost(fn, input, target, weights, biases, cost, reduction)
-    if autocast_dtype is not None:
-        raise RuntimeError(
-            f"{fn}(): autocast is enabled for {input.device.type}; the step updates the parameters in their "
-            "own dtype, so run it outside autocast (or use mlp_cost(...).backward() with an optimizer)"
-        )
-    dtype = params[0].dtype
-    # A Python float from here on: numpy's float32 would cast float64's max to inf here, and round lr/N to
-    # float32 in the step.
-    lr = float(lr)
-    if not lr <= torch.finfo(dtype).max:
-        # lr scales every update as the alpha of an addmm_, a number of the parameters' dtype
-        raise ValueError(f"{fn}(): lr must be finite and at most {torch.finfo(dtype).max:.4g} (the largest "
-                         f"{dtype}, the parameters' dtype), got {lr!r}")
-    trains = [p is not None and p.requires_grad for p in params]
-    for i, (p, train) in enumerate(zip(params, trains)):
-        if train and not (p.is_leaf or p._is_view() and p._base.is_leaf):
-            # the step moves it in place: a view of a parameter (a flat parameter buffer) moves the
-            # parameter, a computed tensor (a parametrization's weight, say) is a temporary and would not
-            raise ValueError(f"{fn}(): {'biases' if i % 2 else 'weights'}[{i // 2}] must be a parameter or a "
-                             f"view of one to be trained in place, got one computed by {type(p.grad_fn).__name__}")
-    if not any(trains):
-        # As mlp_cost(...).backward() would: a cost that depends on nothing trainable has no gradient.
-        raise ValueError(f"{fn}(): no weight or bias requires grad, so there is nothing to train")
-    if len({id(p) for p in params if p is not None}) < sum(p is not None for p in params):
-        # The step moves each parameter as soon as its layer is done; a tied one would be read again after.
-        raise ValueError(f"{fn}(): weights and biases must be distinct tensors, got one passed twice "
-                         "(tied weights); train those with mlp_cost(...).backward() and an optimizer")
-    return x, [None if p is None else p.detach() for p in params], trains, lr
-
-
-@torch.no_grad()
-def mlp_sgd_step(
-    input: Tensor, target: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None,
-    lr: float, cost: str = "quadratic", reduction: str = "mean", delta_hook: DeltaHook | None = None,
-) -> Tensor:
-    r"""One step of plain SGD on the network, backpropagation by hand and no autograd at all.
-
-    Nielsen's ``update_mini_batch``: the forward keeps a^0..a^L, the backward
-    is the notes' recursion from δ^L = ∇_a C ∘ φ'(z^L), and every parameter
-    moves in place by ``−lr · ∇C`` as soon as its layer's δ^l is known. No
-    graph is built, no ``.grad`` is touched and ∇_W C is never stored: the
-    update ``W ← W − lr δ^T a`` is one ``addmm_``. Returns the cost before the
-    step. Equal to ``mlp_cost(...)[0].backward()`` followed by
-    ``torch.optim.SGD(lr=lr).step()``: a weight or bias that does not require
-    grad stays as it is, as a frozen parameter does there. A tensor passed
-    twice (tied weights) is refused, since each layer moves its own as soon as
-    it is done. Eager or ``torch.compile`` (``delta_hook`` in eager mode only); not under autocast.
-
-    Shape:
-        - input: ``(*, in_features)``; target: ``(*, out_features)``
-        - output: ``C``, scalar (or ``(*)`` with ``reduction="none"``, whose sum is minimised)
-    """
-    x, params, trains, lr = _check_sgd("mlp_sgd_step", input, target, weights, biases, lr, cost, reduction)
-    ones = x.new_ones(math.prod(x.shape[:-1]))
-    a_L, diff = _sgd_step(x, target, params, trains, lr, cost, reduction, delta_hook, ones)
-    return _reduced_cost(cost, a_L, target, reduction, diff)
-
-
-@torch.no_grad()
-def mlp_sgd_epoch(
-    input: Tensor, target: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None,
-    lr: float, batch_size: int, cost: str = "quadratic", reduction: str = "mean",
-    delta_hook: DeltaHook | None = None,
-) -> Tensor:
-    r"""Plain SGD through ``input`` one mini-batch of ``batch_size`` samples at a time: Nielsen's ``SGD`` epoch.
-
-    The steps of :func:`mlp_sgd_step` on ``input[0:batch_size]``, then
-    ``input[batch_size:2 * batch_size]``, and so on, in that order: shuffle
-    beforehand, as ``SGD`` does (``perm = torch.randperm(len(x))``, then
-    ``x[perm]``, ``y[perm]``). A last, smaller mini-batch takes a step of its
-    own, as in network.py. The steps are those of :func:`mlp_sgd_step`, bit
-    for bit, but the arguments are checked once for all of them, so each step
-    costs only its tensor ops: at Nielsen's mini-batch of 10 the checks and
-    calls of a separate :func:`mlp_sgd_step` per mini-batch are a third of the
-    step's time or more. Returns every step's cost before its step, with no
-    host sync on the way. The costs are formed once, after the last step,
-    from each step's a^L (kept until then: one tensor the size of ``target``),
-    and equal :func:`mlp_sgd_step`'s to rounding.
-
-    Shape:
-        - input: ``(N, *, in_features)``; target: ``(N, *, out_features)``
-        - output: ``(steps,)``, ``steps = ceil(N / batch_size)``; ``(N, *)`` with ``reduction="none"``
-    """
-    fn = "mlp_sgd_epoch"
-    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"{fn}(): batch_size must be a positive int, got {batch_size!r}")
-    batch_size = int(batch_size)  # a numpy integer, say, as a plain int
-    x, params, trains, lr = _check_sgd(fn, input, target, weights, biases, lr, cost, reduction)
-    if x.dim() < 2:
-        raise ValueError(f"{fn}(): input must have a leading samples dimension, (N, *, in_features), "
-                         f"got shape {tuple(x.shape)}")
-    per_row = math.prod(x.shape[1:-1])  # samples in each of input's rows: 1 for (N, in_features)
-    ones = x.new_ones(min(batch_size, len(x)) * per_row)  # one per sample of a whole mini-batch
-    outputs = []  # each step's a^L, from the parameters before its update
-    # Every mini-batch as a view, all made in one call: (N, *, in) -> (B, *, in), B = batch_size but for
-    # a shorter last one. (No samples, no mini-batch: split would still give one empty chunk.)
-    batches = zip(x.split(batch_size), target.split(batch_size)) if len(x) else ()
-    for x_batch, y_batch in batches:
-        samples = len(x_batch) * per_row
-        outputs.append(_sgd_step(x_batch, y_batch, params, trains, lr, cost, reduction, delta_hook,
-                                 ones if samples == len(ones) else ones[:samples])[0])
-    if not outputs:
-        return x.new_empty(x.shape[:-1] if reduction == "none" else 0)
-    # The costs wait for the end: a few ops over the whole epoch instead of a reduction in every step.
-    c = _cost(cost, torch.cat(outputs), target)  # each sample's C before its step: (N, *)
-    if reduction == "none":
-        return c
-    # (N, *) -> (steps,): the whole mini-batches as the rows of one tensor, then the shorter last one
-    whole = len(x) // batch_size * batch_size
-    per_step = c[:whole].reshape(whole // batch_size, batch_size * per_row)  # (whole steps, B samples)
-    per_step = per_step.mean(1) if reduction == "mean" else per_step.sum(1)
-    if whole == len(x):
-        return per_step
-    return torch.cat((per_step, _reduce(c[whole:], reduction).reshape(1)))
-
-
-def _sgd_step(
-    x: Tensor, target: Tensor, params: Sequence[Tensor | None], trains: Sequence[bool], lr: float, cost: str,
-    reduction: str, delta_hook: DeltaHook | None, ones: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """:func:`mlp_sgd_step` on checked arguments, under ``torch.no_grad()``; ``ones`` holds one 1 per sample.
-
-    Only the parameters that ``trains`` marks move; the recursion goes down as far as the lowest of them.
-
-    Returns a^L, the output before the step, and a^L − y: the caller forms the cost from them (an
-    epoch forms all its steps' costs at once, after the last). Each op of a small step costs more in
-    dispatch than in arithmetic, so the step takes as few as it can: each bias update sums over
-    samples in one ``addmv_`` with ``ones`` rather than a reduction and an update.
-    """
-    a = [x, *_activations(x, params)]  # a^0..a^L; a^0..a^{L-1} are dropped as their layers finish
-    a_L = a[-1]  # goes back to the caller, for the cost
-    n = len(ones)  # samples: the caller counted them for ones
-    # dC/dC_n multiplies every δ^l, so it rides on the step size instead of costing a pass over δ
-    weight = _per_sample_weight(n, reduction)
-    # δ^L per sample, from ∇_a C = a^L − y: dC/dC_n enters through the step size
-    diff = a_L - target
-    delta = _output_delta(cost, a_L, diff)
-    step = lr * weight if n else 0.0  # with no samples no parameter moves (the mean's weight is nan)
-    # Inductor miscompiles an addmm_ and an addmv_ that share a symbolic alpha (a float lr it made dynamic
-    # after a recompile: W moved by the wrong amount); compiled, each update is a product and a sub_.
-    compiling = torch.compiler.is_compiling()
-    for l in range(len(params) // 2, 0, -1):  # l = L, ..., 1
-        weight_l, bias_l = params[2 * l - 2], params[2 * l - 1]
-        if delta_hook is not None:
-            delta_hook(l - 1, delta * weight)  # the δ^l of the reduced cost, as autograd would see it
-        # (W^l)^T δ^l, taken before W^l moves, where a layer below trains: (*, out) @ (out, in) -> (*, in)
-        back = delta @ weight_l if any(trains[: 2 * l - 2]) else None
-        delta_t = _rows(delta).mT  # δ^l with samples as columns, as in the notes: (out, N)
-        if trains[2 * l - 2]:
-            # W^l ← W^l − η δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
-            if compiling:
-                weight_l.sub_(delta_t @ _rows(a[l - 1]), alpha=step)
-            else:
-                weight_l.addmm_(delta_t, _rows(a[l - 1]), alpha=-step)
-        if trains[2 * l - 1]:
-            # b^l ← b^l − η δ^l, summed over samples: (out, N) @ (N,) -> (out,)
-            if compiling:
-                bias_l.sub_(delta_t @ ones, alpha=step)
-            else:
-                bias_l.addmv_(delta_t, ones, alpha=-step)
-        delta = delta_t = None  # δ^l is spent
-        if back is None:
-            break  # no layer below trains
-        # δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l, written over (W^l)^T δ^l: no graph needs it
-        delta = _sigmoid_backward_(back, a[l - 1])
-        a[l - 1] = None  # a^{l-1} is spent too: layer l-1 holds a^0..a^{l-2}, δ^{l-1} and its (W^{l-1})^T δ^{l-1}
-    return a_L, diff

@@ -19,6 +19,7 @@ from torch.nn.modules import module as _module
 from torch.utils.hooks import RemovableHandle
 
 from torchbp import functional as F
+from torchbp import sgd
 
 __all__ = ["Linear", "Sigmoid", "QuadraticCost", "CrossEntropyCost", "MLP", "convert"]
 
@@ -302,7 +303,7 @@ class MLP(nn.Module):
         """One plain SGD step by hand: forward, the notes' backward, ``p ← p − lr ∇_p C``; returns C.
 
         Nielsen's ``update_mini_batch`` without autograd or an optimizer object
-        (:func:`torchbp.functional.mlp_sgd_step`): the parameters change in place,
+        (:func:`torchbp.sgd.mlp_sgd_step`): the parameters change in place,
         their ``.grad`` is left alone, delta hooks see every δ^l. The same
         update as ``self.cost(input, target).backward()`` then
         ``torch.optim.SGD(self.parameters(), lr).step()``, in a fraction of the time.
@@ -315,7 +316,7 @@ class MLP(nn.Module):
         subclass's own ``forward``. Train those with :meth:`cost` and an optimizer.
         """
         weights, biases, hook = self._params(by_hand="MLP.sgd_step")
-        return F.mlp_sgd_step(input, target, weights, biases, lr, cost, reduction, delta_hook=hook)
+        return sgd.mlp_sgd_step(input, target, weights, biases, lr, cost, reduction, delta_hook=hook)
 
     def sgd_epoch(
         self, input: Tensor, target: Tensor, lr: float, batch_size: int, cost: str = "quadratic",
@@ -324,13 +325,13 @@ class MLP(nn.Module):
         """:meth:`sgd_step` on every mini-batch of ``batch_size`` samples of ``input``, in order; returns each step's C.
 
         Nielsen's ``SGD`` epoch on data the caller has shuffled
-        (:func:`torchbp.functional.mlp_sgd_epoch`): the arguments are checked
+        (:func:`torchbp.sgd.mlp_sgd_epoch`): the arguments are checked
         once, then every step runs only its tensor ops, with no host sync. A last,
         smaller mini-batch takes a step of its own. Output shape ``(steps,)``,
         or ``(N, *)`` with ``reduction="none"``. Refuses what :meth:`sgd_step` refuses.
         """
         weights, biases, hook = self._params(by_hand="MLP.sgd_epoch")
-        return F.mlp_sgd_epoch(input, target, weights, biases, lr, batch_size, cost, reduction, delta_hook=hook)
+        return sgd.mlp_sgd_epoch(input, target, weights, biases, lr, batch_size, cost, reduction, delta_hook=hook)
 
     def _params(self, by_hand: str = "") -> tuple[list[Tensor], list[Tensor | None], F.DeltaHook | None]:
         """W^1..W^L, b^1..b^L and, while any layer has a delta hook, the hook for the fused backward.
