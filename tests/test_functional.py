@@ -268,6 +268,29 @@ def test_quadratic_cost_is_not_mse_loss():
     torch.testing.assert_close(F.quadratic_cost(a, y), TF.mse_loss(a, y) * OUT / 2, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("a_dtype, y_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                              (torch.float32, torch.float16)], ids=["a32-y64", "a64-y32", "a32-y16"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_quadratic_cost_promotes_mixed_dtypes_as_mse_loss(a_dtype, y_dtype, reduction):
+    """a and y of two floating dtypes: the cost in the wider one, as F.mse_loss computes it (mse_loss times
+    features / 2 is the oracle), and each gradient in its own tensor's dtype, as mse_loss's. Tolerance:
+    1e-12 for a float64 cost, float32 rounding (1e-6) for a float32 one and for the float32 gradients."""
+    gen = torch.Generator().manual_seed(12)
+    a = torch.rand(7, OUT, generator=gen, dtype=torch.float64).to(a_dtype).requires_grad_()
+    y = torch.rand(7, OUT, generator=gen, dtype=torch.float64).to(y_dtype).requires_grad_()
+    c = F.quadratic_cost(a, y, reduction)
+    ref = TF.mse_loss(a, y, reduction="none").sum(-1) / 2
+    ref = {"mean": ref.mean(), "sum": ref.sum(), "none": ref}[reduction]
+    assert c.dtype == ref.dtype == torch.promote_types(a_dtype, y_dtype)
+    tol = 1e-12 if c.dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(c, ref, rtol=tol, atol=tol)
+    grads = torch.autograd.grad(c.sum(), (a, y))
+    refs = torch.autograd.grad(ref.sum(), (a, y))
+    for g, r, t in zip(grads, refs, (a, y)):
+        assert g.dtype == r.dtype == t.dtype
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+
+
 def test_cross_entropy_delta_is_a_minus_y():
     """Through a sigmoid output the cross entropy's δ^L = ∇_z C is a − y (per sample, reduction sum): φ' cancels."""
     gen = torch.Generator().manual_seed(4)
@@ -518,8 +541,9 @@ BAD_INPUTS = {
         lambda: sgd.mlp_sgd_step(_t(5, 3), torch.full((5, 2), -1.0), ws, bs, 0.5,
                                cost="cross_entropy"), RuntimeError,
         "mlp_sgd_step(): every element of target must lie in [0, 1] (a probability), got one outside"),
-    "quadratic dtypes": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 3, dtype=torch.float64)), TypeError,
-                         "quadratic_cost(): y must have the same dtype as a (torch.float32), got torch.float64"),
+    # as binary_cross_entropy (mse_loss, the quadratic cost's twin, promotes instead)
+    "cross entropy dtypes": (lambda: F.cross_entropy_cost(_t(4, 3), _t(4, 3, dtype=torch.float64)), TypeError,
+                             "cross_entropy_cost(): y must have the same dtype as a (torch.float32), got torch.float64"),
     # mlp
     "mlp no layers": (lambda: F.mlp(_t(5, 3), []), ValueError,
                       "mlp(): weights must hold at least one layer's weight, got none"),
@@ -554,9 +578,9 @@ BAD_INPUTS = {
                               "mlp_cost(): target must have shape (5, 2) (the output's), got (5, 3)"),
     "mlp_cost integer target": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2, dtype=torch.int64), ws, bs), TypeError,
                                 "mlp_cost(): target must have a floating-point dtype, got torch.int64"),
-    "mlp_cost target dtype": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2, dtype=torch.float64), ws, bs), TypeError,
-                              "mlp_cost(): target must have the same dtype as input (torch.float32), "
-                              "got torch.float64"),
+    "mlp_cost cross entropy target dtype": (
+        lambda: F.mlp_cost(_t(5, 3), _t(5, 2, dtype=torch.float64), ws, bs, cost="cross_entropy"), TypeError,
+        "mlp_cost(): target must have the same dtype as input (torch.float32), got torch.float64"),
     "mlp_cost input features": (lambda: F.mlp_cost(_t(5, 4), _t(5, 2), ws, bs), ValueError,
                                 "mlp_cost(): input must have last dimension 3 (weights[0]'s in_features), "
                                 "got shape (5, 4)"),

@@ -207,6 +207,28 @@ def test_mlp_cost_matches_sequential(fused, cost, reduction):
         close(gg, ee, what="gradient")
 
 
+@pytest.mark.parametrize("model_dtype, target_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32)],
+                         ids=["model32-target64", "model64-target32"])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_mlp_cost_with_a_target_of_another_dtype_promotes_as_mse_loss(fused, model_dtype, target_dtype):
+    """A target of another floating dtype (a float64 one from numpy, say): MLP.cost is the quadratic cost in
+    the wider dtype, as nn.Sequential + mse_loss computes it, and every gradient stays in its tensor's dtype.
+    Oracle: nn.Sequential's output with torch's own promotion in the cost. Tolerance 1e-12 for float64
+    values, 1e-6 for float32 ones."""
+    torch.manual_seed(2)
+    model = torchbp.MLP(SIZES, fused=fused, dtype=model_dtype)
+    reference = sequential_like(model)
+    x = torch.randn(7, SIZES[0], dtype=model_dtype)
+    y = torch.rand(7, SIZES[-1], dtype=target_dtype, requires_grad=True)
+    c, c_ref = model.cost(x, y), oracle_cost(reference(x), y)
+    assert c.dtype == c_ref.dtype == torch.float64
+    close(c, c_ref, tol=1e-12 if model_dtype == torch.float64 else 1e-6, what="cost")
+    for g, e, t in zip(_grads([c], [y, *model.parameters()]), _grads([c_ref], [y, *reference.parameters()]),
+                       [y, *model.parameters()]):
+        assert g.dtype == e.dtype == t.dtype
+        close(g, e, tol=1e-12 if t.dtype == torch.float64 else 1e-6, what="gradient")
+
+
 def test_fused_cross_entropy_where_the_output_saturates_keeps_delta_a_minus_y():
     """float32 outputs at z = ±20 saturate at exactly 1 or 0. The fused node's δ^L = a − y is the gradient that
     binary_cross_entropy_with_logits gives (oracle, 1e-6), where the per-layer composition, like torch's

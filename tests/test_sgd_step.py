@@ -61,6 +61,38 @@ def test_sgd_step_equals_autograd_and_torch_sgd(fused, cost, reduction):
         assert p.grad is None, f"{name}.grad must be left alone"
 
 
+@pytest.mark.parametrize("model_dtype, target_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32)],
+                         ids=["model32-target64", "model64-target32"])
+@pytest.mark.parametrize("by", ["step", "epoch"])
+def test_steps_by_hand_with_a_target_of_another_dtype_equal_autograd_and_torch_sgd(by, model_dtype, target_dtype):
+    """A target of another floating dtype: the cost in the wider dtype, δ^L in the model's, as MLP.cost
+    (which promotes as mse_loss) + backward + SGD.step() do it. Oracle: nn.Sequential with torch's own
+    promotion in the cost. Tolerance 1e-12 for float64 parameters, 1e-6 for float32 ones."""
+    torch.manual_seed(3)
+    by_hand = torchbp.MLP(SIZES, dtype=model_dtype)
+    oracle = sequential_like(by_hand)
+    optimizer = torch.optim.SGD(oracle.parameters(), lr=LR)
+    x = torch.randn(4, SIZES[0], dtype=model_dtype)
+    y = torch.rand(4, SIZES[-1], dtype=target_dtype)
+    costs = []
+    for i in range(0, 4, 2):
+        c = oracle_cost(oracle(x[i : i + 2]), y[i : i + 2])
+        optimizer.zero_grad()
+        c.backward()
+        optimizer.step()
+        costs.append(c.detach())
+    if by == "step":
+        c_by_hand = torch.stack([by_hand.sgd_step(x[i : i + 2], y[i : i + 2], LR) for i in range(0, 4, 2)])
+    else:
+        c_by_hand = by_hand.sgd_epoch(x, y, LR, batch_size=2)
+    assert c_by_hand.dtype == torch.float64
+    tol = 1e-12 if model_dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(c_by_hand, torch.stack(costs), rtol=tol, atol=tol)
+    for (name, p), q in zip(by_hand.named_parameters(), oracle.parameters()):
+        assert p.dtype == model_dtype
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol, msg=f"{name} after 2 steps")
+
+
 def test_sgd_step_without_bias_and_with_delta_hooks():
     """bias=False works; every layer's delta hook sees δ^l = ∂C/∂z^l of the step, as computed by autograd."""
     torch.manual_seed(1)

@@ -526,6 +526,11 @@ def _apply_cost(
     unit_interval: bool = False,
 ) -> Tensor:
     _check_cost_args(fn, a, y, reduction)
+    if not unit_interval and a.dtype != y.dtype:
+        # As mse_loss: a and y of two floating dtypes promote to the wider one (binary_cross_entropy,
+        # the cross-entropy's twin, refuses them; the check below says so)
+        dtype = torch.promote_types(a.dtype, y.dtype)
+        a, y = _as(a, dtype), _as(y, dtype)
     if unit_interval:  # the cross-entropy's a (logits, say, would give nan) and y (labels, pixels)
         _assert_unit_interval(fn, "a", a, "a sigmoid's output")
         _assert_unit_interval(fn, "y", y, "a probability")
@@ -586,7 +591,10 @@ def quadratic_cost(a: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
     averages over samples (``"mean"``, the default), sums (``"sum"``) or keeps
     one cost per sample (``"none"``). Unlike :class:`torch.nn.MSELoss`, the
     mean is over samples only, not over elements, and the notes' ½ is kept:
-    ``quadratic_cost(a, y) == 0.5 * ((a - y) ** 2).sum(-1).mean()``.
+    ``quadratic_cost(a, y) == 0.5 * ((a - y) ** 2).sum(-1).mean()``. As
+    :func:`torch.nn.functional.mse_loss`, ``a`` and ``y`` of two floating
+    dtypes are promoted: the cost is in the wider one, each gradient in its
+    own tensor's dtype.
 
     Shape:
         - a, y: ``(*, features)``, the same shape
@@ -642,7 +650,8 @@ def cross_entropy_cost(a: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
 
     With a sigmoid output layer its ``δ^L = a − y``: the ``φ'(z^L)`` that slows
     the quadratic cost down cancels. Reduced like :func:`quadratic_cost` (one
-    sample's cost sums over the last dimension); ``a`` and ``y`` must lie in ``[0, 1]``.
+    sample's cost sums over the last dimension); ``a`` and ``y`` must lie in ``[0, 1]``
+    and, as for binary_cross_entropy, have the same dtype.
     Equal to :func:`torch.nn.functional.binary_cross_entropy` summed over
     features and averaged over samples, guards included: each ln is clamped
     at −100 and the gradient's a(1 − a) at 1e-12, so an output saturated at
@@ -943,7 +952,9 @@ def _check_network_cost(
 ):
     """_check_network, plus the cost's arguments: target shaped like the output, on its device.
 
-    The target has the input's dtype too, except under autocast (the cost then runs in float32).
+    The cross-entropy's target has the input's dtype too, as binary_cross_entropy wants, except under
+    autocast (the cost then runs in float32); the quadratic cost's may have any floating dtype, as
+    mse_loss's (the callers promote it, see :func:`_promoted_target`).
     """
     if not (cost in COSTS and reduction in REDUCTIONS and _network_ok(x, weights, biases, target)):
         _check_cost(fn, cost)
@@ -953,10 +964,19 @@ def _check_network_cost(
         expected = (*x.shape[:-1], weights[-1].shape[0])
         if tuple(target.shape) != expected:
             raise ValueError(f"{fn}(): target must have shape {expected} (the output's), got {tuple(target.shape)}")
-        _check_same(fn, "input", x, "target", target, dtype=_autocast_dtype(x) is None)
+        _check_same(fn, "input", x, "target", target, dtype=cost == "cross_entropy" and _autocast_dtype(x) is None)
     if cost == "cross_entropy":
         _assert_unit_interval(fn, "target", target, "a probability")  # a^L is a sigmoid's: in [0, 1]
     return _network_params(x, weights, biases)
+
+
+def _promoted_target(x: Tensor, target: Tensor) -> Tensor:
+    """The quadratic cost's target in the wider of its and the network's dtypes, as mse_loss promotes.
+
+    The cost is then computed in that dtype (a float64 target of a float32 network: in float64), and δ^L
+    goes down the network in the network's own.
+    """
+    return _as(target, torch.promote_types(x.dtype, target.dtype))
 
 
 def mlp(
@@ -1011,6 +1031,7 @@ def mlp_cost(
     x, params, dtype = _check_network_cost("mlp_cost", input, target, weights, biases, cost, reduction)
     function = _pick(MLPCostFunction, _MLPCostClassic, _MLPCost)
     if dtype is None:
+        target = _promoted_target(x, target)
         c, *activations = function.apply(x, target, cost, reduction, delta_hook, *params)
     else:
         # The cost runs in float32 under autocast, as torch's losses do; the network in x.dtype.

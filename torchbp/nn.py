@@ -139,6 +139,8 @@ class QuadraticCost(_Cost):
     ``"mean"`` over samples (default), ``"sum"`` or ``"none"``. Note
     ``QuadraticCost()(a, y) == 0.5 * ((a - y) ** 2).sum(-1).mean()``, which is
     not :class:`torch.nn.MSELoss` (that one averages over every element).
+    As MSELoss, ``a`` and ``y`` of two floating dtypes give the cost in the
+    wider one (a float64 target of a float32 network: a float64 cost).
 
     Shape:
         - Input a: :math:`(*, C)`; target y: :math:`(*, C)`, the same shape.
@@ -153,6 +155,7 @@ class CrossEntropyCost(_Cost):
     r"""The cross-entropy cost :math:`C = -\sum_j [y_j \ln a_j + (1 - y_j) \ln(1 - a_j)]` per sample.
 
     With a sigmoid output its δ^L is ``a − y``. Reduced like :class:`QuadraticCost`.
+    As :class:`torch.nn.BCELoss`, ``a`` and ``y`` must have the same dtype.
 
     Shape:
         - Input a: :math:`(*, C)` in [0, 1]; target y: :math:`(*, C)`, the same shape.

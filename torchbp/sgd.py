@@ -25,10 +25,12 @@ from torch import Tensor
 from torchbp.functional import (
     DeltaHook,
     _activations,
+    _as,
     _check_network_cost,
     _cost,
     _output_delta,
     _per_sample_weight,
+    _promoted_target,
     _reduce,
     _reduced_cost,
     _rows,
@@ -45,8 +47,11 @@ def _sigmoid_backward_(grad: Tensor, a: Tensor) -> Tensor:
 def _check_sgd(
     fn: str, input: Tensor, target: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None,
     lr: float, cost: str, reduction: str,
-) -> tuple[Tensor, list[Tensor | None], list[bool], float]:
-    """(x, [W^1, b^1, ..., W^L, b^L], which of them train, lr) for the SGD steps by hand; raises on bad input.
+) -> tuple[Tensor, Tensor, list[Tensor | None], list[bool], float]:
+    """(x, target, [W^1, b^1, ..., W^L, b^L], which of them train, lr) for the steps by hand; raises on bad input.
+
+    The quadratic cost's target comes back in the wider of its and the network's dtypes, as
+    :func:`torchbp.functional.mlp_cost` promotes it.
 
     A parameter trains if it requires grad: one that does not is frozen, as autograd and an optimizer
     leave it. The parameters come back detached: under no_grad a tensor that requires grad still costs
@@ -83,7 +88,7 @@ def _check_sgd(
         # The step moves each parameter as soon as its layer is done; a tied one would be read again after.
         raise ValueError(f"{fn}(): weights and biases must be distinct tensors, got one passed twice "
                          "(tied weights); train those with mlp_cost(...).backward() and an optimizer")
-    return x, [None if p is None else p.detach() for p in params], trains, lr
+    return x, _promoted_target(x, target), [None if p is None else p.detach() for p in params], trains, lr
 
 
 @torch.no_grad()
@@ -108,7 +113,7 @@ def mlp_sgd_step(
         - input: ``(*, in_features)``; target: ``(*, out_features)``
         - output: ``C``, scalar (or ``(*)`` with ``reduction="none"``, whose sum is minimised)
     """
-    x, params, trains, lr = _check_sgd("mlp_sgd_step", input, target, weights, biases, lr, cost, reduction)
+    x, target, params, trains, lr = _check_sgd("mlp_sgd_step", input, target, weights, biases, lr, cost, reduction)
     ones = x.new_ones(math.prod(x.shape[:-1]))
     a_L, diff = _sgd_step(x, target, params, trains, lr, cost, reduction, delta_hook, ones)
     return _reduced_cost(cost, a_L, target, reduction, diff)
@@ -143,7 +148,7 @@ def mlp_sgd_epoch(
     if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"{fn}(): batch_size must be a positive int, got {batch_size!r}")
     batch_size = int(batch_size)  # a numpy integer, say, as a plain int
-    x, params, trains, lr = _check_sgd(fn, input, target, weights, biases, lr, cost, reduction)
+    x, target, params, trains, lr = _check_sgd(fn, input, target, weights, biases, lr, cost, reduction)
     if x.dim() < 2:
         raise ValueError(f"{fn}(): input must have a leading samples dimension, (N, *, in_features), "
                          f"got shape {tuple(x.shape)}")
@@ -191,8 +196,11 @@ def _sgd_step(
     # dC/dC_n multiplies every δ^l, so it rides on the step size instead of costing a pass over δ
     weight = _per_sample_weight(n, reduction)
     # δ^L per sample, from ∇_a C = a^L − y: dC/dC_n enters through the step size
-    diff = a_L - target
-    delta = _output_delta(cost, a_L, diff)
+    # (the cost's dtype is the target's, promoted: a float64 target of a float32 network gives a float64
+    # a^L − y, and δ^L goes down in the network's dtype, as in mlp_cost's backward)
+    a_y = _as(a_L, target.dtype)
+    diff = a_y - target
+    delta = _as(_output_delta(cost, a_y, diff), a_L.dtype)
     step = lr * weight if n else 0.0  # with no samples no parameter moves (the mean's weight is nan)
     # Inductor miscompiles an addmm_ and an addmv_ that share a symbolic alpha (a float lr it made dynamic
     # after a recompile: W moved by the wrong amount); compiled, each update is a product and a sub_.
