@@ -174,6 +174,20 @@ def test_mlp_state_dict_round_trip_with_sequential(bias):
     assert len(model) == 2 * (len(SIZES) - 1)
 
 
+@pytest.mark.parametrize("idx", [slice(2, None), slice(None, 3), slice(1, 5, 2), slice(None, None, -1)],
+                         ids=["2:", ":3", "1:5:2", "::-1"])
+def test_mlp_slice_keeps_layer_names_as_sequential_does(idx):
+    """A slice of an MLP is what nn.Sequential's slice is: the same layers under their own names, so the
+    state_dict keys match (``2.weight``, not ``0.weight``) and load strictly into the slice of the Sequential."""
+    model = torchbp.MLP(SIZES)
+    reference = sequential_like(model)
+    part, reference_part = model[idx], reference[idx]
+    assert list(part._modules) == list(reference_part._modules)
+    assert list(part.state_dict()) == list(reference_part.state_dict())
+    reference_part.load_state_dict(part.state_dict(), strict=True)
+    assert all(a is b for a, b in zip(part, list(model)[idx]))  # the MLP's own layers, not copies
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 def test_mlp_matches_sequential(fused, dtype, device):

@@ -278,10 +278,12 @@ class _Linear(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         input, weight, bias, delta_hook = inputs
         ctx.delta_hook = delta_hook
-        # Save only what the requested gradients read: ∇_W needs a^{l-1}, ∇_a needs W.
+        # Save only what the requested gradients read: ∇_W needs a^{l-1}, ∇_a needs W. Under torch.func
+        # transforms both: the generated vmap rule of grad(vmap(...)) batches every saved tensor, None too.
+        every = torch._C._are_functorch_transforms_active()
         ctx.save_for_backward(
-            input if ctx.needs_input_grad[1] else None,
-            weight if ctx.needs_input_grad[0] else None,
+            input if every or ctx.needs_input_grad[1] else None,
+            weight if every or ctx.needs_input_grad[0] else None,
         )
         ctx.save_for_forward(input, weight)
 

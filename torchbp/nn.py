@@ -236,8 +236,10 @@ class MLP(nn.Module):
         return iter(self._modules.values())
 
     def __getitem__(self, idx: int | slice) -> nn.Module:
-        modules = list(self._modules.values())
-        return nn.Sequential(*modules[idx]) if isinstance(idx, slice) else modules[idx]
+        """Layer ``idx``; a slice is an nn.Sequential of those layers under their own names, as nn.Sequential's."""
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return list(self._modules.values())[idx]
 
     def __setitem__(self, idx: int, module: nn.Module) -> None:
         """Replace layer ``idx``, as in nn.Sequential: ``model[1] = nn.ReLU()`` (then it runs layer by layer)."""
