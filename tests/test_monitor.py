@@ -136,6 +136,22 @@ def test_converted_nested_model_with_leading_dims():
         assert_close(monitor.pop(), oracle_stats(ref, x, y))
 
 
+def test_variable_length_sequences_as_a_jagged_nested_tensor():
+    """A jagged nested input (sequences of 2 and 5 rows, as a converted transformer gets): every row is a
+    sample, so the statistics equal those of the same rows packed into one dense (7, features) batch
+    (oracle: torch's autograd on the nn model), with the cost summed over rows."""
+    torch.manual_seed(3)
+    ref = nn_sequential([4, 3, 2], dtype=DT)
+    model = torchbp.convert(ref)
+    rows = [torch.randn(2, 4, dtype=DT), torch.randn(5, 4, dtype=DT)]
+    x = torch.nested.nested_tensor(rows, layout=torch.jagged)
+    y = torch.rand(7, 2, dtype=DT)
+    with torchbp.DeltaMonitor(model, reduction="sum") as monitor:
+        a = model(x).values()  # (7, 2): the packed rows
+        (0.5 * ((a - y) ** 2).sum()).backward()
+        assert_close(monitor.pop(), oracle_stats(ref, torch.cat(rows), y, reduction="sum"))
+
+
 def test_pop_resets_and_leaves_out_layers_without_a_pass():
     torch.manual_seed(3)
     model = torchbp.MLP([4, 3, 2], dtype=DT)
