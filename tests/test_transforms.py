@@ -197,6 +197,52 @@ def test_grad_of_vmap_of_a_model_ensemble_matches_torch_nn():
 
 
 # --------------------------------------------------------------------------
+# torch.fx symbolic tracing (feature extraction, FX quantization)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["converted", "unfused", "fused", "unfused-cost", "fused-cost"])
+def test_fx_symbolic_trace_gives_the_same_outputs_and_gradients(model):
+    """torch.fx.symbolic_trace of torchbp models, a delta hook attached: the GraphModule calls torchbp's
+    functions (one call each, not a trace through their checks) and gives the eager module's output and
+    gradients, which equal nn.Sequential's (float64, 1e-12). The graph carries no hook; the eager model
+    keeps its own."""
+    torch.manual_seed(23)
+    mlp = torchbp.MLP(SIZES, fused=model.startswith("fused"), dtype=torch.float64)
+    reference = sequential_like(mlp)
+    x = torch.randn(N, SIZES[0], dtype=torch.float64)
+    y = torch.rand(N, SIZES[-1], dtype=torch.float64)
+    if model == "converted":
+        module = torchbp.convert(reference)
+    elif model.endswith("-cost"):
+        module = _CostOf(mlp, "quadratic")
+    else:
+        module = mlp
+    linears = [m for m in module.modules() if isinstance(m, torchbp.Linear)]
+    seen = []
+    linears[0].register_delta_hook(lambda m, delta: seen.append(delta))
+    traced = torch.fx.symbolic_trace(module)
+    calls = {n.target.__module__ for n in traced.graph.nodes if n.op == "call_function" and callable(n.target)}
+    assert "torchbp.functional" in calls
+
+    def run(m):
+        out = m(x, y) if model.endswith("-cost") else m(x)
+        m.zero_grad()
+        (out if out.dim() == 0 else out.pow(2).sum()).backward()
+        return out, [p.grad for p in m.parameters()]
+
+    out, grads = run(traced)
+    assert not seen  # the traced graph calls no hook
+    eager_out, eager_grads = run(module)
+    assert len(seen) == 1  # the eager module still does
+    expected = oracle_cost(reference(x), y) if model.endswith("-cost") else reference(x)
+    close(out, eager_out)
+    close(out, expected)
+    for g, e in zip(grads, eager_grads):
+        close(g, e)
+
+
+# --------------------------------------------------------------------------
 # torch.compile(fullgraph=True)
 # --------------------------------------------------------------------------
 

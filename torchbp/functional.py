@@ -257,8 +257,8 @@ _sigmoid_backward = torch.ops.aten.sigmoid_backward
 
 def _rows(t: Tensor) -> Tensor:
     """(*, features) -> (N, features): samples as rows for the sums over samples."""
-    if t.layout == torch.jagged:
-        return t.values()  # variable-length sequences: their rows, packed, are the samples
+    if t.is_nested:  # (not t.layout: torch.compile refuses reading it in a backward)
+        return t.values()  # variable-length sequences (jagged): their rows, packed, are the samples
     # a 2-D batch already is; the count of rows spelled out, as -1 is ambiguous with 0 features
     return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 

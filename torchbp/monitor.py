@@ -165,7 +165,7 @@ class DeltaMonitor:
         held = self._held[name]
 
         def hook(module: Linear, delta: Tensor) -> None:
-            if delta.layout == torch.jagged:
+            if delta.is_nested:
                 delta = delta.values()  # variable-length sequences: their rows, packed, are the samples
             if self._paused or is_functorch_wrapped_tensor(delta) or delta.numel() == 0:
                 return  # a pass with no samples has no δ to measure

@@ -20,8 +20,26 @@ from torch.utils.hooks import RemovableHandle
 
 from torchbp import functional as F
 from torchbp import sgd
+from torchbp.functional import cross_entropy_cost, linear, mlp, mlp_cost, quadratic_cost, sigmoid
+
+# torch.fx traces into the forward of every module but torch.nn's own; through these the forwards below
+# each leave one call in its graph (torchvision's create_feature_extractor, FX quantization) instead of
+# torchbp's argument checks meeting a Proxy. fx.wrap takes names of this module's globals.
+for _name in ("linear", "sigmoid", "quadratic_cost", "cross_entropy_cost", "mlp", "mlp_cost"):
+    torch.fx.wrap(_name)
+del _name
 
 __all__ = ["Linear", "Sigmoid", "QuadraticCost", "CrossEntropyCost", "MLP", "convert"]
+
+# (older torch has only is_fx_tracing, which newer versions warn is true under torch.export too)
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_tracing_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
+
+
+def _tracing() -> bool:
+    """Whether torch.compile, torch.export or torch.fx traces this forward: a δ hook, a Python call in
+    backward, stays out of the graph."""
+    return torch.compiler.is_compiling() or _fx_tracing()
+
 
 # hook(module, delta): called in backward with δ = ∇_z C of the Linear ``module``.
 DeltaHook = Callable[["Linear", Tensor], None]
@@ -72,8 +90,8 @@ class Linear(nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         # LinearFunction's backward hands its grad_output, δ^l, to the hooks; none while none is registered.
-        hook = self._call_delta_hooks if self._delta_hooks and not torch.compiler.is_compiling() else None
-        return F.linear(input, self.weight, self.bias, delta_hook=hook)
+        hook = self._call_delta_hooks if self._delta_hooks and not _tracing() else None
+        return linear(input, self.weight, self.bias, delta_hook=hook)
 
     def register_delta_hook(self, hook: DeltaHook) -> RemovableHandle:
         """Call ``hook(module, delta)`` in every backward pass with δ = ∇_z C, shape ``(*, out_features)``.
@@ -118,7 +136,7 @@ class Sigmoid(nn.Sigmoid):
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.sigmoid(input)
+        return sigmoid(input)
 
 
 class _Cost(nn.Module):
@@ -148,7 +166,7 @@ class QuadraticCost(_Cost):
     """
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.quadratic_cost(input, target, self.reduction)
+        return quadratic_cost(input, target, self.reduction)
 
 
 class CrossEntropyCost(_Cost):
@@ -163,7 +181,7 @@ class CrossEntropyCost(_Cost):
     """
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy_cost(input, target, self.reduction)
+        return cross_entropy_cost(input, target, self.reduction)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -282,7 +300,7 @@ class MLP(nn.Module):
                 input = module(input)
             return input
         weights, biases, hook = self._params()
-        return F.mlp(input, weights, biases, delta_hook=hook)
+        return mlp(input, weights, biases, delta_hook=hook)
 
     def cost(self, input: Tensor, target: Tensor, cost: str = "quadratic", reduction: str = "mean") -> Tensor:
         """The cost of the network's output against ``target``: ``quadratic_cost(self(input), target)``.
@@ -297,10 +315,10 @@ class MLP(nn.Module):
         if self._per_layer() or _has_hooks(self) or self._forward_overridden():
             # the MLP's own hooks and a subclass's forward run only when it is called: self(input), then the cost
             F._check_cost("MLP.cost", cost)
-            fn = F.quadratic_cost if cost == "quadratic" else F.cross_entropy_cost
+            fn = quadratic_cost if cost == "quadratic" else cross_entropy_cost
             return fn(self(input), target, reduction)
         weights, biases, hook = self._params()
-        return F.mlp_cost(input, target, weights, biases, cost, reduction, delta_hook=hook)[0]
+        return mlp_cost(input, target, weights, biases, cost, reduction, delta_hook=hook)[0]
 
     def sgd_step(
         self, input: Tensor, target: Tensor, lr: float, cost: str = "quadratic", reduction: str = "mean"
@@ -357,7 +375,7 @@ class MLP(nn.Module):
             biases.append(params["bias"] if "bias" in params else m.bias)
             hooked = hooked or bool(m._delta_hooks)
         hook = None
-        if hooked and (by_hand or torch.is_grad_enabled()) and not torch.compiler.is_compiling():
+        if hooked and (by_hand or torch.is_grad_enabled()) and not _tracing():
             def call_delta_hooks(l: int, delta: Tensor) -> None:
                 linears[l]._call_delta_hooks(delta)
 
