@@ -241,13 +241,21 @@ def test_resume_with_more_epochs_continues_a_run_without_schedule_as_if_it_had_b
     (["--hidden", "30", "--sizes", "784", "30", "10"], "--hidden and --sizes both give the layer widths"),
     (["--optimizer", "adam", "--momentum", "0.9"], "--momentum is SGD's; --optimizer adam has none, got --momentum 0.9"),
     (["--recipe", "nielsen", "--momentum", "-1"], "--momentum must be a finite number >= 0, got -1.0"),
-    (["--target-range", "1", "0"], "--target-range LOW HIGH must be finite with LOW < HIGH, got 1.0 0.0"),
+    (["--target-range", "1", "0"], "--target-range LOW HIGH must be finite float32 numbers with LOW < HIGH, got 1.0 0.0"),
+    # the targets are float32: a larger one failed in one_hot after the data had loaded
+    (["--target-range", "0", "1e39"], "--target-range LOW HIGH must be finite float32 numbers with LOW < HIGH, "
+                                      "got 0.0 1e+39"),
+    (["--hidden", "0"], "--hidden widths must be positive, got [0]"),
+    (["--no-monitor", "--delta-hist-every", "100"], "--delta-hist-every 100 needs the δ monitor that --no-monitor turns off"),
     (["--lr", "1e39"], "--lr must be a positive, finite float32 number, got 1e+39"),
     (["--lr", "0"], "--lr must be a positive, finite float32 number, got 0.0"),
     (["--log-every", "100", "--delta-hist-every", "150"],
      "--delta-hist-every must be 0 or a multiple of --log-every (100), got 150"),
     (["--resume", "x.pt", "--epochs", "20", "--lr", "1", "--seed", "2"],
      "--resume continues a run with the hyperparameters in its checkpoint; --lr, --seed cannot change them"),
+    # given, a flag is refused at its default value too (it would be silently ignored)
+    (["--resume", "x.pt", "--seed", "0", "--recipe", "fast", "--log-every", "100"],
+     "--resume continues a run with the hyperparameters in its checkpoint; --recipe, --seed, --log-every cannot change them"),
     (["--resume", "x.pt", "--epochs", "0"], "--epochs must be at least 1, got 0"),
     (["--resume", "run/checkpoint.pt", "--threads", "0"], "--threads must be at least 1, got 0"),
     # the run would go on in backups/, overwriting the checkpoint.pt and metrics of whatever run is there
@@ -279,27 +287,32 @@ def test_a_checkpoint_with_pickled_code_is_refused(tmp_path):
         assert "Traceback" not in result.stderr and "refusing to load" in result.stderr
 
 
-def test_a_non_finite_loss_stops_the_run_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    """In-process: the cost turns NaN from the second epoch on (20 steps per epoch here)."""
-    import train.mnist
-
+def nan_costs_after(steps: int, monkeypatch) -> None:
+    """Every step's cost from the ``steps + 1``-th on turns NaN (in this process)."""
     calls = []
 
-    def nan_after_20_steps(real):
+    def nan_after(real):
         # Steps go through MLP.sgd_epoch (plain SGD by hand, a cost per step, several steps a call)
-        # and, on log steps, MLP.cost: every step's cost from the 21st on turns NaN.
+        # and, on log steps, MLP.cost.
         def patched(self, *args, **kwargs):
             c = real(self, *args, **kwargs)
             first = len(calls)
             calls.extend([None] * c.numel())
-            late = (torch.arange(first, first + c.numel()) >= 20).reshape(c.shape)
+            late = (torch.arange(first, first + c.numel()) >= steps).reshape(c.shape)
             # (no NaN at all on time: through where's backward it would still reach the gradients)
             return torch.where(late, c * float("nan"), c) if late.any() else c
 
         return patched
 
-    monkeypatch.setattr(torchbp.MLP, "cost", nan_after_20_steps(torchbp.MLP.cost))
-    monkeypatch.setattr(torchbp.MLP, "sgd_epoch", nan_after_20_steps(torchbp.MLP.sgd_epoch))
+    monkeypatch.setattr(torchbp.MLP, "cost", nan_after(torchbp.MLP.cost))
+    monkeypatch.setattr(torchbp.MLP, "sgd_epoch", nan_after(torchbp.MLP.sgd_epoch))
+
+
+def test_a_non_finite_loss_stops_the_run_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """In-process: the cost turns NaN from the second epoch on (20 steps per epoch here)."""
+    import train.mnist
+
+    nan_costs_after(20, monkeypatch)
     sigint = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as info:
@@ -311,6 +324,24 @@ def test_a_non_finite_loss_stops_the_run_with_exit_1_and_keeps_the_last_good_che
     assert "training loss is nan at step 25 (epoch 2)" in capsys.readouterr().err
     state = load(tmp_path / "checkpoint.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_a_loss_non_finite_in_the_first_epoch_names_no_checkpoint(tmp_path, monkeypatch, capsys):
+    """Diverged before the first epoch's checkpoint: the message says none was written (it once named a
+    checkpoint.pt that did not exist)."""
+    import train.mnist
+
+    nan_costs_after(3, monkeypatch)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as info:
+            train.mnist.main(["--data-dir", DATA_DIR, "--recipe", "nielsen", "--hidden", "8", "--limit-train", "200",
+                              "--epochs", "2", "--log-every", "5", "--logdir", str(tmp_path)])
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "training loss is nan at step 5 (epoch 1)" in err
+    assert "No checkpoint was written" in err and not (tmp_path / "checkpoint.pt").exists()
 
 
 def run_in_process(args: list[str]) -> None:
@@ -413,6 +444,34 @@ def test_threads_reaches_torch_and_is_checked(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     run_in_process(["--dry-run", "--hidden", "8", "--threads", "1", "--logdir", str(tmp_path)])
     assert calls == [1]
+
+
+def test_resume_runs_with_the_runs_own_threads_device_and_compile_unless_given(tmp_path, monkeypatch):
+    """--threads and --compile change float rounding, so a resume without them must run as the run ran
+    (it once fell back to torch's default threads and eager mode: the weights then differed from the
+    uninterrupted run's). Given anew, they apply."""
+    import train.mnist
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the run's --threads 1 stays out of pytest
+    run_in_process(["--dry-run", "--hidden", "8", "--threads", "1", "--device", "cpu", "--logdir", str(tmp_path)])
+    ckpt = str(tmp_path / "checkpoint.pt")
+    resumed, _ = train.mnist.resume_args(train.mnist.resolve_args(["--resume", ckpt]))
+    assert (resumed.threads, resumed.device, resumed.compile) == (1, "cpu", False)
+    resumed, _ = train.mnist.resume_args(train.mnist.resolve_args(["--resume", ckpt, "--threads", "2", "--compile",
+                                                                   "--device", "auto"]))
+    assert (resumed.threads, resumed.device, resumed.compile) == (2, "auto", True)
+
+
+def test_resuming_a_finished_dry_run_says_it_is_one_batch_long(tmp_path, monkeypatch, capsys):
+    """A --dry-run run is complete after its one batch, whatever --epochs says; the message does not ask
+    for the --epochs that was given."""
+    import train.mnist
+
+    run_in_process(["--dry-run", "--recipe", "nielsen", "--hidden", "8", "--logdir", str(tmp_path)])
+    capsys.readouterr()
+    assert train.mnist.main(["--resume", str(tmp_path / "checkpoint.pt"), "--epochs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "is complete" in out and "a --dry-run run is one batch long" in out and "give --epochs" not in out
 
 
 @pytest.mark.parametrize("script", ["train.mnist", "train.vanishing"])

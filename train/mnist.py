@@ -50,13 +50,17 @@ of network (sigmoid on every layer, output included, quadratic cost):
 - PyTorch's default (Kaiming-uniform) initialisation, ``MLP(fused=True)`` and
   ``model.cost(x, y)``: network and cost are one autograd node.
 
-Determinism: the same seed on the same machine, with the same ``--threads``,
-gives the same weights and metrics (all randomness comes from the seeded CPU
-RNG and the batch generator). A run killed after epoch k and resumed with
+Determinism: the same seed on the same machine, with the same ``--threads``
+(and ``--compile``), gives the same weights and metrics (all randomness comes
+from the seeded CPU RNG and the batch generator). With ``--recipe nielsen`` the
+logging flags count too: its log steps run through autograd and the optimizer,
+the steps between them by hand, and the two round float32 differently (weights
+a few 1e-6 apart after an epoch between ``--log-every 50`` and ``100``). A run killed after epoch k and resumed with
 ``--resume`` ends with the same weights and metrics, bit for bit, as the
 uninterrupted run (the losses add up in float32 on the device, and the
 checkpoint keeps the partial sums as they were). ``--resume`` takes every
-hyperparameter from the checkpoint (a flag that would change one is refused),
+hyperparameter from the checkpoint (a flag that would change one is refused, even
+at its default value), and ``--device``, ``--threads`` and ``--compile`` too unless given,
 the data from the run's ``--data-dir`` unless given again, and goes on in the
 checkpoint's folder (so it takes a file named ``checkpoint.pt``), keeping the
 events up to the checkpoint's step; a finished run with its metrics.json is
@@ -169,9 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between δ histograms, 0 for none (default: 0)")
     p.add_argument("--no-monitor", action="store_true",
                    help="do not record δ statistics nor the weight-gradient norms logged with them (default: False)")
-    p.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint.pt in its folder, with its hyperparameters; "
-                   "--data-dir, --download, --device, --threads and --compile may be given, and --epochs, to "
-                   "train a run without a schedule for longer (default: None)")
+    p.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint.pt in its folder, with its "
+                   "hyperparameters, data, device, threads and compile; --data-dir, --download, --device, --threads "
+                   "and --compile may be given anew, and --epochs, to train a run without a schedule for longer "
+                   "(default: None)")
     p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N of the 50,000 images (default: all)")
     p.add_argument("--dry-run", action="store_true", help="one training batch and a one-batch evaluation (default: False)")
     p.add_argument("--data-dir", help=f"folder holding MNIST/raw/ (default: {DATA_DIR}; with --resume, the run's)")
@@ -188,17 +193,28 @@ def build_parser() -> argparse.ArgumentParser:
 RESUME_FLAGS = ("resume", "data_dir", "download", "device", "threads", "compile", "epochs")
 
 
+def given_options(argv: list[str] | None) -> set[str]:
+    """The dests of the options written on the command line, whatever their values (a default given too)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS  # so that only what was parsed lands in the namespace
+    return set(vars(probe.parse_args(argv)))
+
+
 def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line, fill every unset field from the recipe, refuse contradictions."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume:
-        given = [a.option_strings[0] for a in parser._actions
-                 if a.dest not in (*RESUME_FLAGS, "help") and getattr(args, a.dest) != a.default]
-        if given:
-            parser.error(f"--resume continues a run with the hyperparameters in its checkpoint; {', '.join(given)} "
+        given = given_options(argv)
+        refused = [a.option_strings[0] for a in parser._actions if a.dest in given and a.dest not in RESUME_FLAGS]
+        if refused:
+            parser.error(f"--resume continues a run with the hyperparameters in its checkpoint; {', '.join(refused)} "
                          "cannot change them (with --resume only --data-dir, --download, --device, --threads, "
                          "--compile and --epochs apply)")
+        for dest in ("device", "threads", "compile"):
+            if dest not in given:
+                setattr(args, dest, None)  # how the run ran: resume_args takes the checkpoint's
         if args.epochs is not None and args.epochs < 1:
             parser.error(f"--epochs must be at least 1, got {args.epochs}")
         if args.threads is not None and args.threads < 1:
@@ -227,6 +243,8 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, field) is None:
             setattr(args, field, value)
     if args.hidden is not None:
+        if min(args.hidden) < 1:
+            parser.error(f"--hidden widths must be positive, got {args.hidden}")
         args.sizes = [784, *args.hidden, 10]
     args.hidden = None
     if args.sizes[0] != 784 or args.sizes[-1] != 10 or min(args.sizes) < 1:
@@ -238,6 +256,8 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--limit-train must be in 1..50000, got {args.limit_train}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.delta_hist_every and args.no_monitor:
+        parser.error(f"--delta-hist-every {args.delta_hist_every} needs the δ monitor that --no-monitor turns off")
     if args.delta_hist_every < 0 or args.delta_hist_every % args.log_every:
         # histograms are taken from the log steps' δ, the only steps the monitor sees
         parser.error(f"--delta-hist-every must be 0 or a multiple of --log-every ({args.log_every}), "
@@ -250,9 +270,10 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.momentum and args.optimizer != "sgd":
         parser.error(f"--momentum is SGD's; --optimizer {args.optimizer} has none, got --momentum {args.momentum}")
     low, high = args.target_range
-    if not -math.inf < low < high < math.inf:
+    largest = torch.finfo(torch.float32).max  # the targets are float32
+    if not -largest <= low < high <= largest:
         # the predicted digit is the largest output: the target of the true class must be the larger
-        parser.error(f"--target-range LOW HIGH must be finite with LOW < HIGH, got {low} {high}")
+        parser.error(f"--target-range LOW HIGH must be finite float32 numbers with LOW < HIGH, got {low} {high}")
     return args
 
 
@@ -573,7 +594,11 @@ def resume_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | No
     resumed.resume, resumed.download = args.resume, args.download
     if args.data_dir is not None:  # else the data of the run itself
         resumed.data_dir = args.data_dir
-    resumed.device, resumed.threads, resumed.compile = args.device, args.threads, args.compile
+    # Where and how it runs, unless given again, as the run ran: its --threads and --compile change the
+    # float rounding, so the run ends as the uninterrupted one would only with the same ones.
+    for dest in ("device", "threads", "compile"):
+        if getattr(args, dest) is not None:
+            setattr(resumed, dest, getattr(args, dest))
     resumed.logdir = os.path.dirname(os.path.abspath(args.resume))
     if args.epochs is not None and args.epochs != resumed.epochs:
         if resumed.schedule != "none":
@@ -634,7 +659,9 @@ def diverged(run: Run, what: str) -> None:
     """A non-finite training loss: close TensorBoard and exit 1, leaving the last checkpoint as it is."""
     if run.main_rank:
         run.writer.close()
-    fail(f"{what}; stopping. The last good checkpoint is {run.ckpt_path}. Try a smaller --lr.", EXIT_DIVERGED)
+    last = (f"The last good checkpoint is {run.ckpt_path}" if os.path.exists(run.ckpt_path) else
+            "No checkpoint was written (one is, at the end of every epoch)")
+    fail(f"{what}; stopping. {last}. Try a smaller --lr.", EXIT_DIVERGED)
 
 
 def agree_to_stop(run: Run) -> bool:
@@ -866,8 +893,10 @@ def main(argv: list[str] | None = None) -> int:
     args, state = resume_args(args)
     if state is not None and run_complete(args, state):
         # Resuming would rewrite the final epoch's events and metrics of a run that has them all.
+        more = ("a --dry-run run is one batch long" if args.dry_run else
+                "give --epochs to train a run without a schedule for longer")
         print(f"the run in {args.logdir} is complete ({state['epoch']} epochs, metrics.json written); nothing to "
-              "do: give --epochs to train a run without a schedule for longer, or start a new run")
+              f"do: {more}, or start a new run")
         return 0
     args.logdir = run_folder(args)
     if args.threads is not None:
