@@ -111,7 +111,7 @@ import torch
 from torch import Tensor, nn
 
 import torchbp
-from train import checkpoint
+from train import checkpoint, distributed
 from train.cli import check_default_root, int_in, logdir_arg, new_run_folder
 from train.data import DATA_DIR, MNIST, Batches, DataError, Split, load_mnist, one_hot
 
@@ -350,21 +350,10 @@ def make_scheduler(args, optimizer, total_steps: int):
 
 
 def init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); torch.distributed only when torchrun set WORLD_SIZE > 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
+    """(rank, world_size, device) for ``--device``; the process group where torchrun started several."""
     if device_arg == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA device is available", EXIT_DATA)
-    if world_size <= 1:
-        return 0, 1, torch.device("cuda" if use_cuda else "cpu")
-    import torch.distributed as dist
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
+    return distributed.init(use_cuda=device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available()))
 
 
 def read_data(args: argparse.Namespace, device: torch.device, world_size: int) -> MNIST:
@@ -374,26 +363,18 @@ def read_data(args: argparse.Namespace, device: torch.device, world_size: int) -
     why and the others exit with the same code, quietly."""
     shared = args.download and world_size > 1
     fetch = args.download and (not shared or int(os.environ.get("LOCAL_RANK", "0")) == 0)
-    if shared and not fetch and download_failed(device, False):  # waits until every download is over
+    # (any_rank is one all-reduce: the waiting processes wait there until every download is over)
+    if shared and not fetch and distributed.any_rank(False, device, world_size):
         sys.exit(EXIT_DATA)  # the process that tried has said why
     try:
         data, error = load_mnist(args.data_dir, device, args.normalization, fetch), None
     except DataError as e:
         data, error = None, e
     if shared and fetch:
-        download_failed(device, error is not None)  # lets the waiting processes go on
+        distributed.any_rank(error is not None, device, world_size)  # lets the waiting processes go on
     if error is not None:
         fail(str(error), EXIT_DATA)
     return data
-
-
-def download_failed(device: torch.device, failed: bool) -> bool:
-    """Whether any process's download failed: one all-reduce, which is also the barrier the others wait at."""
-    import torch.distributed as dist
-
-    flag = torch.tensor(failed, dtype=torch.int32, device=device)
-    dist.all_reduce(flag)
-    return bool(flag.item())
 
 
 def load_data(args: argparse.Namespace, device: torch.device, rank: int, world_size: int
@@ -494,15 +475,13 @@ def default_folder(recipe: str, rank: int, world_size: int) -> str:
     Created atomically, so that runs started together get folders of their own, and only now, so that
     a run that fails before (no data, a bad flag) leaves no empty folder behind.
     """
-    folder = [None]
+    folder = None
     if rank == 0:
         try:
-            folder[0] = new_run_folder(recipe)
+            folder = new_run_folder(recipe)
         except OSError as e:
             fail(f"cannot create the run folder under runs/: {e.strerror}; give --logdir", EXIT_DATA)
-    if world_size > 1:
-        torch.distributed.broadcast_object_list(folder, src=0)
-    return folder[0]
+    return distributed.from_rank0(folder, world_size)
 
 
 def open_writer(logdir: str, purge_step: int | None) -> SummaryWriter:
@@ -666,21 +645,13 @@ def diverged(run: Run, what: str) -> None:
 
 def agree_to_stop(run: Run) -> bool:
     # Under DDP all ranks must leave the loop at the same step, or the next all-reduce hangs.
-    if run.world_size == 1:
-        return run.stop.requested
-    flag = torch.tensor([float(run.stop.requested)], device=run.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+    return distributed.any_rank(run.stop.requested, run.device, run.world_size)
 
 
 def mean_over_ranks(run: Run, total: Tensor) -> Tensor:
     """Summed costs of the global batches: under DDP each rank's cost is its shard's mean, and with
-    equal shards the global batch's cost is the mean over the ranks (one all-reduce)."""
-    if run.world_size == 1:
-        return total
-    total = total.clone()
-    torch.distributed.all_reduce(total)
-    return total / torch.distributed.get_world_size()  # the number of costs summed
+    equal shards the global batch's cost is the mean over the ranks."""
+    return distributed.mean_over_ranks(total, run.world_size)
 
 
 def log_step(run: Run, progress: Progress, monitor: torchbp.DeltaMonitor | None,
@@ -829,14 +800,6 @@ def interrupted_mid_epoch(run: Run, progress: Progress) -> int:
     return EXIT_INTERRUPTED
 
 
-def ranks_hold_identical_weights(model: torchbp.MLP, world_size: int) -> bool:
-    # Every rank must hold the same weights (DDP's invariant): compare them all once, at the end.
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    gathered = [torch.empty_like(flat) for _ in range(world_size)]
-    torch.distributed.all_gather(gathered, flat)
-    return all(torch.equal(g, gathered[0]) for g in gathered)
-
-
 def finish(run: Run, progress: Progress, data: MNIST, test: Split, ranks_identical: bool | None) -> None:
     """Final metrics: misclassified digits, hparams and metrics.json (rank 0)."""
     from torchvision.utils import make_grid
@@ -942,12 +905,13 @@ def main(argv: list[str] | None = None) -> int:
                 run.echo(f"interrupted after epoch {progress.epoch}; checkpoint written to {run.ckpt_path}")
             return EXIT_INTERRUPTED
 
-    ranks_identical = ranks_hold_identical_weights(model, world_size) if world_size > 1 else None
+    # Every rank must hold the same weights (DDP's invariant): compared once, at the end.
+    ranks_identical = None  # (one process)
+    if world_size > 1:
+        ranks_identical = distributed.identical_on_all_ranks(list(model.parameters()), world_size)
     if run.main_rank:
         finish(run, progress, data, test, ranks_identical)
-    if world_size > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    distributed.shutdown(world_size)
     return 0
 
 
