@@ -32,7 +32,8 @@ del _name
 __all__ = ["Linear", "Sigmoid", "QuadraticCost", "CrossEntropyCost", "MLP", "convert"]
 
 # (older torch has only is_fx_tracing, which newer versions warn is true under torch.export too)
-_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_tracing_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_tracing_symbolic_tracing",
+                      torch.fx._symbolic_trace.is_fx_tracing)
 
 
 def _tracing() -> bool:
@@ -98,8 +99,9 @@ class Linear(nn.Linear):
 
         The hook must not modify ``delta``. Costs nothing while no hook is
         registered. A copy of the module (``copy.deepcopy``, pickle) has none.
-        Eager mode only: a forward traced by ``torch.compile`` passes no hook
-        to the backward (a Python call would break the graph).
+        Eager mode only: a forward traced by ``torch.compile``, ``torch.export``
+        or ``torch.fx`` passes no hook to the backward (a Python call would
+        break the graph).
         Returns a handle whose ``remove()`` unregisters it.
         """
         handle = RemovableHandle(self._delta_hooks)
