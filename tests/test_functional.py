@@ -291,6 +291,22 @@ def test_quadratic_cost_promotes_mixed_dtypes_as_mse_loss(a_dtype, y_dtype, redu
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
 
 
+def test_quadratic_cost_of_a_large_float32_batch_keeps_float32_precision():
+    """3,000,000 float32 elements (a full-dataset cost, say): quadratic_cost and the fused mlp_cost stay
+    within 1e-6 (relative) of the float64 cost, as mse_loss does (~4e-8 here); the one-dot shortcut for
+    small batches summed serially and drifted by ~1e-5 at this size."""
+    gen = torch.Generator().manual_seed(13)
+    a = torch.rand(300_000, 10, generator=gen)
+    y = torch.rand(300_000, 10, generator=gen)
+    expected = 0.5 * ((a.double() - y.double()) ** 2).sum(-1).mean()
+    torch.testing.assert_close(F.quadratic_cost(a, y).double(), expected, rtol=1e-6, atol=0)
+    w, b = torch.eye(10), torch.zeros(10)
+    x = torch.logit(a.double()).float()  # so that the network's a^L = sigmoid(x) is a again, to rounding
+    c, a_L = F.mlp_cost(x, y, [w], [b])
+    expected = 0.5 * ((a_L.double() - y.double()) ** 2).sum(-1).mean()
+    torch.testing.assert_close(c.double(), expected, rtol=1e-6, atol=0)
+
+
 def test_cross_entropy_delta_is_a_minus_y():
     """Through a sigmoid output the cross entropy's δ^L = ∇_z C is a − y (per sample, reduction sum): φ' cancels."""
     gen = torch.Generator().manual_seed(4)

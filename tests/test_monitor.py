@@ -152,6 +152,21 @@ def test_variable_length_sequences_as_a_jagged_nested_tensor():
         assert_close(monitor.pop(), oracle_stats(ref, torch.cat(rows), y, reduction="sum"))
 
 
+def test_a_model_moved_to_another_device_between_flushes_keeps_training():
+    """δ of the same shape from two devices in one flush window (a model moved by .to() between pops; the
+    meta device stands in for a GPU here) are reduced apart: the flush once stacked them together and
+    raised inside the backward, and every later backward raised again on the same held δ."""
+    model = torchbp.MLP([4, 3], dtype=DT)
+    x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 3, dtype=DT)
+    monitor = torchbp.DeltaMonitor(model, flush_every=2)
+    model.cost(x, y).backward()  # held: one δ on the CPU
+    model.to("meta")
+    for _ in range(3):  # the second pass flushes a CPU δ and a meta δ together
+        model.cost(x.to("meta"), y.to("meta")).backward()
+    assert monitor._passes["0"] == 4 and not monitor._held["0"]
+    monitor.close()
+
+
 def test_pop_resets_and_leaves_out_layers_without_a_pass():
     torch.manual_seed(3)
     model = torchbp.MLP([4, 3, 2], dtype=DT)

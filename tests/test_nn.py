@@ -293,6 +293,47 @@ def test_jagged_nested_input_backpropagates_like_nn():
         close(g, e, what="gradient")
 
 
+@pytest.mark.parametrize("blocks", [False, True], ids=["whole", "in-blocks"])
+def test_fused_mlp_on_jagged_input_equals_the_unfused_one(blocks, monkeypatch):
+    """A jagged nested batch through MLP(fused=True): output and parameter gradients equal the per-layer
+    MLP's (float64, 1e-12), whether the fused backward runs on all samples at once or in blocks of 2
+    (its block size made that small). Its sample count is a nested int, which the backward once compared
+    and failed on."""
+    if blocks:
+        monkeypatch.setattr(torchbp.functional, "_BLOCK_ELEMENTS", 2 * max(SIZES))
+    torch.manual_seed(5)
+    fused = torchbp.MLP(SIZES, fused=True, dtype=torch.float64)
+    unfused = torchbp.MLP(SIZES, dtype=torch.float64)
+    unfused.load_state_dict(fused.state_dict())
+    rows = [torch.randn(2, SIZES[0], dtype=torch.float64), torch.randn(5, SIZES[0], dtype=torch.float64)]
+    x = torch.nested.nested_tensor(rows, layout=torch.jagged)
+    outputs = []
+    for m in (fused, unfused):
+        out = m(x).values()
+        out.pow(2).sum().backward()
+        outputs.append(out)
+    close(outputs[0], outputs[1], what="output")
+    for p, q in zip(fused.parameters(), unfused.parameters()):
+        close(p.grad, q.grad, what="gradient")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_a_cost_of_nested_tensors_is_refused_by_name(fused):
+    """The costs sum a sample's features and reduce over samples, which a jagged tensor's rows are not:
+    MLP.cost, the cost modules and the steps by hand refuse one and say to pass the packed rows."""
+    model = torchbp.MLP(SIZES, fused=fused)
+    x = torch.nested.nested_tensor([torch.randn(2, SIZES[0]), torch.randn(3, SIZES[0])], layout=torch.jagged)
+    y = torch.nested.nested_tensor([torch.rand(2, SIZES[-1]), torch.rand(3, SIZES[-1])], layout=torch.jagged)
+    fn = "mlp_cost" if fused else "quadratic_cost"
+    with pytest.raises(ValueError, match=rf"{fn}\(\): .* must be a dense tensor, got a nested one"):
+        model.cost(x, y)
+    with pytest.raises(ValueError, match=r"quadratic_cost\(\): a must be a dense tensor, got a nested one; "
+                                         r"pass the packed rows of a and y \(.values\(\) of a jagged tensor\)"):
+        torchbp.QuadraticCost()(model(x), y)
+    with pytest.raises(ValueError, match=r"mlp_sgd_step\(\): input must be a dense tensor"):
+        model.sgd_step(x, y, 0.1)
+
+
 def test_fused_and_unfused_mlp_agree():
     """The fused path (one autograd node) and the per-layer path give the same cost and .grad (float64)."""
     torch.manual_seed(2)

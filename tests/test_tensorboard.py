@@ -19,6 +19,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -76,8 +77,9 @@ def write_run(logdir, steps=(0, 1, 2, 3), hist_every=2):
     return expected
 
 
-def test_event_files_hold_tags_steps_values_histograms_layout_in_one_run(tmp_path):
-    expected = write_run(tmp_path)
+@pytest.mark.parametrize("hist_every", [2, np.int64(2)], ids=["int", "numpy-int"])
+def test_event_files_hold_tags_steps_values_histograms_layout_in_one_run(tmp_path, hist_every):
+    expected = write_run(tmp_path, hist_every=hist_every)
     runs = {os.path.dirname(os.path.relpath(p, tmp_path)) for p in map(str, tmp_path.rglob("events.out.tfevents.*"))}
     assert runs == {""}, f"expected one run folder (the logdir itself), got {runs}"
 

@@ -186,19 +186,22 @@ class DeltaMonitor:
         held = self._held[name]
         if not held:
             return
-        # A pop() inside torch.inference_mode() (logging in an eval block) must not make the
-        # accumulator an inference tensor: a later flush, outside, could not add to it.
-        with torch.inference_mode(False):
-            self._reduce(name, held)
-        self._passes[name] += len(held)
-        held.clear()
-        self._held_bytes[name] = 0
+        try:
+            # A pop() inside torch.inference_mode() (logging in an eval block) must not make the
+            # accumulator an inference tensor: a later flush, outside, could not add to it.
+            with torch.inference_mode(False):
+                self._reduce(name, held)
+            self._passes[name] += len(held)
+        finally:
+            held.clear()  # (even if a reduction failed: every later backward would fail on the same δ)
+            self._held_bytes[name] = 0
 
     def _reduce(self, name: str, held: list[Tensor]) -> None:
-        # Passes of the same shape are stacked and reduced together: (K, N, out).
-        groups: dict[tuple[int, ...], list[Tensor]] = {}
+        # Passes of the same shape, dtype and device are stacked and reduced together: (K, N, out).
+        # (A model moved by .to() between pops gives δ of both kinds in one window.)
+        groups: dict[tuple, list[Tensor]] = {}
         for delta in held:
-            groups.setdefault(tuple(delta.shape), []).append(delta)
+            groups.setdefault((tuple(delta.shape), delta.dtype, delta.device), []).append(delta)
         for deltas in groups.values():
             out = deltas[0].shape[-1]
             delta = torch.stack(deltas).reshape(len(deltas), -1, out)  # (K, *, out) -> (K, N, out)

@@ -31,9 +31,9 @@ del _name
 
 __all__ = ["Linear", "Sigmoid", "QuadraticCost", "CrossEntropyCost", "MLP", "convert"]
 
-# (older torch has only is_fx_tracing, which newer versions warn is true under torch.export too)
-_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_tracing_symbolic_tracing",
-                      torch.fx._symbolic_trace.is_fx_tracing)
+# is_fx_symbolic_tracing where torch has it: is_fx_tracing, the older one, is true under torch.export too,
+# and newer versions log a warning when it is called
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 
 
 def _tracing() -> bool:
@@ -52,10 +52,10 @@ class Linear(nn.Linear):
     The notes' ``z^l = W^l a^{l-1} + b^l`` with rows as samples. A subclass of
     :class:`torch.nn.Linear`: its parameters, initialisation (``reset_parameters``),
     ``repr`` and ``state_dict`` are nn.Linear's own, and ``isinstance(m, nn.Linear)``
-    holds, so init loops and other code that looks for nn.Linear find it. Only
-    the forward differs: it runs :class:`torchbp.functional.LinearFunction`,
-    whose backward is the notes' ``∇_a = (W^l)^T δ^l``, ``∇_W C = δ^l (a^{l-1})^T``,
-    ``∇_b C = δ^l``.
+    holds, so init loops and other code that looks for nn.Linear find it. The
+    forward differs: it runs :class:`torchbp.functional.LinearFunction`, whose
+    backward is the notes' ``∇_a = (W^l)^T δ^l``, ``∇_W C = δ^l (a^{l-1})^T``,
+    ``∇_b C = δ^l``; and :meth:`register_delta_hook` lets hooks see that backward's δ^l.
 
     Args:
         in_features: size of each input sample
@@ -317,6 +317,7 @@ class MLP(nn.Module):
         if self._per_layer() or _has_hooks(self) or self._forward_overridden():
             # the MLP's own hooks and a subclass's forward run only when it is called: self(input), then the cost
             F._check_cost("MLP.cost", cost)
+            F._check_reduction("MLP.cost", reduction)  # before the forward, as the fused path checks it
             fn = quadratic_cost if cost == "quadratic" else cross_entropy_cost
             return fn(self(input), target, reduction)
         weights, biases, hook = self._params()

@@ -9,7 +9,7 @@ the notes' recursion
 
 and each layer's parameters move as soon as its δ^l is known,
 ``W^l ← W^l − η δ^l (a^{l-1})^T`` and ``b^l ← b^l − η δ^l`` (summed over the
-mini-batch), each one in-place op. :class:`torchbp.MLP` offers them as
+mini-batch), each one in-place op in eager mode. :class:`torchbp.MLP` offers them as
 :meth:`~torchbp.MLP.sgd_step` and :meth:`~torchbp.MLP.sgd_epoch`.
 """
 
@@ -101,13 +101,15 @@ def mlp_sgd_step(
     Nielsen's ``update_mini_batch``: the forward keeps a^0..a^L, the backward
     is the notes' recursion from δ^L = ∇_a C ∘ φ'(z^L), and every parameter
     moves in place by ``−lr · ∇C`` as soon as its layer's δ^l is known. No
-    graph is built, no ``.grad`` is touched and ∇_W C is never stored: the
-    update ``W ← W − lr δ^T a`` is one ``addmm_``. Returns the cost before the
-    step. Equal to ``torchbp.functional.mlp_cost(...)[0].backward()`` followed by
-    ``torch.optim.SGD(lr=lr).step()``: a weight or bias that does not require
-    grad stays as it is, as a frozen parameter does there. A tensor passed
-    twice (tied weights) is refused, since each layer moves its own as soon as
-    it is done. Eager or ``torch.compile`` (``delta_hook`` in eager mode only); not under autocast.
+    graph is built, no ``.grad`` is touched and, in eager mode, ∇_W C is never
+    stored: the update ``W ← W − lr δ^T a`` is one ``addmm_`` (compiled: a
+    product and a ``sub_``). Returns the cost before the step. Equal to
+    ``torchbp.functional.mlp_cost(...)[0].backward()`` (``.sum().backward()``
+    with ``reduction="none"``) followed by ``torch.optim.SGD(params, lr=lr).step()``:
+    a weight or bias that does not require grad stays as it is, as a frozen
+    parameter does there. A tensor passed twice (tied weights) is refused,
+    since each layer moves its own as soon as it is done. Eager or
+    ``torch.compile`` (``delta_hook`` in eager mode only); not under autocast.
 
     Shape:
         - input: ``(*, in_features)``; target: ``(*, out_features)``
@@ -131,7 +133,7 @@ def mlp_sgd_epoch(
     ``input[batch_size:2 * batch_size]``, and so on, in that order: shuffle
     beforehand, as ``SGD`` does (``perm = torch.randperm(len(x))``, then
     ``x[perm]``, ``y[perm]``). A last, smaller mini-batch takes a step of its
-    own, as in network.py. The steps are those of :func:`mlp_sgd_step`, bit
+    own, as in Nielsen's network.py. The steps are those of :func:`mlp_sgd_step`, bit
     for bit, but the arguments are checked once for all of them, so each step
     costs only its tensor ops: at Nielsen's mini-batch of 10 the checks and
     calls of a separate :func:`mlp_sgd_step` per mini-batch are a third of the

@@ -105,8 +105,9 @@ def log_deltas(writer, monitor: DeltaMonitor, step: int, model: nn.Module | None
     step = int(step)  # np.int64 and other integers, as SummaryWriter takes them
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"log_deltas(): model must be a torch.nn.Module or None, got {type(model).__name__}")
-    if not isinstance(hist_every, int) or isinstance(hist_every, bool) or hist_every < 0:
+    if not isinstance(hist_every, numbers.Integral) or isinstance(hist_every, bool) or hist_every < 0:
         raise ValueError(f"log_deltas(): hist_every must be an int >= 0, got {hist_every!r}")
+    hist_every = int(hist_every)
     if hist_every and not monitor.keep_last:
         raise ValueError("log_deltas(): hist_every > 0 needs DeltaMonitor(..., keep_last=True), got keep_last=False")
     if not getattr(writer, _LAYOUT_WRITTEN, False):
