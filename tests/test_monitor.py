@@ -167,6 +167,32 @@ def test_a_model_moved_to_another_device_between_flushes_keeps_training():
     monitor.close()
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_a_backward_calls_the_hooks_registered_when_its_forward_ran(fused):
+    """As nn.Module's full backward hooks: a monitor attached after the forward records nothing of that
+    backward, with or without another hook attached during the forward (it once recorded only with one);
+    a monitor closed between forward and backward records nothing either."""
+    model = torchbp.MLP([4, 3, 2], fused=fused, dtype=DT)
+    x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)
+    for other_hook in (False, True):
+        handle = model[0].register_delta_hook(lambda m, d: None) if other_hook else None
+        c = model.cost(x, y)
+        late = torchbp.DeltaMonitor(model)
+        c.backward()
+        assert late.pop() == {}, f"other hook: {other_hook}"
+        late.close()
+        if handle is not None:
+            handle.remove()
+    early = torchbp.DeltaMonitor(model)
+    c = model.cost(x, y)
+    early.close()
+    c.backward()
+    assert early.pop() == {}
+    with torchbp.DeltaMonitor(model) as monitor:  # and one attached before the forward records it
+        model.cost(x, y).backward()
+        assert set(monitor.pop()) == {"0", "2"}
+
+
 def test_pop_resets_and_leaves_out_layers_without_a_pass():
     torch.manual_seed(3)
     model = torchbp.MLP([4, 3, 2], dtype=DT)

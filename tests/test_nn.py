@@ -176,10 +176,12 @@ def test_mlp_state_dict_round_trip_with_sequential(bias):
 
 @pytest.mark.parametrize("idx", [slice(2, None), slice(None, 3), slice(1, 5, 2), slice(None, None, -1)],
                          ids=["2:", ":3", "1:5:2", "::-1"])
-def test_mlp_slice_keeps_layer_names_as_sequential_does(idx):
-    """A slice of an MLP is what nn.Sequential's slice is: the same layers under their own names, so the
-    state_dict keys match (``2.weight``, not ``0.weight``) and load strictly into the slice of the Sequential."""
-    model = torchbp.MLP(SIZES)
+@pytest.mark.parametrize("sizes", [SIZES, [4] * 7], ids=["shallow", "12-layers"])
+def test_mlp_slice_keeps_layer_names_as_sequential_does(idx, sizes):
+    """A slice of an MLP is what nn.Sequential's slice is: the same layers under their own names, in order
+    (12 layers: "10" after "9"), so the state_dict keys match (``2.weight``, not ``0.weight``) and load
+    strictly into the slice of the Sequential."""
+    model = torchbp.MLP(sizes)
     reference = sequential_like(model)
     part, reference_part = model[idx], reference[idx]
     assert list(part._modules) == list(reference_part._modules)

@@ -246,3 +246,89 @@ def test_each_chart_takes_its_statistic_and_no_other():
     (regex,) = charts["δ norm by layer"][1]
     assert [t for t in ("delta/norm/0", "delta/norm_x/0", "delta/sample_norm/0", "x/delta/norm/0")
             if re.search(regex, t)] == ["delta/norm/0"]
+
+
+def _read(logdir) -> event_accumulator.EventAccumulator:
+    acc = event_accumulator.EventAccumulator(os.fspath(logdir), size_guidance={"scalars": 0, "histograms": 0,
+                                                                              "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def _layout_categories(acc) -> list[list[str]]:
+    """The categories of every custom-scalars layout written, in order (TensorBoard shows the last)."""
+    return [[c.title for c in layout_pb2.Layout.FromString(e.tensor_proto.string_val[0]).category]
+            for e in acc.Tensors("custom_scalars__config__")]
+
+
+def _one_pass(model, seed=0):
+    torch.manual_seed(seed)
+    model.zero_grad()
+    model.cost(torch.randn(8, SIZES[0], dtype=DT), torch.rand(8, SIZES[-1], dtype=DT)).backward()
+
+
+def test_two_models_on_one_writer_with_a_prefix_each(tmp_path):
+    """A GAN-like pair on one writer: prefix "G/" and "D/" keep their tags apart, each with its own model's
+    values (oracle: each monitor's own pop, taken from a twin monitor), and the last layout written holds
+    both models' categories, each chart's regex taking its own prefix's tags only."""
+    g, d = torchbp.MLP(SIZES, dtype=DT), torchbp.MLP(SIZES, dtype=DT)
+    with SummaryWriter(os.fspath(tmp_path)) as writer, torchbp.DeltaMonitor(g) as mg, \
+            torchbp.DeltaMonitor(d) as md, torchbp.DeltaMonitor(g) as og, torchbp.DeltaMonitor(d) as od:
+        _one_pass(g, 1)
+        _one_pass(d, 2)
+        log_deltas(writer, mg, 0, prefix="G/")
+        log_deltas(writer, md, 0, prefix="D/")
+        expected = {"G/": og.pop(), "D/": od.pop()}
+    acc = _read(tmp_path)
+    for prefix, stats in expected.items():
+        for layer in LAYERS:
+            (event,) = acc.Scalars(f"{prefix}delta/norm/{layer}")
+            assert event.value == pytest.approx(stats[layer]["norm"], rel=1e-6)
+    assert not [t for t in acc.Tags()["scalars"] if t.startswith("delta/")]
+    categories = _layout_categories(acc)
+    assert sorted(categories[-1]) == ["torchbp δ by layer (D/)", "torchbp δ by layer (G/)"]
+    from torchbp.tensorboard import delta_layout
+
+    (charts,) = delta_layout("G/").values()
+    (regex,) = charts["δ norm by layer"][1]
+    assert [t for t in ("G/delta/norm/0", "D/delta/norm/0", "delta/norm/0") if re.search(regex, t)] == \
+        ["G/delta/norm/0"]
+
+
+def test_a_scripts_own_layout_is_kept_with_layout_false(tmp_path):
+    """TensorBoard shows a run's last layout: log_deltas(layout=False) writes none, so a script's own layout,
+    with delta_layout()'s category merged in, is the one shown (log_deltas once replaced it silently)."""
+    from torchbp.tensorboard import delta_layout
+
+    model = torchbp.MLP(SIZES, dtype=DT)
+    with SummaryWriter(os.fspath(tmp_path)) as writer, torchbp.DeltaMonitor(model) as monitor:
+        writer.add_custom_scalars({"Losses": {"loss": ["Multiline", ["^loss/"]]}, **delta_layout()})
+        for step in range(3):
+            _one_pass(model, step)
+            log_deltas(writer, monitor, step, layout=False)
+    assert _layout_categories(_read(tmp_path)) == [["Losses", "torchbp δ by layer"]]
+
+
+def test_histograms_come_every_hist_every_steps_when_the_logged_steps_are_not_multiples(tmp_path):
+    """Logging at steps 9, 19, ..., 99 with hist_every=20: histograms at the first logged step past each
+    multiple of 20 (29, 49, 69, 89), not never (the steps logged are no multiples of 20)."""
+    model = torchbp.MLP(SIZES, dtype=DT)
+    with SummaryWriter(os.fspath(tmp_path)) as writer, torchbp.DeltaMonitor(model, keep_last=True) as monitor:
+        for step in range(9, 100, 10):
+            _one_pass(model, step)
+            log_deltas(writer, monitor, step, hist_every=20)
+    assert [h.step for h in _read(tmp_path).Histograms("delta/hist/0")] == [29, 49, 69, 89]
+
+
+def test_a_diverged_run_logs_its_scalars_and_skips_an_all_nan_histogram(tmp_path):
+    """Weights gone nan (a diverged run): every δ is nan, add_histogram would raise on it and end the
+    training loop; log_deltas writes the (nan) scalars and leaves the histogram out."""
+    model = torchbp.MLP(SIZES, dtype=DT)
+    with torch.no_grad():
+        model[0].weight.fill_(float("nan"))
+    with SummaryWriter(os.fspath(tmp_path)) as writer, torchbp.DeltaMonitor(model, keep_last=True) as monitor:
+        _one_pass(model)
+        stats = log_deltas(writer, monitor, 0, hist_every=1)
+    assert all(np.isnan(s["norm"]) for s in stats.values())
+    acc = _read(tmp_path)
+    assert "delta/norm/0" in acc.Tags()["scalars"] and not acc.Tags()["histograms"]

@@ -245,7 +245,8 @@ def test_resume_with_more_epochs_continues_a_run_without_schedule_as_if_it_had_b
     # the targets are float32: a larger one failed in one_hot after the data had loaded
     (["--target-range", "0", "1e39"], "--target-range LOW HIGH must be finite float32 numbers with LOW < HIGH, "
                                       "got 0.0 1e+39"),
-    (["--hidden", "0"], "--hidden widths must be positive, got [0]"),
+    (["--hidden", "8", "0"], "--hidden widths must be positive, got [8, 0]"),
+    (["--target-range", "-1" + "0" * 39 + ".0", "0"], "--target-range LOW HIGH must be finite float32 numbers"),
     (["--no-monitor", "--delta-hist-every", "100"], "--delta-hist-every 100 needs the δ monitor that --no-monitor turns off"),
     (["--lr", "1e39"], "--lr must be a positive, finite float32 number, got 1e+39"),
     (["--lr", "0"], "--lr must be a positive, finite float32 number, got 0.0"),
@@ -446,6 +447,30 @@ def test_threads_reaches_torch_and_is_checked(tmp_path, monkeypatch, capsys):
     assert calls == [1]
 
 
+def test_flags_at_their_bounds_are_taken():
+    """The checks' bounds are inclusive where the values are valid: a hidden width of 1, the largest float32
+    target."""
+    import train.mnist
+
+    assert train.mnist.resolve_args(["--hidden", "1"]).sizes == [784, 1, 10]
+    largest = torch.finfo(torch.float32).max
+    assert train.mnist.resolve_args(["--target-range", "0", repr(largest)]).target_range == [0.0, largest]
+
+
+def test_resume_flags_given_are_read_from_the_real_command_line(monkeypatch, capsys):
+    """python -m train.mnist parses sys.argv (argv=None): a hyperparameter given with --resume is refused
+    there too, and --device, --threads and --compile left out are left to the checkpoint (None)."""
+    import train.mnist
+
+    monkeypatch.setattr(sys, "argv", ["train.mnist", "--resume", "run/checkpoint.pt", "--lr", "1"])
+    with pytest.raises(SystemExit) as info:
+        train.mnist.resolve_args()
+    assert info.value.code == 2 and "--lr cannot change them" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["train.mnist", "--resume", "run/checkpoint.pt"])
+    args = train.mnist.resolve_args()
+    assert (args.device, args.threads, args.compile) == (None, None, None)
+
+
 def test_resume_runs_with_the_runs_own_threads_device_and_compile_unless_given(tmp_path, monkeypatch):
     """--threads and --compile change float rounding, so a resume without them must run as the run ran
     (it once fell back to torch's default threads and eager mode: the weights then differed from the
@@ -457,6 +482,11 @@ def test_resume_runs_with_the_runs_own_threads_device_and_compile_unless_given(t
     ckpt = str(tmp_path / "checkpoint.pt")
     resumed, _ = train.mnist.resume_args(train.mnist.resolve_args(["--resume", ckpt]))
     assert (resumed.threads, resumed.device, resumed.compile) == (1, "cpu", False)
+    state = torch.load(ckpt, weights_only=True)
+    state["args"]["compile"] = True  # a compiled run resumes compiled
+    torch.save(state, ckpt)
+    resumed, _ = train.mnist.resume_args(train.mnist.resolve_args(["--resume", ckpt]))
+    assert resumed.compile is True
     resumed, _ = train.mnist.resume_args(train.mnist.resolve_args(["--resume", ckpt, "--threads", "2", "--compile",
                                                                    "--device", "auto"]))
     assert (resumed.threads, resumed.device, resumed.compile) == (2, "auto", True)

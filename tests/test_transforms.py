@@ -201,7 +201,8 @@ def test_grad_of_vmap_of_a_model_ensemble_matches_torch_nn():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["converted", "unfused", "fused", "unfused-cost", "fused-cost"])
+@pytest.mark.parametrize("model", ["converted", "unfused", "fused", "unfused-cost", "fused-cost",
+                                   "unfused-cross_entropy-cost", "fused-cross_entropy-cost"])
 def test_fx_symbolic_trace_gives_the_same_outputs_and_gradients(model):
     """torch.fx.symbolic_trace of torchbp models, a delta hook attached: the GraphModule calls torchbp's
     functions (one call each, not a trace through their checks) and gives the eager module's output and
@@ -215,7 +216,7 @@ def test_fx_symbolic_trace_gives_the_same_outputs_and_gradients(model):
     if model == "converted":
         module = torchbp.convert(reference)
     elif model.endswith("-cost"):
-        module = _CostOf(mlp, "quadratic")
+        module = _CostOf(mlp, "cross_entropy" if "cross_entropy" in model else "quadratic")
     else:
         module = mlp
     linears = [m for m in module.modules() if isinstance(m, torchbp.Linear)]
@@ -235,7 +236,8 @@ def test_fx_symbolic_trace_gives_the_same_outputs_and_gradients(model):
     assert not seen  # the traced graph calls no hook
     eager_out, eager_grads = run(module)
     assert len(seen) == 1  # the eager module still does
-    expected = oracle_cost(reference(x), y) if model.endswith("-cost") else reference(x)
+    cost = "cross_entropy" if "cross_entropy" in model else "quadratic"
+    expected = oracle_cost(reference(x), y, cost) if model.endswith("-cost") else reference(x)
     close(out, eager_out)
     close(out, expected)
     for g, e in zip(grads, eager_grads):

@@ -167,8 +167,8 @@ class DeltaMonitor:
         def hook(module: Linear, delta: Tensor) -> None:
             if delta.is_nested:
                 delta = delta.values()  # variable-length sequences: their rows, packed, are the samples
-            if self._paused or is_functorch_wrapped_tensor(delta) or delta.numel() == 0:
-                return  # a pass with no samples has no δ to measure
+            if self._paused or not self._handles or is_functorch_wrapped_tensor(delta) or delta.numel() == 0:
+                return  # paused, closed since the forward, or a pass with no samples: no δ to measure
             if delta.requires_grad:  # backward(create_graph=True): keep no graph alive
                 delta = delta.detach()
             if self.keep_last:

@@ -91,13 +91,14 @@ class Linear(nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         # LinearFunction's backward hands its grad_output, δ^l, to the hooks; none while none is registered.
-        hook = self._call_delta_hooks if self._delta_hooks and not _tracing() else None
-        return linear(input, self.weight, self.bias, delta_hook=hook)
+        return linear(input, self.weight, self.bias, delta_hook=self._backward_delta_hook())
 
     def register_delta_hook(self, hook: DeltaHook) -> RemovableHandle:
         """Call ``hook(module, delta)`` in every backward pass with δ = ∇_z C, shape ``(*, out_features)``.
 
-        The hook must not modify ``delta``. Costs nothing while no hook is
+        A backward calls the hooks registered when its forward ran (as
+        :meth:`~torch.nn.Module.register_full_backward_hook` does). The hook
+        must not modify ``delta``. Costs nothing while no hook is
         registered. A copy of the module (``copy.deepcopy``, pickle) has none.
         Eager mode only: a forward traced by ``torch.compile``, ``torch.export``
         or ``torch.fx`` passes no hook to the backward (a Python call would
@@ -108,9 +109,22 @@ class Linear(nn.Linear):
         self._delta_hooks[handle.id] = hook
         return handle
 
-    def _call_delta_hooks(self, delta: Tensor) -> None:
-        for hook in tuple(self._delta_hooks.values()):
-            hook(self, delta)
+    def _backward_delta_hook(self) -> Callable[[Tensor], None] | None:
+        """The delta hooks registered now, as one call for the backward of this forward; None if none.
+
+        As for nn.Module's full backward hooks, the hooks that see a backward are those registered
+        when its forward ran: one registered later waits for the next forward, one removed later
+        still sees this backward.
+        """
+        if not self._delta_hooks or _tracing():
+            return None
+        hooks = tuple(self._delta_hooks.values())
+
+        def call_delta_hooks(delta: Tensor) -> None:
+            for hook in hooks:
+                hook(self, delta)
+
+        return call_delta_hooks
 
     def __getstate__(self):
         # A copy (copy.deepcopy, pickle, torch.save(model)) carries no δ hook: a hook belongs to
@@ -379,8 +393,11 @@ class MLP(nn.Module):
             hooked = hooked or bool(m._delta_hooks)
         hook = None
         if hooked and (by_hand or torch.is_grad_enabled()) and not _tracing():
+            calls = [m._backward_delta_hook() for m in linears]  # the hooks registered now, layer by layer
+
             def call_delta_hooks(l: int, delta: Tensor) -> None:
-                linears[l]._call_delta_hooks(delta)
+                if calls[l] is not None:
+                    calls[l](delta)
 
             hook = call_delta_hooks
         return weights, biases, hook
@@ -436,13 +453,17 @@ def convert(module: nn.Module, inplace: bool = False) -> nn.Module:
 
     Works through any nesting (Sequential, ModuleList, ModuleDict, custom
     modules) and on ``module`` itself. Each layer keeps everything it had:
-    its Parameter objects (so their dtype and device, and an optimizer built
-    on them), its hooks, training mode and attributes, and a layer shared by
-    several parents stays shared; the model then computes the same results
-    and gradients through torchbp's hand-written backward. Subclasses of
-    the two (parametrized layers among them), whose forward may differ, are
-    left as they are. With ``inplace=False`` (default) ``module`` is
-    deep-copied first; with ``inplace=True`` its layers change class in place.
+    its parameters (their values, dtype and device), its hooks, training mode
+    and attributes, and a layer shared by several parents stays shared; the
+    model then computes the same results and gradients through torchbp's
+    hand-written backward. Subclasses of the two (parametrized layers among
+    them), whose forward may differ, are left as they are.
+
+    With ``inplace=False`` (default) ``module`` is deep-copied first: the
+    result has Parameter objects of its own, so build the optimizer (and the
+    DeltaMonitor) on the converted model, not on ``module``. With
+    ``inplace=True`` the layers change class in place and keep their
+    Parameter objects: an optimizer built on ``module`` goes on training it.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert(): module must be a torch.nn.Module, got {type(module).__name__}")

@@ -5,9 +5,10 @@ package) and imports nothing of tensorboard itself; import it explicitly
 (``import torchbp.tensorboard``), ``import torchbp`` never does.
 One call per logging step writes everything a :class:`~torchbp.DeltaMonitor`
 recorded since the last one, into the writer's own run folder (never
-``add_scalars``, which makes one run folder per key). Tags are named by layer
-only: give each monitored model a writer (a run folder) of its own, and
-TensorBoard compares the models' charts side by side::
+``add_scalars``, which makes one run folder per key). Tags are named by layer:
+give each monitored model a writer (a run folder) of its own, and TensorBoard
+compares the models' charts side by side; or, for two models in one run (a
+GAN's generator and discriminator), a ``prefix`` each (``"G/"``, ``"D/"``)::
 
     from torch.utils.tensorboard import SummaryWriter
     import torchbp
@@ -22,10 +23,17 @@ TensorBoard compares the models' charts side by side::
                 log_deltas(writer, monitor, step, model=model, hist_every=1000)
     writer.close()   # then: tensorboard --logdir runs  (CUSTOM SCALARS tab: δ norm by layer)
 
-Tags, per layer name ``<layer>`` (the qualified module name):
-``delta/norm/<layer>``, ``delta/sample_norm/<layer>``, ``delta/max_abs/<layer>``
-(see :class:`~torchbp.DeltaMonitor`), ``grad/weight_norm/<layer>`` (‖∇_W C‖ of
-the weight's ``.grad`` at the logging step) and ``delta/hist/<layer>``.
+Tags, per layer name ``<layer>`` (the qualified module name), after the
+``prefix``: ``delta/norm/<layer>``, ``delta/sample_norm/<layer>``,
+``delta/max_abs/<layer>`` (see :class:`~torchbp.DeltaMonitor`),
+``grad/weight_norm/<layer>`` (‖∇_W C‖ of the weight's ``.grad`` at the logging
+step) and ``delta/hist/<layer>``.
+
+The custom-scalars layout (the "δ norm by layer" charts) is one per run in
+TensorBoard, the last one written: ``log_deltas`` writes it on its first call
+for a writer (again, merged, when a new ``prefix`` comes). A script that writes
+a layout of its own adds ``delta_layout()``'s category to it and passes
+``layout=False``.
 """
 
 from __future__ import annotations
@@ -40,8 +48,10 @@ from torchbp.monitor import STATS, DeltaMonitor, named_linears
 
 __all__ = ["log_deltas", "delta_layout", "write_layout"]
 
-# Set on a writer once its custom-scalars layout is written: once per run.
-_LAYOUT_WRITTEN = "_torchbp_delta_layout_written"
+# Kept on a writer: the prefixes whose charts its layout holds, and per prefix the step of the last
+# log_deltas call, for the histograms' cadence.
+_LAYOUT_PREFIXES = "_torchbp_delta_layout_prefixes"
+_LAST_STEP = "_torchbp_delta_last_step"
 
 _CHARTS = (
     ("δ norm by layer", "delta/norm"),
@@ -55,33 +65,57 @@ def _tag(prefix: str, layer: str) -> str:
     return f"{prefix}/{layer or 'model'}"  # the model itself may be the Linear: its name is ""
 
 
-def delta_layout() -> dict:
+def _check_prefix(fn: str, prefix: object) -> None:
+    if not isinstance(prefix, str):
+        raise TypeError(f"{fn}(): prefix must be a str, got {type(prefix).__name__}")
+
+
+def delta_layout(prefix: str = "") -> dict:
     """The custom-scalars layout: one category, one multiline chart per statistic, every layer a line.
 
     Chart tags are regular expressions in TensorBoard: each chart takes every
     tag under its statistic (``^delta/norm/``), whatever the layers are called.
     So every run writes the same layout, and TensorBoard, which merges the runs'
     layouts and drops identical charts, shows each chart once for runs of any
-    depth side by side.
+    depth side by side. With a ``prefix`` the category and its tags carry it.
     """
-    return {"torchbp δ by layer": {title: ["Multiline", [f"^{re.escape(prefix)}/"]] for title, prefix in _CHARTS}}
+    _check_prefix("delta_layout", prefix)
+    category = f"torchbp δ by layer{f' ({prefix})' if prefix else ''}"
+    charts = {title: ["Multiline", [f"^{re.escape(prefix + stat)}/"]] for title, stat in _CHARTS}
+    return {category: charts}
 
 
-def write_layout(writer) -> None:
-    """Write :func:`delta_layout` to ``writer`` (``log_deltas`` does this the first time by itself)."""
-    writer.add_custom_scalars(delta_layout())
-    setattr(writer, _LAYOUT_WRITTEN, True)
+def write_layout(writer, prefix: str = "") -> None:
+    """Write :func:`delta_layout` to ``writer``, with the charts of every prefix written to it before.
+
+    ``log_deltas`` does this by itself, on its first call for a writer and prefix.
+    """
+    _check_prefix("write_layout", prefix)
+    prefixes = getattr(writer, _LAYOUT_PREFIXES, [])
+    prefixes = prefixes + [prefix] if prefix not in prefixes else prefixes
+    layout = {}
+    for p in prefixes:
+        layout.update(delta_layout(p))
+    writer.add_custom_scalars(layout)
+    setattr(writer, _LAYOUT_PREFIXES, prefixes)
 
 
-def log_deltas(writer, monitor: DeltaMonitor, step: int, model: nn.Module | None = None, hist_every: int = 0) -> dict:
+def log_deltas(
+    writer, monitor: DeltaMonitor, step: int, model: nn.Module | None = None, hist_every: int = 0,
+    prefix: str = "", layout: bool = True,
+) -> dict:
     """Write what ``monitor`` recorded since the last call at ``step``; returns the popped statistics.
 
     Writes ``delta/{norm,sample_norm,max_abs}/<layer>`` from :meth:`DeltaMonitor.pop`;
     with ``model``, ``grad/weight_norm/<layer>`` of every torchbp Linear's
-    ``weight.grad``; when ``hist_every > 0`` and ``step % hist_every == 0``,
-    histograms ``delta/hist/<layer>`` of the last δ of every layer with a
-    pass since the last call (needs ``DeltaMonitor(..., keep_last=True)``);
-    and, the first time for this writer, the custom-scalars layout
+    ``weight.grad``; with ``hist_every > 0``, histograms ``delta/hist/<layer>``
+    of the last δ of every layer with a pass since the last call (needs
+    ``DeltaMonitor(..., keep_last=True)``) whenever a multiple of
+    ``hist_every`` lies between the last call's step (excluded) and ``step``
+    (the first call: at ``step`` itself): for ``hist_every=1000``, at steps
+    0, 1000, 2000, ... when logging every 100 steps, and at 1099, 2099, ...
+    when logging at 99, 199, ...; and, on the
+    first call for this writer and prefix, the custom-scalars layout
     (:func:`delta_layout`). Every argument is checked before anything is
     popped or written.
 
@@ -90,7 +124,12 @@ def log_deltas(writer, monitor: DeltaMonitor, step: int, model: nn.Module | None
         monitor: the :class:`~torchbp.DeltaMonitor` attached to the model
         step: the global step for every value written
         model: the monitored model, for the weight-gradient norms (optional)
-        hist_every: write histograms every this many steps; 0 (default) never
+        hist_every: write histograms about every this many steps; 0 (default) never
+        prefix: put before every tag (``"G/"``: ``G/delta/norm/<layer>``), to
+            tell apart models logged to one writer. Default: ``""``
+        layout: write the layout on the first call. Default: ``True``; ``False``
+            where the script writes a custom-scalars layout of its own (see
+            the module's docstring)
     """
     # Every argument is checked before monitor.pop(): a bad one must not lose the popped statistics.
     for method in ("add_scalar", "add_histogram", "add_custom_scalars"):
@@ -110,13 +149,22 @@ def log_deltas(writer, monitor: DeltaMonitor, step: int, model: nn.Module | None
     hist_every = int(hist_every)
     if hist_every and not monitor.keep_last:
         raise ValueError("log_deltas(): hist_every > 0 needs DeltaMonitor(..., keep_last=True), got keep_last=False")
-    if not getattr(writer, _LAYOUT_WRITTEN, False):
-        write_layout(writer)
+    _check_prefix("log_deltas", prefix)
+    if not isinstance(layout, bool):
+        raise TypeError(f"log_deltas(): layout must be a bool, got {layout!r}")
+    if layout and prefix not in getattr(writer, _LAYOUT_PREFIXES, []):
+        write_layout(writer, prefix)
+    last_steps = getattr(writer, _LAST_STEP, None)
+    if last_steps is None:
+        last_steps = {}
+        setattr(writer, _LAST_STEP, last_steps)
+    last = last_steps.get(prefix, step - 1)  # (a first call: the interval is the step alone)
+    last_steps[prefix] = step
 
     stats = monitor.pop()
     for layer, values in stats.items():
         for stat in STATS:
-            writer.add_scalar(_tag(f"delta/{stat}", layer), values[stat], step)
+            writer.add_scalar(_tag(f"{prefix}delta/{stat}", layer), values[stat], step)
 
     if model is not None:
         grads = {name: m.weight.grad for name, m in named_linears(model).items() if m.weight.grad is not None}
@@ -124,11 +172,15 @@ def log_deltas(writer, monitor: DeltaMonitor, step: int, model: nn.Module | None
             # ‖∇_W C‖ per layer; a read per layer, at logging steps only.
             norms = [torch.linalg.vector_norm(g).double().cpu().tolist() for g in grads.values()]
             for name, norm in zip(grads, norms):
-                writer.add_scalar(_tag("grad/weight_norm", name), norm, step)
+                writer.add_scalar(_tag(f"{prefix}grad/weight_norm", name), norm, step)
 
-    if hist_every and step % hist_every == 0:
+    # A multiple of hist_every in (last, step]: the steps logged need not be multiples themselves.
+    if hist_every and step // hist_every > last // hist_every:
         # Only layers with a pass since the last call: an older δ is not this step's.
         for layer, delta in monitor.last_delta.items():
             if layer in stats:
-                writer.add_histogram(_tag("delta/hist", layer), delta.float().cpu(), step)
+                values = delta.float().cpu()
+                values = values[values.isfinite()]  # a diverged run's nan/inf: the histogram takes none
+                if values.numel():
+                    writer.add_histogram(_tag(f"{prefix}delta/hist", layer), values, step)
     return stats

@@ -47,7 +47,7 @@ def mean_over_ranks(total: Tensor, world_size: int) -> Tensor:
         return total
     total = total.clone()
     torch.distributed.all_reduce(total)
-    return total / world_size
+    return total / torch.distributed.get_world_size()  # the number of values summed
 
 
 def from_rank0(value: Any, world_size: int) -> Any:
