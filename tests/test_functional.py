@@ -252,13 +252,22 @@ def test_noncontiguous_grad_output(name):
 
 
 def test_keywords_are_torchs():
-    """F.linear and F.sigmoid take the keywords of torch.nn.functional's linear and sigmoid (input, weight,
-    bias), so a call written for torch works unchanged; results equal torch's (1e-12, float64)."""
+    """F.linear, F.sigmoid and the costs take the keywords of torch.nn.functional's linear, sigmoid and
+    losses (input, weight, bias; input, target, reduction), so a call written for torch works unchanged;
+    results equal torch's (1e-12, float64)."""
     gen = torch.Generator().manual_seed(9)
     x, w, b = _inputs(("x", "w", "b"), (7,), gen, requires_grad=False)
     torch.testing.assert_close(F.linear(input=x, weight=w, bias=b), TF.linear(input=x, weight=w, bias=b),
                                rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(F.sigmoid(input=x), TF.sigmoid(input=x), rtol=1e-12, atol=1e-12)
+    # the costs take mse_loss's and binary_cross_entropy's (input, target, reduction): the oracle is those
+    # losses summed over features, averaged over samples
+    a, y = torch.sigmoid(x), torch.sigmoid(x.flip(0))
+    torch.testing.assert_close(F.quadratic_cost(input=a, target=y, reduction="mean"),
+                               TF.mse_loss(input=a, target=y, reduction="sum") / 2 / len(a), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(F.cross_entropy_cost(input=a, target=y, reduction="mean"),
+                               TF.binary_cross_entropy(input=a, target=y, reduction="sum") / len(a),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_quadratic_cost_is_not_mse_loss():
@@ -525,30 +534,30 @@ BAD_INPUTS = {
     "sigmoid not a tensor": (lambda: F.sigmoid(0.5), TypeError, "sigmoid(): input must be a torch.Tensor, got float"),
     # costs
     "quadratic shapes": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 2)), ValueError,
-                         "quadratic_cost(): y must have the shape of a (4, 3), got (4, 2)"),
+                         "quadratic_cost(): target must have the shape of input (4, 3), got (4, 2)"),
     "cross entropy shapes": (lambda: F.cross_entropy_cost(_t(4, 3), _t(3)), ValueError,
-                             "cross_entropy_cost(): y must have the shape of a (4, 3), got (3,)"),
+                             "cross_entropy_cost(): target must have the shape of input (4, 3), got (3,)"),
     "quadratic scalar": (lambda: F.quadratic_cost(_t(), _t()), ValueError,
-                         "quadratic_cost(): a must have at least 1 dimension(s), got shape ()"),
+                         "quadratic_cost(): input must have at least 1 dimension(s), got shape ()"),
     "quadratic reduction": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 3), "avg"), ValueError,
                             "quadratic_cost(): reduction must be one of ('mean', 'sum', 'none'), got 'avg'"),
     "cross entropy reduction": (lambda: F.cross_entropy_cost(_t(4, 3), _t(4, 3), "batchmean"), ValueError,
                                 "cross_entropy_cost(): reduction must be one of ('mean', 'sum', 'none'), "
                                 "got 'batchmean'"),
     "quadratic integer target": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 3, dtype=torch.int64)), TypeError,
-                                 "quadratic_cost(): y must have a floating-point dtype, got torch.int64"),
+                                 "quadratic_cost(): target must have a floating-point dtype, got torch.int64"),
     "cross entropy boolean a": (lambda: F.cross_entropy_cost(_t(4, 3, dtype=torch.bool), _t(4, 3)), TypeError,
-                                "cross_entropy_cost(): a must have a floating-point dtype, got torch.bool"),
+                                "cross_entropy_cost(): input must have a floating-point dtype, got torch.bool"),
     "cross entropy a above 1": (lambda: F.cross_entropy_cost(torch.full((4, 3), 1.5), _t(4, 3)), RuntimeError,
-                                "cross_entropy_cost(): every element of a must lie in [0, 1] (a sigmoid's output), "
+                                "cross_entropy_cost(): every element of input must lie in [0, 1] (a sigmoid's output), "
                                 "got one outside"),
     "cross entropy a below 0": (lambda: F.cross_entropy_cost(torch.full((4, 3), -0.5), _t(4, 3)), RuntimeError,
-                                "cross_entropy_cost(): every element of a must lie in [0, 1]"),
+                                "cross_entropy_cost(): every element of input must lie in [0, 1]"),
     "cross entropy a nan": (lambda: F.cross_entropy_cost(torch.full((4, 3), math.nan), _t(4, 3)), RuntimeError,
-                            "cross_entropy_cost(): every element of a must lie in [0, 1]"),
+                            "cross_entropy_cost(): every element of input must lie in [0, 1]"),
     # a target outside [0, 1] (class labels, 0..255 pixels) is refused as binary_cross_entropy refuses it
     "cross entropy y above 1": (lambda: F.cross_entropy_cost(_t(4, 3), torch.full((4, 3), 255.0)), RuntimeError,
-                                "cross_entropy_cost(): every element of y must lie in [0, 1] (a probability), "
+                                "cross_entropy_cost(): every element of target must lie in [0, 1] (a probability), "
                                 "got one outside"),
     "mlp_cost cross entropy target": (
         lambda: F.mlp_cost(_t(5, 3), torch.full((5, 2), 2.0), ws, bs, cost="cross_entropy"), RuntimeError,
@@ -559,7 +568,7 @@ BAD_INPUTS = {
         "mlp_sgd_step(): every element of target must lie in [0, 1] (a probability), got one outside"),
     # as binary_cross_entropy (mse_loss, the quadratic cost's twin, promotes instead)
     "cross entropy dtypes": (lambda: F.cross_entropy_cost(_t(4, 3), _t(4, 3, dtype=torch.float64)), TypeError,
-                             "cross_entropy_cost(): y must have the same dtype as a (torch.float32), got torch.float64"),
+                             "cross_entropy_cost(): target must have the same dtype as input (torch.float32), got torch.float64"),
     # mlp
     "mlp no layers": (lambda: F.mlp(_t(5, 3), []), ValueError,
                       "mlp(): weights must hold at least one layer's weight, got none"),
@@ -608,9 +617,9 @@ BAD_INPUTS = {
     "linear input device": (lambda: F.linear(_t(5, 3, device="meta"), w32), ValueError,
                             "linear(): weight must be on the same device as input (meta), got cpu"),
     "quadratic device": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 3, device="meta")), ValueError,
-                         "quadratic_cost(): y must be on the same device as a (cpu), got meta"),
+                         "quadratic_cost(): target must be on the same device as input (cpu), got meta"),
     "cross entropy device": (lambda: F.cross_entropy_cost(_t(4, 3, device="meta"), _t(4, 3)), ValueError,
-                             "cross_entropy_cost(): y must be on the same device as a (meta), got cpu"),
+                             "cross_entropy_cost(): target must be on the same device as input (meta), got cpu"),
     "mlp weight device": (lambda: F.mlp(_t(5, 3), [ws[0], _t(2, 4, device="meta")], bs), ValueError,
                           "mlp(): weights[1] must be on the same device as input (cpu), got meta"),
     "mlp_cost target device": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2, device="meta"), ws, bs), ValueError,

@@ -329,8 +329,8 @@ def test_a_cost_of_nested_tensors_is_refused_by_name(fused):
     fn = "mlp_cost" if fused else "quadratic_cost"
     with pytest.raises(ValueError, match=rf"{fn}\(\): .* must be a dense tensor, got a nested one"):
         model.cost(x, y)
-    with pytest.raises(ValueError, match=r"quadratic_cost\(\): a must be a dense tensor, got a nested one; "
-                                         r"pass the packed rows of a and y \(.values\(\) of a jagged tensor\)"):
+    with pytest.raises(ValueError, match=r"quadratic_cost\(\): input must be a dense tensor, got a nested one; "
+                                         r"pass the packed rows of input and target \(.values\(\) of a jagged tensor\)"):
         torchbp.QuadraticCost()(model(x), y)
     with pytest.raises(ValueError, match=r"mlp_sgd_step\(\): input must be a dense tensor"):
         model.sgd_step(x, y, 0.1)

@@ -521,12 +521,13 @@ def _check_dense(fn: str, name: str, t: Tensor, of: str) -> None:
 
 
 def _check_cost_args(fn: str, a: Tensor, y: Tensor, reduction: str) -> None:
-    _check_tensor(fn, "a", a, min_dim=1)
-    _check_tensor(fn, "y", y, min_dim=1)
-    for name, t in (("a", a), ("y", y)):
-        _check_dense(fn, name, t, "a and y")
+    """The costs' ``input`` (the notes' a) and ``target`` (y), named in messages as torch's losses name them."""
+    _check_tensor(fn, "input", a, min_dim=1)
+    _check_tensor(fn, "target", y, min_dim=1)
+    for name, t in (("input", a), ("target", y)):
+        _check_dense(fn, name, t, "input and target")
     if a.shape != y.shape:
-        raise ValueError(f"{fn}(): y must have the shape of a {tuple(a.shape)}, got {tuple(y.shape)}")
+        raise ValueError(f"{fn}(): target must have the shape of input {tuple(a.shape)}, got {tuple(y.shape)}")
     _check_reduction(fn, reduction)
 
 
@@ -552,13 +553,13 @@ def _apply_cost(
         dtype = torch.promote_types(a.dtype, y.dtype)
         a, y = _as(a, dtype), _as(y, dtype)
     if unit_interval:  # the cross-entropy's a (logits, say, would give nan) and y (labels, pixels)
-        _assert_unit_interval(fn, "a", a, "a sigmoid's output")
-        _assert_unit_interval(fn, "y", y, "a probability")
+        _assert_unit_interval(fn, "input", a, "a sigmoid's output")
+        _assert_unit_interval(fn, "target", y, "a probability")
     # Autocast computes losses in float32 (mse_loss and binary_cross_entropy are on its float32 list).
     autocast = _autocast_dtype(a) is not None
     if autocast:
         a, y = _cast(torch.float32, a, y)
-    _check_same(fn, "a", a, "y", y)
+    _check_same(fn, "input", a, "target", y)
     function = _pick(function, classic, traced)
     if not autocast:
         return function.apply(a, y, reduction)
@@ -604,24 +605,25 @@ class QuadraticCostFunction(_QuadraticCost):
 _QuadraticCostClassic = _classic(QuadraticCostFunction)
 
 
-def quadratic_cost(a: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
-    r"""The notes' cost ``C = ½‖a − y‖²`` through :class:`QuadraticCostFunction`.
+def quadratic_cost(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    r"""The notes' cost ``C = ½‖a − y‖²`` of the output activation ``a = input`` and ``y = target``.
 
-    The cost of one sample sums over the last dimension; ``reduction`` then
-    averages over samples (``"mean"``, the default), sums (``"sum"``) or keeps
-    one cost per sample (``"none"``). Unlike :class:`torch.nn.MSELoss`, the
-    mean is over samples only, not over elements, and the notes' ½ is kept:
+    Through :class:`QuadraticCostFunction`; the arguments are named as
+    :func:`torch.nn.functional.mse_loss` names them. The cost of one sample
+    sums over the last dimension; ``reduction`` then averages over samples
+    (``"mean"``, the default), sums (``"sum"``) or keeps one cost per sample
+    (``"none"``). Unlike :class:`torch.nn.MSELoss`, the mean is over samples
+    only, not over elements, and the notes' ½ is kept:
     ``quadratic_cost(a, y) == 0.5 * ((a - y) ** 2).sum(-1).mean()``. As
-    :func:`torch.nn.functional.mse_loss`, ``a`` and ``y`` of two floating
-    dtypes are promoted: the cost is in the wider one, each gradient in its
-    own tensor's dtype.
+    mse_loss, ``input`` and ``target`` of two floating dtypes are promoted:
+    the cost is in the wider one, each gradient in its own tensor's dtype.
 
     Shape:
-        - a, y: ``(*, features)``, the same shape
+        - input, target: ``(*, features)``, the same shape
         - output: scalar, or ``(*)`` with ``reduction="none"``
     """
     return _apply_cost(
-        "quadratic_cost", QuadraticCostFunction, _QuadraticCostClassic, _QuadraticCost, a, y, reduction
+        "quadratic_cost", QuadraticCostFunction, _QuadraticCostClassic, _QuadraticCost, input, target, reduction
     )
 
 
@@ -665,25 +667,25 @@ class CrossEntropyCostFunction(_CrossEntropyCost):
 _CrossEntropyCostClassic = _classic(CrossEntropyCostFunction)
 
 
-def cross_entropy_cost(a: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
-    r"""The cross-entropy cost ``C = −Σ_j [y_j ln a_j + (1 − y_j) ln(1 − a_j)]``.
+def cross_entropy_cost(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    r"""The cross-entropy cost ``C = −Σ_j [y_j ln a_j + (1 − y_j) ln(1 − a_j)]``, ``a = input``, ``y = target``.
 
     With a sigmoid output layer its ``δ^L = a − y``: the ``φ'(z^L)`` that slows
     the quadratic cost down cancels. Reduced like :func:`quadratic_cost` (one
-    sample's cost sums over the last dimension); ``a`` and ``y`` must lie in ``[0, 1]``
-    and, as for binary_cross_entropy, have the same dtype.
+    sample's cost sums over the last dimension); ``input`` and ``target`` must
+    lie in ``[0, 1]`` and, as for binary_cross_entropy, have the same dtype.
     Equal to :func:`torch.nn.functional.binary_cross_entropy` summed over
     features and averaged over samples, guards included: each ln is clamped
     at −100 and the gradient's a(1 − a) at 1e-12, so an output saturated at
     exactly 0 or 1 gives a finite cost and gradient.
 
     Shape:
-        - a, y: ``(*, features)``, the same shape
+        - input, target: ``(*, features)``, the same shape
         - output: scalar, or ``(*)`` with ``reduction="none"``
     """
     return _apply_cost(
         "cross_entropy_cost", CrossEntropyCostFunction, _CrossEntropyCostClassic, _CrossEntropyCost,
-        a, y, reduction, unit_interval=True,
+        input, target, reduction, unit_interval=True,
     )
 
 
