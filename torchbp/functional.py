@@ -314,15 +314,21 @@ class LinearFunction(_Linear):
     @staticmethod
     def jvp(ctx, input_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None, _) -> Tensor:
         input, weight = ctx.saved_tensors
-        # z_t = a_t W^T + a W_t^T + b_t: the product rule on z = a W^T + b
-        z_t = torch.zeros((*input.shape[:-1], weight.shape[0]), dtype=input.dtype, device=input.device)
-        if input_t is not None:
-            z_t = z_t + input_t @ weight.mT
-        if weight_t is not None:
-            z_t = z_t + input @ weight_t.mT
-        if bias_t is not None:
-            z_t = z_t + bias_t
-        return z_t
+        return _linear_tangent(input, weight, input_t, weight_t, bias_t)
+
+
+def _linear_tangent(
+    a: Tensor, weight: Tensor, a_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None
+) -> Tensor:
+    """Forward-mode AD of z = a W^T + b: z_t = a_t W^T + a W_t^T + b_t, the product rule; (*, out)."""
+    z_t = torch.zeros((*a.shape[:-1], weight.shape[0]), dtype=a.dtype, device=a.device)
+    if a_t is not None:
+        z_t = z_t + a_t @ weight.mT  # (*, in) @ (in, out) -> (*, out)
+    if weight_t is not None:
+        z_t = z_t + a @ weight_t.mT
+    if bias_t is not None:
+        z_t = z_t + bias_t
+    return z_t
 
 
 _LinearClassic = _classic(LinearFunction)
@@ -798,15 +804,7 @@ def _tangents(
     """Forward-mode AD through the network: a_t^1..a_t^L from (x_t, W_t^1, b_t^1, ...)."""
     out, a_t = [], tangents[0]
     for l in range(1, len(a)):
-        weight, weight_t, bias_t = params[2 * l - 2], tangents[2 * l - 1], tangents[2 * l]
-        # z_t = a_t W^T + a W_t^T + b_t (the product rule on z = a W^T + b), then a_t = φ'(z) z_t
-        z_t = torch.zeros_like(a[l])
-        if a_t is not None:
-            z_t = z_t + a_t @ weight.mT
-        if weight_t is not None:
-            z_t = z_t + a[l - 1] @ weight_t.mT
-        if bias_t is not None:
-            z_t = z_t + bias_t
+        z_t = _linear_tangent(a[l - 1], params[2 * l - 2], a_t, tangents[2 * l - 1], tangents[2 * l])
         a_t = _sigmoid_backward(z_t, a[l])  # a_t = φ'(z) z_t = z_t ∘ a(1 − a)
         out.append(a_t)
     return out
