@@ -309,20 +309,26 @@ def nan_costs_after(steps: int, monkeypatch) -> None:
     monkeypatch.setattr(torchbp.MLP, "sgd_epoch", nan_after(torchbp.MLP.sgd_epoch))
 
 
-def test_a_non_finite_loss_stops_the_run_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    """In-process: the cost turns NaN from the second epoch on (20 steps per epoch here)."""
+def run_diverging(tmp_path, monkeypatch, capsys, nan_after: int, epochs: int) -> tuple[int, str]:
+    """train.mnist in-process (nielsen, 20 steps per epoch, a log step every 5) whose costs turn NaN after
+    ``nan_after`` steps: (exit code, stderr)."""
     import train.mnist
 
-    nan_costs_after(20, monkeypatch)
+    nan_costs_after(nan_after, monkeypatch)
     sigint = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as info:
             train.mnist.main(["--data-dir", DATA_DIR, "--recipe", "nielsen", "--hidden", "8", "--limit-train", "200",
-                              "--epochs", "3", "--log-every", "5", "--logdir", str(tmp_path)])
+                              "--epochs", str(epochs), "--log-every", "5", "--logdir", str(tmp_path)])
     finally:
         signal.signal(signal.SIGINT, sigint)
-    assert info.value.code == 1
-    assert "training loss is nan at step 25 (epoch 2)" in capsys.readouterr().err
+    return info.value.code, capsys.readouterr().err
+
+
+def test_a_non_finite_loss_stops_the_run_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """In-process: the cost turns NaN from the second epoch on."""
+    code, err = run_diverging(tmp_path, monkeypatch, capsys, nan_after=20, epochs=3)
+    assert code == 1 and "training loss is nan at step 25 (epoch 2)" in err
     state = load(tmp_path / "checkpoint.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())
 
@@ -330,18 +336,8 @@ def test_a_non_finite_loss_stops_the_run_with_exit_1_and_keeps_the_last_good_che
 def test_a_loss_non_finite_in_the_first_epoch_names_no_checkpoint(tmp_path, monkeypatch, capsys):
     """Diverged before the first epoch's checkpoint: the message says none was written (it once named a
     checkpoint.pt that did not exist)."""
-    import train.mnist
-
-    nan_costs_after(3, monkeypatch)
-    sigint = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit) as info:
-            train.mnist.main(["--data-dir", DATA_DIR, "--recipe", "nielsen", "--hidden", "8", "--limit-train", "200",
-                              "--epochs", "2", "--log-every", "5", "--logdir", str(tmp_path)])
-    finally:
-        signal.signal(signal.SIGINT, sigint)
-    err = capsys.readouterr().err
-    assert info.value.code == 1 and "training loss is nan at step 5 (epoch 1)" in err
+    code, err = run_diverging(tmp_path, monkeypatch, capsys, nan_after=3, epochs=2)
+    assert code == 1 and "training loss is nan at step 5 (epoch 1)" in err
     assert "No checkpoint was written" in err and not (tmp_path / "checkpoint.pt").exists()
 
 
