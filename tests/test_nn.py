@@ -319,6 +319,17 @@ def test_fused_mlp_on_jagged_input_equals_the_unfused_one(blocks, monkeypatch):
         close(p.grad, q.grad, what="gradient")
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_an_older_strided_nested_input_is_refused_by_name(fused):
+    """A nested tensor of the older strided layout has no shape to check: refused with a message that names
+    the layout to use (it raised torch's "Internal error: ... doesn't support sizes")."""
+    x = torch.nested.nested_tensor([torch.randn(2, SIZES[0]), torch.randn(3, SIZES[0])], layout=torch.strided)
+    fn = "mlp" if fused else "linear"
+    with pytest.raises(TypeError, match=rf"{fn}\(\): a nested input must have layout=torch.jagged, got torch.strided"):
+        torchbp.MLP(SIZES, fused=fused)(x)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 def test_a_cost_of_nested_tensors_is_refused_by_name(fused):
     """The costs sum a sample's features and reduce over samples, which a jagged tensor's rows are not:

@@ -70,6 +70,8 @@ DeltaHook = Callable[[int, Tensor], None]
 def _check_tensor(fn: str, name: str, t: object, min_dim: int = 0) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{fn}(): {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested and t.layout != torch.jagged:  # the older, strided nested tensors have no shape to check
+        raise TypeError(f"{fn}(): a nested {name} must have layout=torch.jagged, got {t.layout}")
     if not t.is_floating_point():
         raise TypeError(f"{fn}(): {name} must have a floating-point dtype, got {t.dtype}")
     if t.dim() < min_dim:
@@ -169,6 +171,7 @@ def _network_ok(
     a False only sends the call through the full checks, which name what is wrong.
     """
     if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1 and _sized(weights) and len(weights) > 0
+            and not (x.is_nested and x.layout != torch.jagged)
             and (biases is None or _sized(biases) and len(biases) == len(weights))):
         return False
     dtype, device, features = x.dtype, x.device, x.shape[-1]
