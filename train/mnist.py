@@ -6,8 +6,8 @@
 
 Every epoch logs the train loss, validation and test accuracy; every
 ``--log-every`` steps the loss, learning rate, each layer's δ statistics
-(:class:`torchbp.DeltaMonitor`, attached for that step's backward only, so
-the steps in between run at full speed) and weight-gradient norms go to
+(:class:`torchbp.DeltaMonitor`, attached for that step only, its forward and
+backward, so the steps in between run at full speed) and weight-gradient norms go to
 TensorBoard.
 The run folder (``--logdir``) holds the events, ``checkpoint.pt`` (after every
 epoch, atomically) and ``metrics.json``.
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logdir", type=logdir_arg, help="run folder, new or empty (default: runs/<recipe>-<timestamp>)")
     p.add_argument("--log-every", type=int, default=100, help="steps between loss/δ logs (default: 100)")
     p.add_argument("--delta-hist-every", type=int, default=0,
-                   help="steps between δ histograms, 0 for none (default: 0)")
+                   help="steps between δ histograms, 0 for none; a multiple of --log-every (default: 0)")
     p.add_argument("--no-monitor", action="store_true",
                    help="do not record δ statistics nor the weight-gradient norms logged with them (default: False)")
     p.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint.pt in its folder, with its "
@@ -708,8 +708,8 @@ def train(run: Run, progress: Progress, batches: Batches, generator: torch.Gener
     t0 = time.perf_counter()
     while progress.batch_in_epoch < run.steps_per_epoch:
         to_log = args.log_every - progress.step % args.log_every  # steps up to and including the next log step
-        # δ is recorded on the log steps only: the monitor is attached for that one step's
-        # backward (which runs eagerly under --compile too, where hooks would break the graph),
+        # δ is recorded on the log steps only: the monitor is attached for that one step, its
+        # forward and backward (eager under --compile too, where hooks would break the graph),
         # so the other steps pay nothing for it. Its statistics are those of the log step's batch.
         monitor = None
         n = 1  # steps taken in this pass

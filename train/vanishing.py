@@ -7,7 +7,7 @@ one-hot targets), averaged over ``--seeds`` initialisations, and prints it as
 a markdown table. The book's setting is ``--cost cross-entropy --init
 gaussian-scaled --samples 1000``; only there does the table show the book's
 numbers beside the run's (the first hidden layer of [784, 30, 30, 30, 30, 10]
-learns about 125 times slower than the last).
+learns about 127 times slower than the last).
 
     python -m train.vanishing --data-dir ../shared/data --cost cross-entropy --init gaussian-scaled
 """
