@@ -185,6 +185,45 @@ def test_backward_in_blocks_of_samples(name, layout, monkeypatch):
     assert gradgradcheck(fn, inputs, check_batched_grad=True)
 
 
+@pytest.mark.parametrize("name", ["mlp", "mlp_cost_quadratic_mean"])
+def test_a_gradient_asked_of_the_input_runs_the_backward_on_the_whole_batch(name, monkeypatch):
+    """∇_x C needs every sample's δ^1 at once: with x requiring grad the fused backward takes the whole
+    batch in one pass even where blocks would be small. Oracle: torch's own ops (1e-12, float64)."""
+    monkeypatch.setattr(F, "_BLOCK_ELEMENTS", 2 * HIDDEN)
+    blocks = []
+    backprop_block = F._backprop_block
+    monkeypatch.setattr(F, "_backprop_block", lambda *args: blocks.append(len(args[1][0])) or backprop_block(*args))
+    fn, oracle, kinds = _case(name)
+    inputs = _inputs(kinds, BATCHES["batch7"], torch.Generator().manual_seed(5))
+    assert inputs[0].requires_grad
+    outputs, expected = _outputs(fn(*inputs)), _outputs(oracle(*inputs))
+    grad_outputs = _grad_outputs(expected, torch.Generator().manual_seed(6))
+    wanted = [t for t in inputs if t.requires_grad]
+    for g, e in zip(*(torch.autograd.grad(o, wanted, grad_outputs) for o in (outputs, expected))):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert blocks == [7]
+
+
+def test_a_network_with_no_features_backpropagates():
+    """Zero-width layers (as nn.Linear(0, 0) allows): the fused backward gives empty gradients of the
+    parameters' shapes, as torch's ops do, instead of dividing by a zero width."""
+    x, y = torch.randn(5, 0, dtype=torch.float64), torch.rand(5, 0, dtype=torch.float64)
+    w = torch.zeros(0, 0, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(0, dtype=torch.float64, requires_grad=True)
+    F.mlp_cost(x, y, [w], [b])[0].backward()
+    assert w.grad.shape == (0, 0) and b.grad.shape == (0,)
+
+
+def test_a_jagged_target_alone_is_refused_by_name():
+    """A dense input with a jagged target: the costs name the target (not a shape mismatch)."""
+    a = torch.rand(7, 2)
+    y = torch.nested.nested_tensor([torch.rand(2, 2), torch.rand(5, 2)], layout=torch.jagged)
+    for call, fn in ((lambda: F.quadratic_cost(a, y), "quadratic_cost"),
+                     (lambda: F.mlp_cost(torch.randn(7, 3), y, [torch.randn(2, 3)]), "mlp_cost")):
+        with pytest.raises(ValueError, match=rf"{fn}\(\): target must be a dense tensor, got a nested one"):
+            call()
+
+
 # --------------------------------------------------------------------------
 # torch's own ops as the oracle
 # --------------------------------------------------------------------------

@@ -193,6 +193,26 @@ def test_a_backward_calls_the_hooks_registered_when_its_forward_ran(fused):
         assert set(monitor.pop()) == {"0", "2"}
 
 
+def test_a_failed_reduction_drops_its_passes_and_the_next_ones_count(monkeypatch):
+    """A flush whose reduction raises (inside the backward) leaves nothing held and counts nothing; the next
+    pass is recorded as usual. Oracle: torch's autograd on the nn model for that pass (1e-6)."""
+    torch.manual_seed(7)
+    ref = nn_sequential([4, 3, 2], dtype=DT)
+    model = torchbp.convert(ref)
+    x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)
+    monitor = torchbp.DeltaMonitor(model, flush_every=1)
+    reduce = monitor._reduce
+    monkeypatch.setattr(monitor, "_reduce", lambda *args: (_ for _ in ()).throw(RuntimeError("reduction failed")))
+    with pytest.raises(RuntimeError, match="reduction failed"):
+        torchbp.QuadraticCost()(model(x), y).backward()
+    assert not monitor._held["2"] and monitor._passes["2"] == 0
+    monkeypatch.setattr(monitor, "_reduce", reduce)
+    torchbp.QuadraticCost()(model(x), y).backward()
+    assert monitor._passes["0"] == monitor._passes["2"] == 1
+    assert_close(monitor.pop(), oracle_stats(ref, x, y))
+    monitor.close()
+
+
 def test_pop_resets_and_leaves_out_layers_without_a_pass():
     torch.manual_seed(3)
     model = torchbp.MLP([4, 3, 2], dtype=DT)

@@ -347,6 +347,26 @@ def test_a_cost_of_nested_tensors_is_refused_by_name(fused):
         model.sgd_step(x, y, 0.1)
 
 
+def test_a_bad_reduction_of_mlp_cost_is_refused_before_the_forward():
+    """MLP.cost checks its reduction first, as the fused path does: the per-layer path (an MLP with a forward
+    hook runs layer by layer) names MLP.cost and runs no forward (it once ran the forward, hooks included,
+    and then failed in quadratic_cost)."""
+    model = torchbp.MLP(SIZES, fused=True)
+    calls = []
+    model[0].register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=r"^MLP\.cost\(\): reduction must be one of"):
+        model.cost(torch.randn(2, SIZES[0]), torch.rand(2, SIZES[-1]), reduction="avg")
+    assert calls == []
+
+
+def test_the_fx_check_is_the_one_that_does_not_warn():
+    """Where torch has is_fx_symbolic_tracing, that is the check (is_fx_tracing logs a warning each process
+    and is true under torch.export too)."""
+    fx = torch.fx._symbolic_trace
+    if hasattr(fx, "is_fx_symbolic_tracing"):
+        assert torchbp.nn._fx_tracing is fx.is_fx_symbolic_tracing
+
+
 def test_fused_and_unfused_mlp_agree():
     """The fused path (one autograd node) and the per-layer path give the same cost and .grad (float64)."""
     torch.manual_seed(2)

@@ -9,6 +9,7 @@ independent computation (torch.autograd.grad on the equivalent torch.nn model,
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -268,23 +269,30 @@ def _one_pass(model, seed=0):
 
 
 def test_two_models_on_one_writer_with_a_prefix_each(tmp_path):
-    """A GAN-like pair on one writer: prefix "G/" and "D/" keep their tags apart, each with its own model's
+    """A GAN-like pair on one writer, logged in turn at steps 0 and 1: prefix "G/" and "D/" keep every tag
+    apart (scalars, weight-gradient norms, histograms at both steps for both), each with its own model's
     values (oracle: each monitor's own pop, taken from a twin monitor), and the last layout written holds
     both models' categories, each chart's regex taking its own prefix's tags only."""
     g, d = torchbp.MLP(SIZES, dtype=DT), torchbp.MLP(SIZES, dtype=DT)
-    with SummaryWriter(os.fspath(tmp_path)) as writer, torchbp.DeltaMonitor(g) as mg, \
-            torchbp.DeltaMonitor(d) as md, torchbp.DeltaMonitor(g) as og, torchbp.DeltaMonitor(d) as od:
-        _one_pass(g, 1)
-        _one_pass(d, 2)
-        log_deltas(writer, mg, 0, prefix="G/")
-        log_deltas(writer, md, 0, prefix="D/")
-        expected = {"G/": og.pop(), "D/": od.pop()}
+    expected = {"G/": [], "D/": []}
+    with SummaryWriter(os.fspath(tmp_path)) as writer, torchbp.DeltaMonitor(g, keep_last=True) as mg, \
+            torchbp.DeltaMonitor(d, keep_last=True) as md, torchbp.DeltaMonitor(g) as og, \
+            torchbp.DeltaMonitor(d) as od:
+        for step in (0, 1):
+            _one_pass(g, 1 + step)
+            _one_pass(d, 3 + step)
+            log_deltas(writer, mg, step, model=g, hist_every=1, prefix="G/")
+            log_deltas(writer, md, step, model=d, hist_every=1, prefix="D/")
+            expected["G/"].append(og.pop())
+            expected["D/"].append(od.pop())
     acc = _read(tmp_path)
-    for prefix, stats in expected.items():
+    for prefix, per_step in expected.items():
         for layer in LAYERS:
-            (event,) = acc.Scalars(f"{prefix}delta/norm/{layer}")
-            assert event.value == pytest.approx(stats[layer]["norm"], rel=1e-6)
-    assert not [t for t in acc.Tags()["scalars"] if t.startswith("delta/")]
+            events = acc.Scalars(f"{prefix}delta/norm/{layer}")
+            assert [e.value for e in events] == pytest.approx([s[layer]["norm"] for s in per_step], rel=1e-6)
+            assert [e.step for e in acc.Scalars(f"{prefix}grad/weight_norm/{layer}")] == [0, 1]
+            assert [h.step for h in acc.Histograms(f"{prefix}delta/hist/{layer}")] == [0, 1]
+    assert all(t.startswith(("G/", "D/")) for kind in ("scalars", "histograms") for t in acc.Tags()[kind])
     categories = _layout_categories(acc)
     assert sorted(categories[-1]) == ["torchbp δ by layer (D/)", "torchbp δ by layer (G/)"]
     from torchbp.tensorboard import delta_layout
@@ -318,6 +326,32 @@ def test_histograms_come_every_hist_every_steps_when_the_logged_steps_are_not_mu
             _one_pass(model, step)
             log_deltas(writer, monitor, step, hist_every=20)
     assert [h.step for h in _read(tmp_path).Histograms("delta/hist/0")] == [29, 49, 69, 89]
+
+
+def test_a_histogram_leaves_out_infinite_values(tmp_path):
+    """An infinite target element makes one δ^L entry −inf: the histogram holds the 23 finite entries of
+    the last layer's 8 × 3 δ (an inf would make its range infinite)."""
+    model = torchbp.MLP(SIZES, dtype=DT)
+    y = torch.rand(8, SIZES[-1], dtype=DT)
+    y[0, 0] = float("inf")
+    with SummaryWriter(os.fspath(tmp_path)) as writer, torchbp.DeltaMonitor(model, keep_last=True) as monitor:
+        model.cost(torch.randn(8, SIZES[0], dtype=DT), y).backward()
+        log_deltas(writer, monitor, 0, hist_every=1)
+    (hist,) = _read(tmp_path).Histograms("delta/hist/4")
+    assert hist.histogram_value.num == 23
+    assert math.isfinite(hist.histogram_value.min) and math.isfinite(hist.histogram_value.max)
+
+
+def test_a_bad_prefix_or_layout_is_refused_before_anything_is_popped(tmp_path):
+    """prefix must be a str and layout a bool; the checks come before monitor.pop(), so nothing is lost."""
+    model = torchbp.MLP(SIZES, dtype=DT)
+    with SummaryWriter(os.fspath(tmp_path)) as writer, torchbp.DeltaMonitor(model) as monitor:
+        _one_pass(model)
+        with pytest.raises(TypeError, match=r"log_deltas\(\): prefix must be a str, got NoneType"):
+            log_deltas(writer, monitor, 0, prefix=None)
+        with pytest.raises(TypeError, match=r"log_deltas\(\): layout must be a bool, got 'no'"):
+            log_deltas(writer, monitor, 0, layout="no")
+        assert set(monitor.pop()) == set(LAYERS)
 
 
 def test_a_diverged_run_logs_its_scalars_and_skips_an_all_nan_histogram(tmp_path):

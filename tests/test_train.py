@@ -392,12 +392,16 @@ def test_two_process_ddp_matches_the_single_process_run(tmp_path):
     args = ["--recipe", "nielsen", "--hidden", "16", "--batch-size", "20", "--limit-train", "2000",
             "--epochs", "2", "--log-every", "25"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # No --logdir: rank 0 makes the default runs/<recipe>-<time> folder (here, in tmp_path) and tells rank 1
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "train.mnist", "--data-dir", DATA_DIR, *args, "--logdir", str(tmp_path / "ddp")],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, env=env,
+         "-m", "train.mnist", "--data-dir", DATA_DIR, *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        env={**env, "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])},
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    (folder,) = (tmp_path / "runs").iterdir()  # one run folder, the ranks agreed on it
+    folder.rename(tmp_path / "ddp")
     single = run(*args, "--logdir", str(tmp_path / "single"), env=env)
     assert single.returncode == 0, single.stderr
 
@@ -412,10 +416,22 @@ def test_two_process_ddp_matches_the_single_process_run(tmp_path):
     # The train loss is the whole global batch's (the ranks' shard costs all-reduced), not rank 0's shard's.
     for d, s in zip(ddp_metrics["history"], single_metrics["history"]):
         assert d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-4)
+    losses = [scalars(tmp_path / name, "train/loss") for name in ("ddp", "single")]  # every log step's too
+    assert [step for step, _ in losses[0]] == [step for step, _ in losses[1]] == list(range(25, 201, 25))
+    assert [v for _, v in losses[0]] == pytest.approx([v for _, v in losses[1]], rel=1e-4)
     assert [p.name for p in (tmp_path / "ddp").iterdir()].count("checkpoint.pt") == 1
     # The "δ norm by layer" chart layout is written once per run, as by one process (not per log step).
     for name in ("ddp", "single"):
         assert layout_writes(tmp_path / name) == 1, name
+
+
+def scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every ``tag`` scalar in the event files of ``logdir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 def layout_writes(logdir: Path) -> int:

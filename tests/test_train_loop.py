@@ -12,13 +12,10 @@ import train.mnist
 from train.data import Batches, Split
 
 
-def test_ddp_ctrl_c_after_an_epochs_last_log_step_stops_at_its_end():
-    """Under DDP the ranks agree on stopping at log steps and at the epoch end. A Ctrl-C that lands
-    after an epoch's last log step must stop the run at that epoch's end (not a whole epoch later).
-
-    In-process, no MNIST: a one-process gloo group stands in for the ranks (its all-reduce returns
-    this rank's flag); 10 steps per epoch, log steps 4 and 8, Ctrl-C during step 9.
-    """
+def _ddp_epoch(stop_at_step: int, monkeypatch=None, other_rank_stops_at_log: int | None = None):
+    """One epoch of train.mnist's loop as rank 1 of 2 (a one-process gloo group stands in for the ranks),
+    10 steps of 2 samples, log steps 4 and 8; Ctrl-C on this rank during step ``stop_at_step`` (0: never),
+    or on the other rank before log step ``other_rank_stops_at_log``. Returns (steps, loss, stopped, progress)."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         batches = Batches(Split(torch.rand(40, 4), torch.rand(40, 2)), batch_size=4, rank=1, world_size=2)
@@ -27,9 +24,13 @@ def test_ddp_ctrl_c_after_an_epochs_last_log_step_stops_at_its_end():
 
         def step(x, y):
             steps.append(x.shape[0])
-            stop.requested = len(steps) == 9 or stop.requested
+            stop.requested = len(steps) == stop_at_step or stop.requested
             return torch.ones(())
 
+        if other_rank_stops_at_log is not None:
+            any_rank = train.mnist.distributed.any_rank
+            monkeypatch.setattr(train.mnist.distributed, "any_rank", lambda flag, *args: any_rank(
+                flag or len(steps) >= other_rank_stops_at_log, *args))
         run = train.mnist.Run(
             args=argparse.Namespace(log_every=4, no_monitor=True, delta_hist_every=0), model=None, optimizer=None,
             scheduler=None, train_step=step, fast_step=step, writer=None, stop=stop, device=torch.device("cpu"),
@@ -39,6 +40,25 @@ def test_ddp_ctrl_c_after_an_epochs_last_log_step_stops_at_its_end():
         train_loss, stopped = train.mnist.train(run, progress, batches, torch.Generator())
     finally:
         dist.destroy_process_group()
+    return steps, train_loss, stopped, progress
+
+
+def test_a_stop_on_another_rank_stops_this_one_at_the_next_log_step(monkeypatch):
+    """The ranks agree at log steps: a Ctrl-C that only the other rank saw before log step 4 stops this rank
+    there too (the loop leaves mid-epoch, with the position to resume from)."""
+    steps, train_loss, stopped, progress = _ddp_epoch(0, monkeypatch, other_rank_stops_at_log=4)
+    assert steps == [2] * 4 and stopped and train_loss is None
+    assert (progress.epoch, progress.step, progress.batch_in_epoch) == (0, 4, 4)
+
+
+def test_ddp_ctrl_c_after_an_epochs_last_log_step_stops_at_its_end():
+    """Under DDP the ranks agree on stopping at log steps and at the epoch end. A Ctrl-C that lands
+    after an epoch's last log step must stop the run at that epoch's end (not a whole epoch later).
+
+    In-process, no MNIST: a one-process gloo group stands in for the ranks (its all-reduce returns
+    this rank's flag); 10 steps per epoch, log steps 4 and 8, Ctrl-C during step 9.
+    """
+    steps, train_loss, stopped, progress = _ddp_epoch(9)
     assert steps == [2] * 10, "each rank takes its half of every global batch of 4, all 10 steps"
     assert stopped and train_loss == 1.0
     assert (progress.epoch, progress.step, progress.batch_in_epoch) == (1, 10, 0)  # the epoch is complete

@@ -1,0 +1,68 @@
+"""train.distributed's collectives across two real processes (gloo on CPU): what each rank gets back.
+
+Oracle: the values each rank put in, combined by hand (any, mean, rank 0's, equality).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import torch
+
+
+def _rank(rank: int, store: str, report: str) -> None:
+    """One of two ranks: every collective of train.distributed on values that differ by rank."""
+    import torch.distributed as dist
+
+    from train import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    device = torch.device("cpu")
+    result = {
+        "any_rank_one_true": distributed.any_rank(rank == 1, device, 2),  # True on rank 1 only
+        "any_rank_none_true": distributed.any_rank(False, device, 2),
+        "mean": distributed.mean_over_ranks(torch.tensor([1.0 + rank, 10.0 * rank]), 2).tolist(),
+        "from_rank0": distributed.from_rank0(f"runs/from-rank-{rank}", 2),
+        "identical_same": distributed.identical_on_all_ranks([torch.ones(3), torch.zeros(2)], 2),
+        "identical_different": distributed.identical_on_all_ranks([torch.ones(3), torch.full((2,), rank)], 2),
+    }
+    distributed.shutdown(2)
+    Path(report).write_text(json.dumps(result))
+
+
+def test_collectives_of_two_ranks(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    ranks = [context.Process(target=_rank, args=(r, str(tmp_path / "store"), str(tmp_path / f"rank{r}.json")))
+             for r in range(2)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=120)
+    alive = [p.is_alive() for p in ranks]
+    for p in ranks:
+        p.kill()
+    assert not any(alive), "a rank hung"
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for report in reports:  # every rank gets the same answers
+        assert report == {
+            "any_rank_one_true": True,
+            "any_rank_none_true": False,
+            "mean": [1.5, 5.0],  # ([1, 0] + [2, 10]) / 2
+            "from_rank0": "runs/from-rank-0",
+            "identical_same": True,
+            "identical_different": False,
+        }
+
+
+def test_one_process_needs_no_process_group():
+    """Without torchrun every collective answers with the local value and touches no process group."""
+    from train import distributed
+
+    assert distributed.init(use_cuda=False) == (0, 1, torch.device("cpu"))
+    assert distributed.any_rank(True, torch.device("cpu"), 1) is True
+    total = torch.tensor([3.0])
+    assert distributed.mean_over_ranks(total, 1) is total
+    assert distributed.from_rank0("x", 1) == "x"
+    distributed.shutdown(1)
