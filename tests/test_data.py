@@ -329,22 +329,11 @@ def test_under_torchrun_one_rank_per_node_downloads_and_a_failure_stops_all_quie
     folder would overwrite each other's files); rank 1 waits for it, then exits 2 without a message
     of its own, since rank 0 has said why. Nobody hangs."""
     import json
-    import multiprocessing
 
-    context = multiprocessing.get_context("spawn")
-    ranks = [
-        context.Process(target=_download_as_rank,
-                        args=(r, str(tmp_path / "store"), str(tmp_path / "data"), str(tmp_path / f"rank{r}.json")))
-        for r in range(2)
-    ]
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(timeout=180)
-    alive = [p.is_alive() for p in ranks]
-    for p in ranks:
-        p.kill()
-    assert not any(alive), "a rank hung"
+    from ranks import run_ranks
+
+    run_ranks(_download_as_rank,
+              [(r, str(tmp_path / "store"), str(tmp_path / "data"), str(tmp_path / f"rank{r}.json")) for r in range(2)])
     first, second = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert first["code"] == 2 and first["tried"] > 0
     assert_download_failure(first["err"], tmp_path / "data" / "MNIST" / "raw")

@@ -6,10 +6,11 @@ Oracle: the values each rank put in, combined by hand (any, mean, rank 0's, equa
 from __future__ import annotations
 
 import json
-import multiprocessing
 from pathlib import Path
 
 import torch
+
+from ranks import run_ranks
 
 
 def _rank(rank: int, store: str, report: str) -> None:
@@ -33,17 +34,7 @@ def _rank(rank: int, store: str, report: str) -> None:
 
 
 def test_collectives_of_two_ranks(tmp_path):
-    context = multiprocessing.get_context("spawn")
-    ranks = [context.Process(target=_rank, args=(r, str(tmp_path / "store"), str(tmp_path / f"rank{r}.json")))
-             for r in range(2)]
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(timeout=120)
-    alive = [p.is_alive() for p in ranks]
-    for p in ranks:
-        p.kill()
-    assert not any(alive), "a rank hung"
+    run_ranks(_rank, [(r, str(tmp_path / "store"), str(tmp_path / f"rank{r}.json")) for r in range(2)])
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for report in reports:  # every rank gets the same answers
         assert report == {
