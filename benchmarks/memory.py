@@ -12,8 +12,12 @@ step adds on top of what is live before it (model, optimizer, data):
   records every allocation and free of a tensor buffer
   (``profile_memory=True``); walking that timeline gives the bytes that the
   step allocated and still holds at its worst moment, as exactly as the CUDA
-  count. Buffers allocated before the step (the previous step's gradients,
-  freed by ``zero_grad``) are not in it, on either side of the ratio.
+  count.
+
+On both devices the previous step's gradients are freed before the step
+(``zero_grad(set_to_none=True)``, as the step's own first call does): what
+is live before it is the same for every variant, and the step's own frees of
+older buffers do not lower its figure.
 
     python -m benchmarks.memory [--device cuda] [--sizes 784,800,800,10] [--batch 4096]
 """
@@ -56,6 +60,9 @@ def measure(variant: str, sizes: list[int], batch: int, device: torch.device) ->
     x, y = data(batch, sizes, device)
     step = make_step(variant, sizes, device, {})
     step(x, y)  # warm-up: the optimizer's state, library workspaces and the like
+    optimizer = getattr(step, "optimizer", None)  # (sgd_step has none, and no gradients)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -79,11 +86,22 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+def _positive(text: str) -> int:
+    """An argparse ``type`` for --batch: a positive int."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n")[0])
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--sizes", type=_sizes, default="784,800,800,10", help="layer widths, input first (default: 784,800,800,10)")
-    p.add_argument("--batch", type=int, default=4096, help="mini-batch size (default: 4096)")
+    p.add_argument("--batch", type=_positive, default=4096, help="mini-batch size (default: 4096)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS} (default: all)")
     p.add_argument("--json", default=None, help="write the figures to this file (default: none)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one variant, in this process
@@ -104,8 +122,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for v in variants:  # each in a fresh process: nothing one variant cached counts against another
         command = [sys.executable, "-m", "benchmarks.memory", "--device", args.device, "--sizes", ",".join(map(str, sizes)),
                    "--batch", str(args.batch), "--child", v]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        child = subprocess.run(command, capture_output=True, text=True)
+        if child.returncode != 0:  # (out of memory, say): its own error, not a CalledProcessError
+            raise SystemExit(f"benchmarks.memory: the {v} step failed (exit {child.returncode}):\n"
+                             f"{child.stderr.strip()[-2000:]}")
+        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
     base = next((r["peak_extra_bytes"] for r in results if r["variant"] == "nn"), None)
     print(f"Peak memory of one training step, {sizes} at mini-batch {args.batch}, {device.type} "
           f"({results[0]['method']}), one fresh process per variant:\n")

@@ -5,9 +5,10 @@ SGD step; with the monitor on, the monitor is popped once per repeat as a
 training loop would at a logging step. Off, on and do-nothing hooks
 alternate, in an order that rotates from repeat to repeat, so that load from
 other processes hits all alike; the median of the per-repeat ratios is
-reported, unfused and fused. Target: at most 1.05. Times are the CPU time
-of the calling thread (``time.thread_time``, one torch thread by default), which
-other processes' load disturbs less than wall time. The monitor's own work is
+reported, unfused and fused. Target: at most 1.05. Times are CPU time, which
+other processes' load disturbs less than wall time: the calling thread's
+(``time.thread_time``) with one torch thread, the default, and the whole
+process's (``time.process_time``) with more, whose other threads do matmul work. The monitor's own work is
 also timed alone: its hooks called directly with δ of the step's shapes.
 
     python -m benchmarks.monitor_overhead [--repeats 9] [--steps 200] [--threads 1]
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -31,6 +33,11 @@ def _steps(model: torchbp.MLP, opt: torch.optim.Optimizer, x: torch.Tensor, y: t
         opt.step()
 
 
+def cpu_clock() -> Callable[[], float]:
+    """The CPU-time clock that sees all of a step's work: the thread's with one torch thread, else the process's."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.process_time
+
+
 def measure(fused: bool, repeats: int = 9, steps: int = 200, batch: int = 64, seed: int = 0) -> dict:
     """Median seconds per step with the monitor off and on, and their ratio (on / off)."""
     torch.manual_seed(seed)
@@ -38,19 +45,20 @@ def measure(fused: bool, repeats: int = 9, steps: int = 200, batch: int = 64, se
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.rand(batch, 784), torch.rand(batch, 10)
     _steps(model, opt, x, y, steps)  # warm-up
+    clock = cpu_clock()
     times: dict[str, list[float]] = {"off": [], "on": [], "empty": []}
     modes = list(times)
     for r in range(repeats):
-        # The order rotates (off on empty, on empty off, ...): no mode always runs right after another.
+        # The order rotates (off on empty, on empty off, ...): each mode opens a repeat in turn.
         for mode in modes[r % 3 :] + modes[: r % 3]:
             monitor = torchbp.DeltaMonitor(model) if mode == "on" else None
             # "empty": do-nothing delta hooks, the cost of torchbp's hook mechanism alone
             handles = [m.register_delta_hook(lambda module, delta: None) for m in model.linears] if mode == "empty" else []
-            start = time.thread_time()
+            start = clock()
             _steps(model, opt, x, y, steps)
             if monitor is not None:
                 monitor.pop()
-            times[mode].append((time.thread_time() - start) / steps)
+            times[mode].append((clock() - start) / steps)
             if monitor is not None:
                 monitor.close()
             for handle in handles:
@@ -69,12 +77,13 @@ def hook_cost(passes: int = 3200, batch: int = 64) -> float:
     deltas = [torch.rand(batch, m.out_features) for m in model.linears]  # δ^l: (N, out)
     monitor = torchbp.DeltaMonitor(model)
     hooks = [next(iter(m._delta_hooks.values())) for m in model.linears]
-    start = time.thread_time()
+    clock = cpu_clock()
+    start = clock()
     for _ in range(passes):
         for m, hook, delta in zip(model.linears, hooks, deltas):
             hook(m, delta)
     monitor.pop()
-    seconds = (time.thread_time() - start) / passes
+    seconds = (clock() - start) / passes
     monitor.close()
     return seconds
 

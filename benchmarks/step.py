@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -124,7 +125,9 @@ def make_step(variant: str, sizes: list[int], device: torch.device, sgd: dict) -
         cost(x, y).backward()
         optimizer.step()
 
-    return torch.compile(step) if mode == "compile_step" else step
+    step = torch.compile(step) if mode == "compile_step" else step
+    step.optimizer = optimizer  # (benchmarks.memory frees the gradients before it measures)
+    return step
 
 
 def data(n: int, sizes: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -147,8 +150,9 @@ def timer(device: torch.device) -> Callable[[], float]:
 def interleaved(runs: dict[str, Callable[[], None]], repeats: int, now: Callable[[], float]) -> dict[str, list[float]]:
     """Seconds per call of every run, each once per repeat, ``repeats`` times.
 
-    The order rotates (A B C, B C A, C A B, ...): no run always follows the same
-    other run, whose leftovers in caches and threads it would otherwise inherit.
+    The order rotates (A B C, B C A, C A B, ...): each run opens a repeat in turn, so none always
+    runs first (after the previous repeat's last run) or last. (The cyclic order stays: B follows A
+    in every repeat but the one B opens.)
     """
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
@@ -249,12 +253,16 @@ def summary(by_variant: dict, key: str, baseline: str) -> dict[str, tuple[float,
 
 
 def ratio(value: float | None) -> str:
-    """A table's "× nn eager" cell; a dash without a baseline."""
+    """A table's ratio cell; a dash without a baseline."""
     return "–" if value is None else f"{value:.2f}"
 
 
+def ratio_title(baseline: str) -> str:
+    return "× nn eager" if baseline == "nn" else f"× {baseline}"  # the baseline is nn wherever nn ran
+
+
 def table(results: dict, baseline: str) -> str:
-    lines = ["| model | variant | ms / step (median) | × nn eager |", "|---|---|---:|---:|"]
+    lines = [f"| model | variant | ms / step (median) | {ratio_title(baseline)} |", "|---|---|---:|---:|"]
     for model, by_variant in results.items():
         lines += [f"| {model} | {v} | {1e3 * median:.3f} | {ratio(r)} |"
                   for v, (median, r) in summary(by_variant, "seconds_per_step", baseline).items()]
@@ -262,7 +270,7 @@ def table(results: dict, baseline: str) -> str:
 
 
 def epoch_table(results: dict, baseline: str) -> str:
-    lines = ["| variant | s / epoch (median) | × nn eager |", "|---|---:|---:|"]
+    lines = [f"| variant | s / epoch (median) | {ratio_title(baseline)} |", "|---|---:|---:|"]
     lines += [f"| {v} | {median:.3f} | {ratio(r)} |"
               for v, (median, r) in summary(results, "seconds_per_epoch", baseline).items()]
     return "\n".join(lines)
@@ -281,9 +289,13 @@ def device_arg(text: str) -> str:
 
 def check_json_path(path: str | None) -> None:
     """``--json PATH`` must be writable where it is asked, before minutes of timing, not after."""
-    folder = os.path.dirname(os.path.abspath(path)) if path else None
-    if folder is not None and not os.path.isdir(folder):
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
         raise SystemExit(f"--json: the folder {folder} of {path} does not exist")
+    if os.path.isdir(path):
+        raise SystemExit(f"--json takes a file to write, got the folder {path}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -296,13 +308,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--target-s", type=float, default=0.15, help="seconds per timing when --steps is unset (default: 0.15)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compiles) (default: 5)")
     p.add_argument("--sgd", choices=("default", "foreach", "fused"), default="default",
-                   help="torch.optim.SGD implementation for every variant (default: torch's choice)")
+                   help="torch.optim.SGD implementation for every variant with an optimizer (sgd_step, sgd_epoch "
+                        "and network_py have none) (default: torch's choice)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--epoch", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the Nielsen epoch ([784, 30, 10] at mini-batch 10, 5,000 steps) (default: on)")
     p.add_argument("--epoch-variants", default=None, help="comma-separated, sgd_epoch among them "
                    "(default: --variants, plus sgd_epoch when --variants is unset)")
-    p.add_argument("--json", default=None, help="write the raw timings and medians to this file (default: none)")
+    p.add_argument("--json", default=None,
+                   help="write the raw timings, medians and ratios to this file (default: none)")
     return p.parse_args(argv)
 
 
@@ -313,6 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
                                ("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
         if value is not None and value < least:
             raise SystemExit(f"{flag} must be >= {least}, got {value}")
+    if not args.target_s > 0:
+        raise SystemExit(f"--target-s must be > 0, got {args.target_s}")
     check_json_path(args.json)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -327,15 +343,18 @@ def main(argv: list[str] | None = None) -> dict:
                       else variants if args.variants else variants + epoch_only)
     models = [m for m in args.models.split(",") if m]  # --models "" times the epoch only
     for flag, names, allowed in (("--variants", variants, known + named_only),
-                                 ("--epoch-variants", epoch_variants if args.epoch else [], known + named_only + epoch_only)):
+                                 ("--epoch-variants", epoch_variants, known + named_only + epoch_only)):
         for v in names:
             if v not in allowed:
                 raise SystemExit(f"{flag}: unknown {v!r} for {device.type}; known: {allowed}")
     for m in models:
         if m not in MODELS:
             raise SystemExit(f"--models: unknown {m!r}; known: {list(MODELS)}")
+    if not models and not args.epoch:
+        raise SystemExit("--models \"\" with --no-epoch leaves nothing to time")
     sgd = {} if args.sgd == "default" else {args.sgd: True}
     baseline = variants[0] if "nn" not in variants else "nn"
+    epoch_baseline = epoch_variants[0] if "nn" not in epoch_variants else "nn"
 
     header = (
         f"torch {torch.__version__}, {device.type}"
@@ -346,14 +365,19 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for m in models:
         results[m] = bench_model(m, variants, device, sgd, args.repeats, args.steps, args.target_s, args.warmup)
-    out = {"header": header, "command": " ".join(["python -m benchmarks.step", *(argv or sys.argv[1:])]),
-           "steps": results}
+    command = shlex.join(["python", "-m", "benchmarks.step", *(sys.argv[1:] if argv is None else argv)])
+    out = {"header": header, "command": command, "steps": results, "baseline": baseline,
+           "summary": {m: {v: dict(zip(("median_s", "ratio"), s))
+                           for v, s in summary(r, "seconds_per_step", baseline).items()}
+                       for m, r in results.items()}}
     if results:
         print(f"\n{header}\n\n{table(results, baseline)}")
     if args.epoch:
         epoch = bench_epoch(epoch_variants, device, sgd, args.repeats, args.warmup)
-        out["epoch"] = epoch
-        print(f"\nEpoch, [784, 30, 10] at mini-batch 10 (5,000 steps):\n\n{epoch_table(epoch, baseline)}")
+        out["epoch"], out["epoch_baseline"] = epoch, epoch_baseline
+        out["epoch_summary"] = {v: dict(zip(("median_s", "ratio"), s))
+                                for v, s in summary(epoch, "seconds_per_epoch", epoch_baseline).items()}
+        print(f"\nEpoch, [784, 30, 10] at mini-batch 10 (5,000 steps):\n\n{epoch_table(epoch, epoch_baseline)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
