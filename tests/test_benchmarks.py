@@ -26,10 +26,29 @@ def test_step_benchmark_times_every_variant_and_writes_json(tmp_path, capsys):
     assert list(timings) == variants
     assert all(len(t["seconds_per_step"]) == 2 and min(t["seconds_per_step"]) > 0 for t in timings.values())
     assert set(out["epoch"]) == {"nn", "sgd_step", "sgd_epoch"}
-    assert json.loads((tmp_path / "bench.json").read_text())["steps"] == out["steps"]
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written["steps"] == out["steps"] and written["baseline"] == "nn"
+    # the medians and per-repeat ratios, recomputed from the raw timings
+    for variant, t in timings.items():
+        s = written["summary"]["784-30-10@10"][variant]
+        assert s["median_s"] == pytest.approx(sorted(t["seconds_per_step"])[0] / 2 + sorted(t["seconds_per_step"])[1] / 2)
+        ratios = [a / b for a, b in zip(t["seconds_per_step"], timings["nn"]["seconds_per_step"])]
+        assert s["ratio"] == pytest.approx(sum(ratios) / 2)
+    assert set(written["epoch_summary"]) == {"nn", "sgd_step", "sgd_epoch"} and written["epoch_baseline"] == "nn"
+    assert written["command"].startswith("python -m benchmarks.step --models 784-30-10@10 ")
     printed = capsys.readouterr().out
     for variant in variants:
         assert f"| 784-30-10@10 | {variant} |" in printed
+
+
+def test_without_nn_the_ratios_are_to_the_first_variant_and_say_so(capsys):
+    """No nn in --variants: the first variant is the baseline, named in the ratio column's title (a column
+    titled "× nn eager" held ratios to another variant)."""
+    out = step.main(["--models", "784-30-10@10", "--variants", "fused,bp", "--repeats", "2", "--steps", "2",
+                     "--warmup", "1", "--no-epoch"])
+    printed = capsys.readouterr().out
+    assert "| model | variant | ms / step (median) | × fused |" in printed and "× nn eager" not in printed
+    assert out["baseline"] == "fused" and out["summary"]["784-30-10@10"]["fused"]["ratio"] == 1.0
 
 
 def test_step_benchmark_refuses_an_epoch_only_variant_per_step():
@@ -42,6 +61,9 @@ def test_step_benchmark_refuses_an_epoch_only_variant_per_step():
     (["--json", "/nonexistent-folder/bench.json"], "--json: the folder /nonexistent-folder of /nonexistent-folder/bench.json does not exist"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
     (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--json", "/"], "--json takes a file to write, got the folder /"),
+    (["--target-s", "-5"], "--target-s must be > 0, got -5.0"),
+    (["--epoch-variants", "bogus", "--no-epoch"], "--epoch-variants: unknown 'bogus' for cpu"),
 ])
 def test_step_benchmark_refuses_bad_flags_before_timing_anything(argv, message, monkeypatch):
     """A run is minutes long: a --json it cannot write, or a count torch would refuse, stops it before the first timing."""
@@ -56,6 +78,7 @@ def test_step_benchmark_refuses_bad_flags_before_timing_anything(argv, message, 
     ("memory", ["--sizes", "784,800,abc"], "argument --sizes: must be comma-separated integers, e.g. 784,800,10, "
                                            "got '784,800,abc'"),
     ("memory", ["--sizes", "784"], "argument --sizes: must be at least two positive widths, got '784'"),
+    ("memory", ["--batch", "-3"], "argument --batch: must be a positive int, got '-3'"),
 ])
 def test_benchmarks_refuse_a_bad_device_or_sizes_by_name(main, argv, message, capsys):
     """argparse's exit 2 naming the flag, not a traceback from torch.device or int()."""
