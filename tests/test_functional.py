@@ -583,8 +583,11 @@ BAD_INPUTS = {
     "cross entropy reduction": (lambda: F.cross_entropy_cost(_t(4, 3), _t(4, 3), "batchmean"), ValueError,
                                 "cross_entropy_cost(): reduction must be one of ('mean', 'sum', 'none'), "
                                 "got 'batchmean'"),
-    "quadratic integer target": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 3, dtype=torch.int64)), TypeError,
-                                 "quadratic_cost(): target must have a floating-point dtype, got torch.int64"),
+    # (the quadratic cost takes an integer target as mse_loss does; binary_cross_entropy refuses one)
+    "cross entropy integer target": (lambda: F.cross_entropy_cost(_t(4, 3), _t(4, 3, dtype=torch.int64)), TypeError,
+                                     "cross_entropy_cost(): target must have a floating-point dtype, got torch.int64"),
+    "quadratic integer input": (lambda: F.quadratic_cost(_t(4, 3, dtype=torch.int64), _t(4, 3)), TypeError,
+                                "quadratic_cost(): input must have a floating-point dtype, got torch.int64"),
     "cross entropy boolean a": (lambda: F.cross_entropy_cost(_t(4, 3, dtype=torch.bool), _t(4, 3)), TypeError,
                                 "cross_entropy_cost(): input must have a floating-point dtype, got torch.bool"),
     "cross entropy a above 1": (lambda: F.cross_entropy_cost(torch.full((4, 3), 1.5), _t(4, 3)), RuntimeError,
@@ -640,8 +643,9 @@ BAD_INPUTS = {
                            "mlp_cost(): reduction must be one of ('mean', 'sum', 'none'), got 'avg'"),
     "mlp_cost target shape": (lambda: F.mlp_cost(_t(5, 3), _t(5, 3), ws, bs), ValueError,
                               "mlp_cost(): target must have shape (5, 2) (the output's), got (5, 3)"),
-    "mlp_cost integer target": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2, dtype=torch.int64), ws, bs), TypeError,
-                                "mlp_cost(): target must have a floating-point dtype, got torch.int64"),
+    "mlp_cost cross entropy integer target": (
+        lambda: F.mlp_cost(_t(5, 3), _t(5, 2, dtype=torch.int64), ws, bs, cost="cross_entropy"), TypeError,
+        "mlp_cost(): target must have a floating-point dtype, got torch.int64"),
     "mlp_cost cross entropy target dtype": (
         lambda: F.mlp_cost(_t(5, 3), _t(5, 2, dtype=torch.float64), ws, bs, cost="cross_entropy"), TypeError,
         "mlp_cost(): target must have the same dtype as input (torch.float32), got torch.float64"),

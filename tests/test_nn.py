@@ -245,6 +245,23 @@ def test_mlp_cost_with_a_target_of_another_dtype_promotes_as_mse_loss(fused, mod
         close(g, e, tol=1e-12 if t.dtype == torch.float64 else 1e-6, what="gradient")
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_an_integer_one_hot_target_is_taken_as_mse_loss_takes_it(fused):
+    """y = one_hot(labels), an int64 tensor: the quadratic cost (module, MLP.cost, the step by hand) takes it in
+    the input's dtype, as mse_loss does; the cross-entropy refuses it, as binary_cross_entropy does. Oracle:
+    the same cost of a float64 copy of y (1e-12)."""
+    torch.manual_seed(6)
+    model = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    x = torch.randn(5, SIZES[0], dtype=torch.float64)
+    y = nn.functional.one_hot(torch.randint(SIZES[-1], (5,)), SIZES[-1])
+    expected = oracle_cost(sequential_like(model)(x), y.double())
+    close(model.cost(x, y), expected, what="MLP.cost")
+    close(torchbp.QuadraticCost()(model(x), y), expected, what="QuadraticCost")
+    close(model.sgd_step(x, y, 0.1), expected, what="sgd_step")
+    with pytest.raises(TypeError, match="target must have a floating-point dtype, got torch.int64"):
+        model.cost(x, y, cost="cross_entropy")
+
+
 def test_fused_cross_entropy_where_the_output_saturates_keeps_delta_a_minus_y():
     """float32 outputs at z = ±20 saturate at exactly 1 or 0. The fused node's δ^L = a − y is the gradient that
     binary_cross_entropy_with_logits gives (oracle, 1e-6), where the per-layer composition, like torch's

@@ -513,6 +513,27 @@ def test_functional_step_refuses_a_view_of_a_computed_tensor():
         sgd.mlp_sgd_step(x, y, [(w * 1).view(3, 4)], [b], LR)
 
 
+@pytest.mark.parametrize("tie", ["data", "overlapping views"])
+def test_parameters_sharing_memory_are_refused(tie):
+    """Two distinct Parameters over one memory (tied through .data, or views of one buffer that overlap):
+    the step would move one before reading the other, so it refuses them, as it refuses a tensor passed
+    twice, and nothing moves (it once updated layer 0 wrongly by ~6e-4). Views side by side are fine
+    (test_functional_step_trains_views_of_a_flat_parameter)."""
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.rand(4, 3, dtype=torch.float64)
+    if tie == "data":
+        model = torchbp.MLP([3, 3, 3, 3], dtype=torch.float64)
+        model[4].weight.data = model[2].weight.data
+        before = [p.clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match=r"sgd_step\(\): weights\[1\] and weights\[2\] share memory"):
+            model.sgd_step(x, y, LR)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    else:
+        flat = torch.randn(15, dtype=torch.float64, requires_grad=True)
+        w1, w2 = flat[:9].view(3, 3), flat[6:15].view(3, 3)  # elements 6..8 in both
+        with pytest.raises(ValueError, match=r"mlp_sgd_step\(\): weights\[0\] and weights\[1\] share memory"):
+            sgd.mlp_sgd_step(x, y, [w1, w2], None, LR)
+
+
 def test_functional_step_refuses_tied_biases():
     """A tensor passed twice is refused, biases too (the docstring's promise)."""
     w1, w2 = (torch.randn(3, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))

@@ -551,10 +551,21 @@ def _assert_unit_interval(fn: str, name: str, t: Tensor, what: str) -> None:
                             f"{fn}(): every element of {name} must lie in [0, 1] ({what}), got one outside")
 
 
+def _float_target(cost: str, ref: object, target: object) -> object:
+    """The quadratic cost's integer or bool target (``one_hot(labels)``) in ``ref``'s floating dtype, as
+    mse_loss promotes it; anything else as it is (binary_cross_entropy refuses an integer target)."""
+    if (cost == "quadratic" and isinstance(target, Tensor) and isinstance(ref, Tensor) and ref.is_floating_point()
+            and not target.is_floating_point() and not target.is_complex()):
+        return target.to(ref.dtype)
+    return target
+
+
 def _apply_cost(
     fn: str, function: type, classic: type, traced: type, a: Tensor, y: Tensor, reduction: str,
     unit_interval: bool = False,
 ) -> Tensor:
+    if not unit_interval:
+        y = _float_target("quadratic", a, y)
     _check_cost_args(fn, a, y, reduction)
     if not unit_interval and a.dtype != y.dtype:
         # As mse_loss: a and y of two floating dtypes promote to the wider one (binary_cross_entropy,
@@ -625,7 +636,8 @@ def quadratic_cost(input: Tensor, target: Tensor, reduction: str = "mean") -> Te
     only, not over elements, and the notes' ½ is kept:
     ``quadratic_cost(a, y) == 0.5 * ((a - y) ** 2).sum(-1).mean()``. As
     mse_loss, ``input`` and ``target`` of two floating dtypes are promoted:
-    the cost is in the wider one, each gradient in its own tensor's dtype.
+    the cost is in the wider one, each gradient in its own tensor's dtype;
+    an integer or bool ``target`` (``one_hot(labels)``) is taken in ``input``'s.
 
     Shape:
         - input, target: ``(*, features)``, the same shape
@@ -1055,6 +1067,7 @@ def mlp_cost(
         - input: ``(*, in_features)``; target: ``(*, out_features)``
         - output: ``C`` scalar, or ``(*)`` with ``reduction="none"``; ``a^L``: ``(*, out_features)``
     """
+    target = _float_target(cost, input, target)
     x, params, dtype = _check_network_cost("mlp_cost", input, target, weights, biases, cost, reduction)
     function = _pick(MLPCostFunction, _MLPCostClassic, _MLPCost)
     if dtype is None:

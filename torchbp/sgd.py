@@ -27,6 +27,7 @@ from torchbp.functional import (
     _activations,
     _as,
     _check_network_cost,
+    _float_target,
     _cost,
     _output_delta,
     _per_sample_weight,
@@ -60,6 +61,7 @@ def _check_sgd(
     """
     if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not lr >= 0:
         raise ValueError(f"{fn}(): lr must be a real number >= 0 (not a tensor), got {lr!r}")
+    target = _float_target(cost, input, target)
     x, params, autocast_dtype = _check_network_cost(fn, input, target, weights, biases, cost, reduction)
     if autocast_dtype is not None:
         raise RuntimeError(
@@ -79,7 +81,7 @@ def _check_sgd(
         if train and not (p.is_leaf or p._is_view() and p._base.is_leaf):
             # the step moves it in place: a view of a parameter (a flat parameter buffer) moves the
             # parameter, a computed tensor (a parametrization's weight, say) is a temporary and would not
-            raise ValueError(f"{fn}(): {'biases' if i % 2 else 'weights'}[{i // 2}] must be a parameter or a "
+            raise ValueError(f"{fn}(): {_param_name(i)} must be a parameter or a "
                              f"view of one to be trained in place, got one computed by {type(p.grad_fn).__name__}")
     if not any(trains):
         # As mlp_cost(...).backward() would: a cost that depends on nothing trainable has no gradient.
@@ -88,7 +90,35 @@ def _check_sgd(
         # The step moves each parameter as soon as its layer is done; a tied one would be read again after.
         raise ValueError(f"{fn}(): weights and biases must be distinct tensors, got one passed twice "
                          "(tied weights); train those with mlp_cost(...).backward() and an optimizer")
+    # (not while torch.compile traces: addresses are no part of a graph; an eager call checks them)
+    tied = None if torch.compiler.is_compiling() else _shared_memory(params)
+    if tied is not None:  # tied through .data or one storage: the same hazard as a tensor passed twice
+        raise ValueError(f"{fn}(): {_param_name(tied[0])} and {_param_name(tied[1])} share memory (tied weights); "
+                         "train those with mlp_cost(...).backward() and an optimizer")
     return x, _promoted_target(x, target), [None if p is None else p.detach() for p in params], trains, lr
+
+
+def _param_name(i: int) -> str:
+    """weights[l] or biases[l] for the i-th of (W^1, b^1, ..., W^L, b^L)."""
+    return f"{'biases' if i % 2 else 'weights'}[{i // 2}]"
+
+
+def _shared_memory(params: Sequence[Tensor | None]) -> tuple[int, int] | None:
+    """Two of ``params`` (by index) whose memory overlaps, or None. Views of one flat parameter buffer,
+    side by side, do not overlap; a weight tied to another through ``.data`` does."""
+    spans = []
+    for i, p in enumerate(params):
+        n = 0 if p is None or p.is_meta else p.numel()
+        if n:
+            # [first, last] byte the tensor can touch, as addresses: tensors of distinct storages never meet
+            extent = n if p.is_contiguous() else sum((s - 1) * d for s, d in zip(p.shape, p.stride())) + 1
+            first = p.data_ptr()
+            spans.append((first, first + extent * p.element_size() - 1, i))
+    spans.sort()
+    for (_, last, i), (first, _, j) in zip(spans, spans[1:]):
+        if first <= last:
+            return min(i, j), max(i, j)
+    return None
 
 
 @torch.no_grad()
