@@ -464,6 +464,10 @@ def convert(module: nn.Module, inplace: bool = False) -> nn.Module:
     DeltaMonitor) on the converted model, not on ``module``. With
     ``inplace=True`` the layers change class in place and keep their
     Parameter objects: an optimizer built on ``module`` goes on training it.
+
+    Tools that find layers by their exact type rather than ``isinstance``
+    (``torch.ao.quantization.quantize_dynamic(model, {nn.Linear})``) pass
+    torchbp's layers by; run them before converting.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert(): module must be a torch.nn.Module, got {type(module).__name__}")
