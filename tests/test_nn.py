@@ -384,6 +384,33 @@ def test_the_fx_check_is_the_one_that_does_not_warn():
         assert torchbp.nn._fx_tracing is fx.is_fx_symbolic_tracing
 
 
+@pytest.mark.parametrize("blocks", [False, True], ids=["whole", "in-blocks"])
+def test_a_frozen_first_layer_keeps_no_input_as_nn_does(blocks, monkeypatch):
+    """W^1 frozen: the fused node keeps no a^0 = x (only ∇_{W^1} C reads it), so x may change in place between
+    forward and backward as it may under nn.Linear, and the gradients (x's where it asks, the other layers')
+    equal nn.Sequential's (float64, 1e-12), in blocks of samples too."""
+    if blocks:
+        monkeypatch.setattr(torchbp.functional, "_BLOCK_ELEMENTS", 2 * max(SIZES))
+    torch.manual_seed(8)
+    model = torchbp.MLP(SIZES, fused=True, dtype=torch.float64)
+    reference = sequential_like(model)
+    for m in (model, reference):
+        m[0].weight.requires_grad_(False)
+    y = torch.rand(7, SIZES[-1], dtype=torch.float64)
+    grads = []
+    for m in (model, reference):
+        x = torch.randn(7, SIZES[0], dtype=torch.float64, generator=torch.Generator().manual_seed(9),
+                        requires_grad=not blocks)
+        c = oracle_cost(m(x), y)
+        if not blocks:
+            with torch.no_grad():
+                x.mul_(2)  # in place after the forward: nn's saved tensors do not include x
+        c.backward()
+        grads.append([*([] if blocks else [x.grad]), *(p.grad for p in m.parameters() if p.requires_grad)])
+    for g, e in zip(*grads):
+        close(g, e)
+
+
 def test_fused_and_unfused_mlp_agree():
     """The fused path (one autograd node) and the per-layer path give the same cost and .grad (float64)."""
     torch.manual_seed(2)

@@ -759,19 +759,20 @@ def _backprop(
     and δ^{l-1} at once.
     """
     whole = needs[0] or hook is not None
-    samples = 0 if whole else len(_rows(a[0]))  # (a jagged batch's packed rows: its count is a plain int)
-    block = max(1, _BLOCK_ELEMENTS // max(1, *(t.shape[-1] for t in a)))
+    samples = 0 if whole else len(_rows(a[1]))  # (a jagged batch's packed rows: its count is a plain int)
+    # (a^0 is None where W^1 is frozen: saved only for ∇_{W^1} C)
+    block = max(1, _BLOCK_ELEMENTS // max(1, *(t.shape[-1] for t in a if t is not None)))
     if whole or samples <= block:
         return _backprop_block(grad_a, a, weights, needs, hook, delta_L, [None] * (1 + 2 * len(weights)))
     # Every per-sample tensor as its blocks of samples: (*, width) -> views (B, width), B = block or fewer
-    a_blocks = [_rows(t).split(block) for t in a]
+    a_blocks = [None if t is None else _rows(t).split(block) for t in a]
     grad_blocks = [None if g is None else _rows(g).split(block) for g in grad_a]
     delta_L_blocks = None if delta_L is None else _rows(delta_L).split(block)
     grads: list[Tensor | None] = [None] * (1 + 2 * len(weights))
-    for i in range(len(a_blocks[0])):  # each block adds its sums over samples to grads
+    for i in range(len(a_blocks[1])):  # each block adds its sums over samples to grads
         _backprop_block(
-            [None if g is None else g[i] for g in grad_blocks], [t[i] for t in a_blocks], weights, needs,
-            None, None if delta_L_blocks is None else delta_L_blocks[i], grads,
+            [None if g is None else g[i] for g in grad_blocks], [None if t is None else t[i] for t in a_blocks],
+            weights, needs, None, None if delta_L_blocks is None else delta_L_blocks[i], grads,
         )
     return grads
 
@@ -834,11 +835,19 @@ def _output_delta(cost: str, a_L: Tensor, diff: Tensor) -> Tensor:
     return diff
 
 
-def _save_network(ctx, x: Tensor, params: Sequence[Tensor | None], a: Sequence[Tensor], *extra: Tensor) -> None:
-    """Save a^0..a^L (``a`` is a^1..a^L), W^1..W^L and ``extra`` for backward and jvp."""
+def _save_network(
+    ctx, x: Tensor, params: Sequence[Tensor | None], a: Sequence[Tensor], *extra: Tensor, w1_grad: bool
+) -> None:
+    """Save a^0..a^L (``a`` is a^1..a^L), W^1..W^L and ``extra`` for backward and jvp.
+
+    The backward reads a^0 = x only for ∇_{W^1} C = δ^1 x^T: without ``w1_grad`` it keeps none, as
+    nn.Linear's node keeps no input for a frozen weight (the input may then change in place before
+    the backward). Under torch.func transforms it keeps it: their vmap rule batches every saved tensor.
+    """
     ctx.set_materialize_grads(False)
     ctx.n_layers = len(params) // 2
-    ctx.save_for_backward(x, *a, *params[0::2], *extra)
+    keep_x = w1_grad or torch._C._are_functorch_transforms_active()
+    ctx.save_for_backward(x if keep_x else None, *a, *params[0::2], *extra)
     ctx.save_for_forward(x, *a, *params[0::2], *extra)
 
 
@@ -864,7 +873,7 @@ class _MLP(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, hook, *params = inputs
-        _save_network(ctx, x, params, (*output[1:], output[0]))
+        _save_network(ctx, x, params, (*output[1:], output[0]), w1_grad=ctx.needs_input_grad[2])
         ctx.hook = hook
 
     @staticmethod
@@ -905,7 +914,7 @@ class _MLPCost(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, y, cost, reduction, hook, *params = inputs
-        _save_network(ctx, x, params, output[1:], y)
+        _save_network(ctx, x, params, output[1:], y, w1_grad=ctx.needs_input_grad[5])
         ctx.cost, ctx.reduction, ctx.hook = cost, reduction, hook
 
     @staticmethod
