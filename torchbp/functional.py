@@ -718,7 +718,7 @@ def cross_entropy_cost(input: Tensor, target: Tensor, reduction: str = "mean") -
 # result, the hidden ones are outputs only so that setup_context can save
 # them (it sees inputs and outputs, nothing else). They stay differentiable:
 # in double backward a gradient reaches them through those saved tensors, and
-# the backward adds it in. Saved: a^0..a^L and the weights, never z, since
+# the backward adds it in. Saved: a^0..a^L (a^0 where W^1 trains) and the weights, never z, since
 # φ'(z) = a(1 − a).
 
 
