@@ -534,6 +534,23 @@ def test_parameters_sharing_memory_are_refused(tie):
             sgd.mlp_sgd_step(x, y, [w1, w2], None, LR)
 
 
+def test_interleaved_views_and_aliasing_frozen_tensors_train_as_autograd_does():
+    """Column blocks of one parameter (interleaved in memory, no element shared) and two frozen biases that
+    alias one element (expanded): nothing trained shares memory, so the step takes them and moves the
+    parameter as backward() + SGD.step() do (float64, 1e-12)."""
+    torch.manual_seed(10)
+    P = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    frozen = torch.zeros(1, dtype=torch.float64)
+    b1, b2 = frozen.expand(3), frozen.expand(3)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.rand(4, 3, dtype=torch.float64)
+    reference = P.detach().clone().requires_grad_()
+    c = F.mlp_cost(x, y, [reference[:, :3], reference[:, 3:]], [b1, b2])[0]
+    c.backward()
+    expected = reference.detach() - LR * reference.grad
+    sgd.mlp_sgd_step(x, y, [P[:, :3], P[:, 3:]], [b1, b2], LR)
+    torch.testing.assert_close(P.detach(), expected, rtol=0, atol=1e-12)
+
+
 def test_functional_step_refuses_tied_biases():
     """A tensor passed twice is refused, biases too (the docstring's promise)."""
     w1, w2 = (torch.randn(3, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))

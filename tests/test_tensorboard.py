@@ -354,6 +354,21 @@ def test_a_bad_prefix_or_layout_is_refused_before_anything_is_popped(tmp_path):
         assert set(monitor.pop()) == set(LAYERS)
 
 
+def test_histograms_after_the_steps_go_back_come_at_the_multiples_again(tmp_path):
+    """One writer whose steps roll back (0, 100, 200, 300, then 100, 200, 300 again, then 300 once more),
+    hist_every=100: every step that is a multiple gets its histogram, the repeated ones too."""
+    model = torchbp.MLP(SIZES, dtype=DT)
+    steps = [0, 100, 200, 300, 100, 200, 300, 300]
+    with SummaryWriter(os.fspath(tmp_path)) as writer, torchbp.DeltaMonitor(model, keep_last=True) as monitor:
+        for n, step in enumerate(steps):
+            _one_pass(model, n)
+            log_deltas(writer, monitor, step, hist_every=100)
+    acc = event_accumulator.EventAccumulator(os.fspath(tmp_path), size_guidance={"histograms": 0},
+                                             purge_orphaned_data=False)
+    acc.Reload()
+    assert [h.step for h in acc.Histograms("delta/hist/0")] == steps
+
+
 def test_a_diverged_run_logs_its_scalars_and_skips_an_all_nan_histogram(tmp_path):
     """Weights gone nan (a diverged run): every δ is nan, add_histogram would raise on it and end the
     training loop; log_deltas writes the (nan) scalars and leaves the histogram out."""

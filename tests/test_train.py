@@ -494,14 +494,38 @@ def test_resume_runs_with_the_runs_own_threads_device_and_compile_unless_given(t
     ckpt = str(tmp_path / "checkpoint.pt")
     resumed, _ = train.mnist.resume_args(train.mnist.resolve_args(["--resume", ckpt]))
     assert (resumed.threads, resumed.device, resumed.compile) == (1, "cpu", False)
-    state = torch.load(ckpt, weights_only=True)
-    state["args"]["compile"] = True  # a compiled run resumes compiled
-    torch.save(state, ckpt)
-    resumed, _ = train.mnist.resume_args(train.mnist.resolve_args(["--resume", ckpt]))
-    assert resumed.compile is True
     resumed, _ = train.mnist.resume_args(train.mnist.resolve_args(["--resume", ckpt, "--threads", "2", "--compile",
                                                                    "--device", "auto"]))
     assert (resumed.threads, resumed.device, resumed.compile) == (2, "auto", True)
+    state = torch.load(ckpt, weights_only=True)
+    state["args"]["compile"] = True  # a compiled run resumes compiled, unless --no-compile
+    torch.save(state, ckpt)
+    resumed, _ = train.mnist.resume_args(train.mnist.resolve_args(["--resume", ckpt]))
+    assert resumed.compile is True
+    resumed, _ = train.mnist.resume_args(train.mnist.resolve_args(["--resume", ckpt, "--no-compile"]))
+    assert resumed.compile is False
+    # a checkpoint written before --threads existed (no such key): the flag's default, not an AttributeError
+    del state["args"]["threads"]
+    torch.save(state, ckpt)
+    resumed, _ = train.mnist.resume_args(train.mnist.resolve_args(["--resume", ckpt]))
+    assert resumed.threads is None
+
+
+def test_a_cuda_run_resumed_without_cuda_says_which_flag_resumes_it_here(tmp_path, monkeypatch, capsys):
+    """The run's --device cuda, taken from its checkpoint, on a machine without CUDA: exit 2 saying to give
+    --device cpu (not an error about a --device cuda the user never typed)."""
+    import train.mnist
+
+    run_in_process(["--dry-run", "--hidden", "8", "--device", "cpu", "--logdir", str(tmp_path)])
+    ckpt = tmp_path / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["args"]["device"] = "cuda"
+    torch.save(state, ckpt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        train.mnist.resume_args(train.mnist.resolve_args(["--resume", str(ckpt)]))
+    assert info.value.code == 2 and "give --device cpu to resume it on the CPU" in capsys.readouterr().err
 
 
 def test_resuming_a_finished_dry_run_says_it_is_one_batch_long(tmp_path, monkeypatch, capsys):

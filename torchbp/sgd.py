@@ -91,7 +91,7 @@ def _check_sgd(
         raise ValueError(f"{fn}(): weights and biases must be distinct tensors, got one passed twice "
                          "(tied weights); train those with mlp_cost(...).backward() and an optimizer")
     # (not while torch.compile traces: addresses are no part of a graph; an eager call checks them)
-    tied = None if torch.compiler.is_compiling() else _shared_memory(params)
+    tied = None if torch.compiler.is_compiling() else _shared_memory(params, trains)
     if tied is not None:  # tied through .data or one storage: the same hazard as a tensor passed twice
         raise ValueError(f"{fn}(): {_param_name(tied[0])} and {_param_name(tied[1])} share memory (tied weights); "
                          "train those with mlp_cost(...).backward() and an optimizer")
@@ -103,9 +103,13 @@ def _param_name(i: int) -> str:
     return f"{'biases' if i % 2 else 'weights'}[{i // 2}]"
 
 
-def _shared_memory(params: Sequence[Tensor | None]) -> tuple[int, int] | None:
-    """Two of ``params`` (by index) whose memory overlaps, or None. Views of one flat parameter buffer,
-    side by side, do not overlap; a weight tied to another through ``.data`` does."""
+def _shared_memory(params: Sequence[Tensor | None], trains: Sequence[bool]) -> tuple[int, int] | None:
+    """Two of ``params`` (by index), one of them trained, that share an element; or None.
+
+    Views of one flat parameter buffer, side by side or interleaved (column blocks), share none; a
+    weight tied to another through ``.data`` does. Frozen tensors may alias each other: nothing
+    writes them.
+    """
     spans = []
     for i, p in enumerate(params):
         n = 0 if p is None or p.is_meta else p.numel()
@@ -115,10 +119,27 @@ def _shared_memory(params: Sequence[Tensor | None]) -> tuple[int, int] | None:
             first = p.data_ptr()
             spans.append((first, first + extent * p.element_size() - 1, i))
     spans.sort()
-    for (_, last, i), (first, _, j) in zip(spans, spans[1:]):
-        if first <= last:
-            return min(i, j), max(i, j)
+    for n, (_, last, i) in enumerate(spans):
+        for first, _, j in spans[n + 1 :]:
+            if first > last:
+                break  # sorted: no later span starts inside this one
+            if (trains[i] or trains[j]) and _share_an_element(params[i], params[j]):
+                return min(i, j), max(i, j)
     return None
+
+
+def _share_an_element(p: Tensor, q: Tensor) -> bool:
+    """Whether two tensors whose spans of memory overlap have an element in common (exact, by address)."""
+    if p.is_contiguous() and q.is_contiguous():
+        return True  # a contiguous span is every one of its elements
+
+    def addresses(t: Tensor) -> Tensor:
+        offsets = torch.zeros((), dtype=torch.int64)
+        for size, stride in zip(t.shape, t.stride()):  # (…) -> (…, size): each dimension's steps added
+            offsets = offsets.unsqueeze(-1) + torch.arange(size) * stride
+        return t.data_ptr() + offsets.flatten() * t.element_size()
+
+    return bool(torch.isin(addresses(p), addresses(q)).any())
 
 
 @torch.no_grad()

@@ -112,11 +112,11 @@ def log_deltas(
     of the last δ of every layer with a pass since the last call (needs
     ``DeltaMonitor(..., keep_last=True)``) whenever a multiple of
     ``hist_every`` lies between the last call's step (excluded) and ``step``
-    (the first call: at ``step`` itself): for ``hist_every=1000``, at steps
-    0, 1000, 2000, ... when logging every 100 steps, and at 1099, 2099, ...
-    when logging at 99, 199, ...; and, on the
-    first call for this writer and prefix, the custom-scalars layout
-    (:func:`delta_layout`). Every argument is checked before anything is
+    (the first call, or a step at or before the last one: at ``step``
+    itself): for ``hist_every=1000``, at steps 0, 1000, 2000, ... when
+    logging every 100 steps, and at 1099, 2099, ... when logging at 99, 199,
+    ...; and, on the first call for this writer and prefix, the
+    custom-scalars layout (:func:`delta_layout`). Every argument is checked before anything is
     popped or written.
 
     Args:
@@ -174,8 +174,12 @@ def log_deltas(
             for name, norm in zip(grads, norms):
                 writer.add_scalar(_tag(f"{prefix}grad/weight_norm", name), norm, step)
 
-    # A multiple of hist_every in (last, step]: the steps logged need not be multiples themselves.
-    if hist_every and step // hist_every > last // hist_every:
+    # A multiple of hist_every in (last, step]: the steps logged need not be multiples themselves. A step
+    # at or before the last (a rollback, a repeat) starts afresh: a histogram if it is a multiple.
+    due = False
+    if hist_every:
+        due = step // hist_every > last // hist_every if step > last else step % hist_every == 0
+    if due:
         # Only layers with a pass since the last call: an older δ is not this step's.
         for layer, delta in monitor.last_delta.items():
             if layer in stats:

@@ -181,10 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="one training batch and a one-batch evaluation (default: False)")
     p.add_argument("--data-dir", help=f"folder holding MNIST/raw/ (default: {DATA_DIR}; with --resume, the run's)")
     p.add_argument("--download", action="store_true", help="download MNIST into --data-dir if missing (default: False)")
-    p.add_argument("--compile", action="store_true",
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the training step (forward, cost, backward and optimizer step; the hand-written "
                         "MLP.sgd_step where plain SGD runs by hand, which is then slower than the eager "
-                        "MLP.sgd_epoch spans it replaces) (default: False)")
+                        "MLP.sgd_epoch spans it replaces); --no-compile resumes a compiled run eagerly "
+                        "(default: False)")
     return p
 
 
@@ -575,9 +576,15 @@ def resume_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | No
         resumed.data_dir = args.data_dir
     # Where and how it runs, unless given again, as the run ran: its --threads and --compile change the
     # float rounding, so the run ends as the uninterrupted one would only with the same ones.
+    parser = build_parser()
     for dest in ("device", "threads", "compile"):
         if getattr(args, dest) is not None:
             setattr(resumed, dest, getattr(args, dest))
+        else:  # a checkpoint from before the flag existed: its default
+            vars(resumed).setdefault(dest, parser.get_default(dest))
+    if resumed.device == "cuda" and args.device is None and not torch.cuda.is_available():
+        fail("this run trained with --device cuda, and no CUDA device is available here; give --device cpu "
+             "to resume it on the CPU", EXIT_DATA)
     resumed.logdir = os.path.dirname(os.path.abspath(args.resume))
     if args.epochs is not None and args.epochs != resumed.epochs:
         if resumed.schedule != "none":
