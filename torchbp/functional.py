@@ -533,8 +533,9 @@ def _check_cost_args(fn: str, a: Tensor, y: Tensor, reduction: str) -> None:
     """The costs' ``input`` (the notes' a) and ``target`` (y), named in messages as torch's losses name them."""
     _check_tensor(fn, "input", a, min_dim=1)
     _check_tensor(fn, "target", y, min_dim=1)
-    for name, t in (("input", a), ("target", y)):
-        _check_dense(fn, name, t, "input and target")
+    if a.is_nested or y.is_nested:
+        for name, t in (("input", a), ("target", y)):
+            _check_dense(fn, name, t, "input and target")
     if a.shape != y.shape:
         raise ValueError(f"{fn}(): target must have the shape of input {tuple(a.shape)}, got {tuple(y.shape)}")
     _check_reduction(fn, reduction)
@@ -1001,7 +1002,7 @@ def _check_network_cost(
     autocast (the cost then runs in float32); the quadratic cost's may have any floating dtype, as
     mse_loss's (the callers promote it, see :func:`_promoted_target`).
     """
-    if isinstance(x, Tensor) and isinstance(target, Tensor):
+    if isinstance(x, Tensor) and isinstance(target, Tensor) and (x.is_nested or target.is_nested):
         for name, t in (("input", x), ("target", target)):
             _check_dense(fn, name, t, "input and target")
     if not (cost in COSTS and reduction in REDUCTIONS and _network_ok(x, weights, biases, target)):
