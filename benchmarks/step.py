@@ -257,6 +257,11 @@ def ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
+def baseline_of(variants: list[str]) -> str:
+    """The variant the ratios are to: nn wherever it runs, else the first."""
+    return "nn" if "nn" in variants else variants[0]
+
+
 def ratio_title(baseline: str) -> str:
     return "× nn eager" if baseline == "nn" else f"× {baseline}"  # the baseline is nn wherever nn ran
 
@@ -353,8 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not models and not args.epoch:
         raise SystemExit("--models \"\" with --no-epoch leaves nothing to time")
     sgd = {} if args.sgd == "default" else {args.sgd: True}
-    baseline = variants[0] if "nn" not in variants else "nn"
-    epoch_baseline = epoch_variants[0] if "nn" not in epoch_variants else "nn"
+    baseline, epoch_baseline = baseline_of(variants), baseline_of(epoch_variants)
 
     header = (
         f"torch {torch.__version__}, {device.type}"

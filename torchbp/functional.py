@@ -522,11 +522,12 @@ def _cost_tangent(cost: str, a: Tensor, y: Tensor, a_t: Tensor | None, y_t: Tens
     return c_t.sum(-1)
 
 
-def _check_dense(fn: str, name: str, t: Tensor, of: str) -> None:
+def _check_dense(fn: str, input: Tensor, target: Tensor) -> None:
     """A cost sums over a sample's features and reduces over samples, which a nested tensor's rows are not."""
-    if t.is_nested:
-        raise ValueError(f"{fn}(): {name} must be a dense tensor, got a nested one; pass the packed rows of "
-                         f"{of} (.values() of a jagged tensor)")
+    for name, t in (("input", input), ("target", target)):
+        if t.is_nested:
+            raise ValueError(f"{fn}(): {name} must be a dense tensor, got a nested one; pass the packed rows of "
+                             "input and target (.values() of a jagged tensor)")
 
 
 def _check_cost_args(fn: str, a: Tensor, y: Tensor, reduction: str) -> None:
@@ -534,8 +535,7 @@ def _check_cost_args(fn: str, a: Tensor, y: Tensor, reduction: str) -> None:
     _check_tensor(fn, "input", a, min_dim=1)
     _check_tensor(fn, "target", y, min_dim=1)
     if a.is_nested or y.is_nested:
-        for name, t in (("input", a), ("target", y)):
-            _check_dense(fn, name, t, "input and target")
+        _check_dense(fn, a, y)
     if a.shape != y.shape:
         raise ValueError(f"{fn}(): target must have the shape of input {tuple(a.shape)}, got {tuple(y.shape)}")
     _check_reduction(fn, reduction)
@@ -1003,8 +1003,7 @@ def _check_network_cost(
     mse_loss's (the callers promote it, see :func:`_promoted_target`).
     """
     if isinstance(x, Tensor) and isinstance(target, Tensor) and (x.is_nested or target.is_nested):
-        for name, t in (("input", x), ("target", target)):
-            _check_dense(fn, name, t, "input and target")
+        _check_dense(fn, x, target)
     if not (cost in COSTS and reduction in REDUCTIONS and _network_ok(x, weights, biases, target)):
         _check_cost(fn, cost)
         _check_reduction(fn, reduction)

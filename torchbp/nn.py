@@ -392,9 +392,9 @@ class MLP(nn.Module):
             biases.append(params["bias"] if "bias" in params else m.bias)
             hooked = hooked or bool(m._delta_hooks)
         hook = None
-        if hooked and (by_hand or torch.is_grad_enabled()) and not _tracing():
-            calls = [m._backward_delta_hook() for m in linears]  # the hooks registered now, layer by layer
-
+        # the hooks registered now, layer by layer (none while a tracer runs the forward)
+        calls = [m._backward_delta_hook() for m in linears] if hooked and (by_hand or torch.is_grad_enabled()) else []
+        if any(call is not None for call in calls):
             def call_delta_hooks(l: int, delta: Tensor) -> None:
                 if calls[l] is not None:
                     calls[l](delta)

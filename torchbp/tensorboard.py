@@ -116,8 +116,8 @@ def log_deltas(
     itself): for ``hist_every=1000``, at steps 0, 1000, 2000, ... when
     logging every 100 steps, and at 1099, 2099, ... when logging at 99, 199,
     ...; and, on the first call for this writer and prefix, the
-    custom-scalars layout (:func:`delta_layout`). Every argument is checked before anything is
-    popped or written.
+    custom-scalars layout (:func:`delta_layout`). Every argument is checked
+    before anything is popped or written.
 
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter``
@@ -158,7 +158,7 @@ def log_deltas(
     if last_steps is None:
         last_steps = {}
         setattr(writer, _LAST_STEP, last_steps)
-    last = last_steps.get(prefix, step - 1)  # (a first call: the interval is the step alone)
+    last = last_steps.get(prefix)  # None on the first call
     last_steps[prefix] = step
 
     stats = monitor.pop()
@@ -174,11 +174,12 @@ def log_deltas(
             for name, norm in zip(grads, norms):
                 writer.add_scalar(_tag(f"{prefix}grad/weight_norm", name), norm, step)
 
-    # A multiple of hist_every in (last, step]: the steps logged need not be multiples themselves. A step
-    # at or before the last (a rollback, a repeat) starts afresh: a histogram if it is a multiple.
+    # A multiple of hist_every in (last, step]: the steps logged need not be multiples themselves. The
+    # first call, and a step at or before the last (a rollback, a repeat), count the step alone.
     due = False
     if hist_every:
-        due = step // hist_every > last // hist_every if step > last else step % hist_every == 0
+        fresh = last is None or step <= last
+        due = step % hist_every == 0 if fresh else step // hist_every > last // hist_every
     if due:
         # Only layers with a pass since the last call: an older δ is not this step's.
         for layer, delta in monitor.last_delta.items():
