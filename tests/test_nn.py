@@ -158,6 +158,35 @@ def test_linear_accepts_factory_kwargs():
 # --------------------------------------------------------------------------
 
 
+# Bad input where torch raises RuntimeError: (name, torch's call, torchbp's call); each builds its own layers.
+_BAD_INPUTS = [
+    ("wrong in_features", lambda: nn.Linear(12, 2)(torch.randn(1, 3, 5)),
+     lambda: torchbp.Linear(12, 2)(torch.randn(1, 3, 5))),
+    ("float64 input, float32 layer", lambda: nn.Linear(4, 2)(torch.randn(3, 4, dtype=torch.float64)),
+     lambda: torchbp.Linear(4, 2)(torch.randn(3, 4, dtype=torch.float64))),
+    ("0-d input", lambda: nn.Linear(1, 2)(torch.tensor(1.0)), lambda: torchbp.Linear(1, 2)(torch.tensor(1.0))),
+    ("integer input", lambda: nn.Linear(4, 2)(torch.ones(3, 4, dtype=torch.long)),
+     lambda: torchbp.Linear(4, 2)(torch.ones(3, 4, dtype=torch.long))),
+    ("fused network, wrong in_features", lambda: nn.Sequential(nn.Linear(4, 3), nn.Sigmoid())(torch.randn(2, 5)),
+     lambda: torchbp.MLP([4, 3], fused=True)(torch.randn(2, 5))),
+    ("cost, target of another size", lambda: nn.MSELoss()(torch.rand(3, 4), torch.rand(3, 5)),
+     lambda: torchbp.QuadraticCost()(torch.rand(3, 4), torch.rand(3, 5))),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size")
+@pytest.mark.parametrize("torch_call, torchbp_call", [case[1:] for case in _BAD_INPUTS],
+                         ids=[case[0] for case in _BAD_INPUTS])
+def test_bad_input_raises_a_runtime_error_where_torch_does(torch_call, torchbp_call):
+    """Where torch's layer raises RuntimeError (the oracle, run first), torchbp's does too, so code that
+    catches RuntimeError around a layer works after convert(); it stays a ValueError or TypeError as well."""
+    with pytest.raises(RuntimeError):
+        torch_call()
+    with pytest.raises(RuntimeError) as error:
+        torchbp_call()
+    assert isinstance(error.value, (ValueError, TypeError))
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_mlp_state_dict_round_trip_with_sequential(bias):
     """MLP's state_dict loads strictly into the equivalent nn.Sequential and back, with the same keys."""

@@ -51,6 +51,8 @@ __all__ = [
     "mlp_cost",
     "REDUCTIONS",
     "COSTS",
+    "TensorValueError",
+    "TensorTypeError",
 ]
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -62,6 +64,18 @@ COSTS = ("quadratic", "cross_entropy")
 DeltaHook = Callable[[int, Tensor], None]
 
 
+class TensorValueError(ValueError, RuntimeError):
+    """A tensor argument of the wrong shape, size or device.
+
+    Also a RuntimeError, which torch's own ops raise for these (``nn.Linear`` given the wrong
+    ``in_features``, say), so that code catching RuntimeError around a layer keeps working.
+    """
+
+
+class TensorTypeError(TypeError, RuntimeError):
+    """A tensor argument of the wrong dtype or layout; also a RuntimeError, as torch's ops raise."""
+
+
 # --------------------------------------------------------------------------
 # Boundary checks: fail before any compute, naming argument, expected, actual.
 # --------------------------------------------------------------------------
@@ -71,22 +85,22 @@ def _check_tensor(fn: str, name: str, t: object, min_dim: int = 0) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{fn}(): {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.is_nested and t.layout != torch.jagged:  # the older, strided nested tensors have no shape to check
-        raise TypeError(f"{fn}(): a nested {name} must have layout=torch.jagged, got {t.layout}")
+        raise TensorTypeError(f"{fn}(): a nested {name} must have layout=torch.jagged, got {t.layout}")
     if not t.is_floating_point():
-        raise TypeError(f"{fn}(): {name} must have a floating-point dtype, got {t.dtype}")
+        raise TensorTypeError(f"{fn}(): {name} must have a floating-point dtype, got {t.dtype}")
     if t.dim() < min_dim:
-        raise ValueError(
+        raise TensorValueError(
             f"{fn}(): {name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}"
         )
 
 
 def _check_same(fn: str, ref_name: str, ref: Tensor, name: str, t: Tensor, dtype: bool = True) -> None:
     if t.device != ref.device:
-        raise ValueError(
+        raise TensorValueError(
             f"{fn}(): {name} must be on the same device as {ref_name} ({ref.device}), got {t.device}"
         )
     if dtype and t.dtype != ref.dtype:
-        raise TypeError(
+        raise TensorTypeError(
             f"{fn}(): {name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}"
         )
 
@@ -114,24 +128,24 @@ def _check_layer(fn: str, i: int, input: Tensor, a_features: int, weight: object
     if i < 0 and weight.dim() == 1:
         # As torch.nn.functional.linear: a 1-D weight (in,) is one output feature, dropped from the output
         if weight.shape[0] != a_features:
-            raise ValueError(
+            raise TensorValueError(
                 f"{fn}(): input must have last dimension {weight.shape[0]} (weight's in_features), "
                 f"got shape {tuple(input.shape)}"
             )
         if bias is not None:  # torch refuses it too (its addmm wants a 2-D weight)
-            raise ValueError(f"{fn}(): bias must be None for a 1-D weight, got shape {tuple(bias.shape)}")
+            raise TensorValueError(f"{fn}(): bias must be None for a 1-D weight, got shape {tuple(bias.shape)}")
         return
     if weight.dim() != 2:
         expected = "2-D (out_features, in_features)"
         expected = "1-D (in_features,) or " + expected if i < 0 else expected
-        raise ValueError(f"{fn}(): {wname} must be {expected}, got shape {tuple(weight.shape)}")
+        raise TensorValueError(f"{fn}(): {wname} must be {expected}, got shape {tuple(weight.shape)}")
     if i <= 0 and weight.shape[1] != a_features:
-        raise ValueError(
+        raise TensorValueError(
             f"{fn}(): input must have last dimension {weight.shape[1]} ({wname}'s in_features), "
             f"got shape {tuple(input.shape)}"
         )
     if weight.shape[1] != a_features:
-        raise ValueError(
+        raise TensorValueError(
             f"{fn}(): {wname} must have {a_features} columns (out_features of weights[{i - 1}]), "
             f"got shape {tuple(weight.shape)}"
         )
@@ -141,13 +155,15 @@ def _check_layer(fn: str, i: int, input: Tensor, a_features: int, weight: object
             # As torch.nn.functional.linear: a bias added to z, broadcast to the output's shape, (N, out) say
             out = (*input.shape[:-1], weight.shape[0])
             if not _broadcasts_to(tuple(bias.shape), out):
-                raise ValueError(f"{fn}(): bias must broadcast to the output's shape {out}, got {tuple(bias.shape)}")
+                raise TensorValueError(
+                    f"{fn}(): bias must broadcast to the output's shape {out}, got {tuple(bias.shape)}"
+                )
             return
         # linear() also takes what torch.nn.functional.linear broadcasts: a bias of shape () or (1,)
         shapes = ((weight.shape[0],), (), (1,)) if i < 0 else ((weight.shape[0],),)
         if tuple(bias.shape) not in shapes:
             expected = f"({weight.shape[0]},) ({wname}'s out_features)" + (", (1,) or ()" if i < 0 else "")
-            raise ValueError(f"{fn}(): {bname} must have shape {expected}, got {tuple(bias.shape)}")
+            raise TensorValueError(f"{fn}(): {bname} must have shape {expected}, got {tuple(bias.shape)}")
 
 
 def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
@@ -526,7 +542,7 @@ def _check_dense(fn: str, input: Tensor, target: Tensor) -> None:
     """A cost sums over a sample's features and reduces over samples, which a nested tensor's rows are not."""
     for name, t in (("input", input), ("target", target)):
         if t.is_nested:
-            raise ValueError(f"{fn}(): {name} must be a dense tensor, got a nested one; pass the packed rows of "
+            raise TensorValueError(f"{fn}(): {name} must be a dense tensor, got a nested one; pass the packed rows of "
                              "input and target (.values() of a jagged tensor)")
 
 
@@ -537,7 +553,7 @@ def _check_cost_args(fn: str, a: Tensor, y: Tensor, reduction: str) -> None:
     if a.is_nested or y.is_nested:
         _check_dense(fn, a, y)
     if a.shape != y.shape:
-        raise ValueError(f"{fn}(): target must have the shape of input {tuple(a.shape)}, got {tuple(y.shape)}")
+        raise TensorValueError(f"{fn}(): target must have the shape of input {tuple(a.shape)}, got {tuple(y.shape)}")
     _check_reduction(fn, reduction)
 
 
@@ -1011,7 +1027,9 @@ def _check_network_cost(
         _check_tensor(fn, "target", target, min_dim=1)
         expected = (*x.shape[:-1], weights[-1].shape[0])
         if tuple(target.shape) != expected:
-            raise ValueError(f"{fn}(): target must have shape {expected} (the output's), got {tuple(target.shape)}")
+            raise TensorValueError(
+                f"{fn}(): target must have shape {expected} (the output's), got {tuple(target.shape)}"
+            )
         _check_same(fn, "input", x, "target", target, dtype=cost == "cross_entropy" and _autocast_dtype(x) is None)
     if cost == "cross_entropy":
         _assert_unit_interval(fn, "target", target, "a probability")  # a^L is a sigmoid's: in [0, 1]

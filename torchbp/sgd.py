@@ -24,6 +24,7 @@ from torch import Tensor
 
 from torchbp.functional import (
     DeltaHook,
+    TensorValueError,
     _activations,
     _as,
     _check_network_cost,
@@ -203,7 +204,7 @@ def mlp_sgd_epoch(
     batch_size = int(batch_size)  # a numpy integer, say, as a plain int
     x, target, params, trains, lr = _check_sgd(fn, input, target, weights, biases, lr, cost, reduction)
     if x.dim() < 2:
-        raise ValueError(f"{fn}(): input must have a leading samples dimension, (N, *, in_features), "
+        raise TensorValueError(f"{fn}(): input must have a leading samples dimension, (N, *, in_features), "
                          f"got shape {tuple(x.shape)}")
     per_row = math.prod(x.shape[1:-1])  # samples in each of input's rows: 1 for (N, in_features)
     ones = x.new_ones(min(batch_size, len(x)) * per_row)  # one per sample of a whole mini-batch
