@@ -440,6 +440,30 @@ def test_a_frozen_first_layer_keeps_no_input_as_nn_does(blocks, monkeypatch):
         close(g, e)
 
 
+@pytest.mark.parametrize("via", ["forward+cost", "MLP.cost"])
+@pytest.mark.parametrize("layer", [0, 1], ids=["W1, input needs no grad", "W2, first layer frozen too"])
+def test_a_weight_no_gradient_passes_through_is_not_kept_as_nn_does(layer, via):
+    """The fused node keeps W^l only to send (W^l)^T δ^l down to a layer or input that asks for a gradient;
+    where none does, that weight may change in place between forward and backward as it may under
+    nn.Linear (whose node then keeps no weight), and the gradients equal nn.Sequential's (float64, 1e-12)."""
+    torch.manual_seed(10)
+    model = torchbp.MLP(SIZES, fused=True, dtype=torch.float64)
+    reference = sequential_like(model)
+    x, y = torch.randn(7, SIZES[0], dtype=torch.float64), torch.rand(7, SIZES[-1], dtype=torch.float64)
+    grads = []
+    for m in (model, reference):
+        if layer == 1:
+            m[0].weight.requires_grad_(False)
+            m[0].bias.requires_grad_(False)
+        c = m.cost(x, y) if via == "MLP.cost" and m is model else oracle_cost(m(x), y)
+        with torch.no_grad():
+            m[2 * layer].weight.mul_(2)  # in place after the forward
+        c.backward()
+        grads.append([p.grad for p in m.parameters() if p.requires_grad])
+    for g, e in zip(*grads):
+        close(g, e)
+
+
 def test_fused_and_unfused_mlp_agree():
     """The fused path (one autograd node) and the per-layer path give the same cost and .grad (float64)."""
     torch.manual_seed(2)

@@ -853,18 +853,22 @@ def _output_delta(cost: str, a_L: Tensor, diff: Tensor) -> Tensor:
 
 
 def _save_network(
-    ctx, x: Tensor, params: Sequence[Tensor | None], a: Sequence[Tensor], *extra: Tensor, w1_grad: bool
+    ctx, x: Tensor, params: Sequence[Tensor | None], a: Sequence[Tensor], *extra: Tensor, needs: Sequence[bool]
 ) -> None:
     """Save a^0..a^L (``a`` is a^1..a^L), W^1..W^L and ``extra`` for backward and jvp.
 
-    The backward reads a^0 = x only for ∇_{W^1} C = δ^1 x^T: without ``w1_grad`` it keeps none, as
-    nn.Linear's node keeps no input for a frozen weight (the input may then change in place before
-    the backward). Under torch.func transforms it keeps it: their vmap rule batches every saved tensor.
+    ``needs`` are the needs_input_grad flags of (x, W^1, b^1, ..., W^L, b^L). The backward reads
+    a^0 = x only for ∇_{W^1} C = δ^1 x^T, and W^l only for (W^l)^T δ^l, which goes down to a layer
+    (or x) that asks for a gradient: where none is asked, it keeps none, as nn.Linear's node keeps no
+    input for a frozen weight and no weight where its input needs no gradient (the tensor may then
+    change in place before the backward). Under torch.func transforms it keeps all: their vmap rule
+    batches every saved tensor.
     """
     ctx.set_materialize_grads(False)
     ctx.n_layers = len(params) // 2
-    keep_x = w1_grad or torch._C._are_functorch_transforms_active()
-    ctx.save_for_backward(x if keep_x else None, *a, *params[0::2], *extra)
+    every = torch._C._are_functorch_transforms_active()
+    weights = [w if every or any(needs[: 2 * l + 1]) else None for l, w in enumerate(params[0::2])]
+    ctx.save_for_backward(x if every or needs[1] else None, *a, *weights, *extra)
     ctx.save_for_forward(x, *a, *params[0::2], *extra)
 
 
@@ -890,7 +894,8 @@ class _MLP(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, hook, *params = inputs
-        _save_network(ctx, x, params, (*output[1:], output[0]), w1_grad=ctx.needs_input_grad[2])
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
+        _save_network(ctx, x, params, (*output[1:], output[0]), needs=needs)
         ctx.hook = hook
 
     @staticmethod
@@ -931,7 +936,7 @@ class _MLPCost(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, y, cost, reduction, hook, *params = inputs
-        _save_network(ctx, x, params, output[1:], y, w1_grad=ctx.needs_input_grad[5])
+        _save_network(ctx, x, params, output[1:], y, needs=(ctx.needs_input_grad[0], *ctx.needs_input_grad[5:]))
         ctx.cost, ctx.reduction, ctx.hook = cost, reduction, hook
 
     @staticmethod
