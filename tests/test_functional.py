@@ -381,6 +381,38 @@ def test_cross_entropy_where_the_output_saturates_equals_binary_cross_entropy():
     assert delta.item() == 0.0
 
 
+def test_cross_entropy_forward_ad_where_an_output_saturates_equals_binary_cross_entropy():
+    """torch.func.jvp of the cross-entropy with one output at exactly 1 and no tangent on it or on y: finite and
+    equal to binary_cross_entropy's (here (0.5 − 0.3) / (0.5 · 0.5) = 0.8), not ±∞ · 0 = nan; float64."""
+    a = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
+    y = torch.tensor([[0.3, 0.3]], dtype=torch.float64)
+    a_t = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    _, c_t = torch.func.jvp(lambda a: F.cross_entropy_cost(a, y, "sum"), (a,), (a_t,))
+    _, expected = torch.func.jvp(lambda a: TF.binary_cross_entropy(a, y, reduction="sum"), (a,), (a_t,))
+    torch.testing.assert_close(c_t, expected, rtol=1e-12, atol=0)
+    assert c_t.item() == pytest.approx(0.8, rel=1e-12)
+
+
+@pytest.mark.parametrize("z", [2.0, 30.0, 40.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_cross_entropy_forward_ad_agrees_with_its_backward(reduction, z):
+    """mlp_cost with the cross-entropy: the jvp along W is the backward's ∇_W C · W_t, Σ_n (a_n − y_n) x_n,
+    by hand (a one-layer network, float64), also where a = σ(z) saturates (30: a(1 − a) ≈ 1e-13, below the
+    clamp; 40: a = 1 exactly), where going through ∇_a C = (a − y) / a(1 − a) gave 1.96 and 0 for 21 and 28."""
+    x = torch.tensor([[z], [0.5]], dtype=torch.float64)
+    y = torch.tensor([[0.3], [0.9]], dtype=torch.float64)
+    weight = torch.ones(1, 1, dtype=torch.float64)
+    _, c_t = torch.func.jvp(lambda w: F.mlp_cost(x, y, [w], None, "cross_entropy", reduction)[0],
+                            (weight,), (torch.ones_like(weight),))
+    per_sample = ((torch.sigmoid(x) - y) * x).sum(-1)  # ∂C_n/∂W · 1 = (a_n − y_n) x_n
+    expected = {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}[reduction]
+    torch.testing.assert_close(c_t, expected, rtol=1e-12, atol=0)
+    w = weight.clone().requires_grad_()
+    c = F.mlp_cost(x, y, [w], None, "cross_entropy", reduction)[0]
+    (grad,) = torch.autograd.grad(c.sum(), w)
+    torch.testing.assert_close(grad.sum(), c_t.sum(), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("fn", [F.quadratic_cost, F.cross_entropy_cost], ids=["quadratic", "cross_entropy"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_costs_of_samples_with_no_features(fn, reduction):

@@ -676,12 +676,17 @@ class _CrossEntropyCost(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         a, y, reduction = inputs
+        # A missing tangent stays None, not zeros: the jvp's ∇_y C · y_t would be ±∞ · 0 = nan wherever
+        # an output a saturates at exactly 0 or 1, even with no tangent on y at all
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(a, y)
         ctx.save_for_forward(a, y)
         ctx.reduction = reduction
 
     @staticmethod
-    def backward(ctx, grad_c: Tensor):
+    def backward(ctx, grad_c: Tensor | None):
+        if grad_c is None:
+            return None, None, None
         a, y = ctx.saved_tensors
         weight = _sample_weight(grad_c, a, ctx.reduction)
         grad_a = grad_y = None
@@ -833,14 +838,14 @@ def _backprop_block(
 
 def _tangents(
     a: Sequence[Tensor], params: Sequence[Tensor | None], tangents: Sequence[Tensor | None]
-) -> list[Tensor]:
-    """Forward-mode AD through the network: a_t^1..a_t^L from (x_t, W_t^1, b_t^1, ...)."""
+) -> tuple[list[Tensor], Tensor]:
+    """Forward-mode AD through the network: a_t^1..a_t^L from (x_t, W_t^1, b_t^1, ...), and z_t^L."""
     out, a_t = [], tangents[0]
     for l in range(1, len(a)):
         z_t = _linear_tangent(a[l - 1], params[2 * l - 2], a_t, tangents[2 * l - 1], tangents[2 * l])
         a_t = _sigmoid_backward(z_t, a[l])  # a_t = φ'(z) z_t = z_t ∘ a(1 − a)
         out.append(a_t)
-    return out
+    return out, z_t
 
 
 def _output_delta(cost: str, a_L: Tensor, diff: Tensor) -> Tensor:
@@ -915,7 +920,7 @@ class MLPFunction(_MLP):
     def jvp(ctx, x_t, _, *params_t):
         a, weights, _ = _saved_network(ctx)
         params = [p for w in weights for p in (w, None)]
-        t = _tangents(a, params, (x_t, *params_t))
+        t, _ = _tangents(a, params, (x_t, *params_t))
         return (t[-1], *t[:-1])
 
 
@@ -962,9 +967,13 @@ class MLPCostFunction(_MLPCost):
     def jvp(ctx, x_t, y_t, _cost_arg, _reduction, _hook, *params_t):
         a, weights, (y,) = _saved_network(ctx)
         params = [p for w in weights for p in (w, None)]
-        t = _tangents(a, params, (x_t, *params_t))
-        c_t = _reduce(_cost_tangent(ctx.cost, _as(a[-1], y.dtype), y, _as(t[-1], y.dtype), y_t), ctx.reduction)
-        return (c_t, *t)
+        t, z_t = _tangents(a, params, (x_t, *params_t))
+        a_L = _as(a[-1], y.dtype)
+        # C_t = δ^L · z_t^L + ∇_y C · y_t per sample, δ^L = ∂C/∂z^L formed as the backward forms it: for the
+        # cross-entropy a^L − y exactly, where ∇_a C · a_t^L would go through a(1 − a) and its clamp
+        delta = _output_delta(ctx.cost, a_L, a_L - y)
+        c_t = (delta * _as(z_t, y.dtype)).sum(-1) + _cost_tangent(ctx.cost, a_L, y, None, y_t)
+        return (_reduce(c_t, ctx.reduction), *t)
 
 
 _MLPCostClassic = _classic(MLPCostFunction)
