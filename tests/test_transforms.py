@@ -244,6 +244,28 @@ def test_fx_symbolic_trace_gives_the_same_outputs_and_gradients(model):
         close(g, e)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_jit_trace_of_a_hooked_model_keeps_no_hook(fused):
+    """torch.jit.trace of an MLP with a delta hook: the trace's own check passes (a hook, a new closure at every
+    forward, made the two traced graphs differ), the traced module calls no hook (one removed later would still
+    have run), and its gradients equal nn.Sequential's (float64, 1e-12); the eager model keeps its hook."""
+    torch.manual_seed(24)
+    model = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    reference = sequential_like(model)
+    x = torch.randn(N, SIZES[0], dtype=torch.float64)
+    seen = []
+    model[0].register_delta_hook(lambda m, delta: seen.append(delta))
+    traced = torch.jit.trace(model, (x,))
+    traced(x).pow(2).sum().backward()
+    assert not seen
+    reference(x).pow(2).sum().backward()
+    for p, e in zip(model.parameters(), reference.parameters()):
+        close(p.grad, e.grad)
+    model(x).sum().backward()
+    assert len(seen) == 1
+
+
 # --------------------------------------------------------------------------
 # torch.compile(fullgraph=True)
 # --------------------------------------------------------------------------

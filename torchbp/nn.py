@@ -37,9 +37,9 @@ _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.
 
 
 def _tracing() -> bool:
-    """Whether torch.compile, torch.export or torch.fx traces this forward: a δ hook, a Python call in
-    backward, stays out of the graph."""
-    return torch.compiler.is_compiling() or _fx_tracing()
+    """Whether torch.compile, torch.export, torch.fx or torch.jit.trace traces this forward: a δ hook, a
+    Python call in backward, stays out of the graph."""
+    return torch.compiler.is_compiling() or _fx_tracing() or torch.jit.is_tracing()
 
 
 # hook(module, delta): called in backward with δ = ∇_z C of the Linear ``module``.
@@ -100,9 +100,9 @@ class Linear(nn.Linear):
         :meth:`~torch.nn.Module.register_full_backward_hook` does). The hook
         must not modify ``delta``. Costs nothing while no hook is
         registered. A copy of the module (``copy.deepcopy``, pickle) has none.
-        Eager mode only: a forward traced by ``torch.compile``, ``torch.export``
-        or ``torch.fx`` passes no hook to the backward (a Python call would
-        break the graph).
+        Eager mode only: a forward traced by ``torch.compile``, ``torch.export``,
+        ``torch.fx`` or ``torch.jit.trace`` passes no hook to the backward (a
+        Python call would break the graph, or stay in it after ``remove()``).
         Returns a handle whose ``remove()`` unregisters it.
         """
         handle = RemovableHandle(self._delta_hooks)
