@@ -159,6 +159,17 @@ def test_gradcheck_and_gradgradcheck(name, layout):
     )
 
 
+@pytest.mark.parametrize("name", ["linear", "linear_nobias", "sigmoid"])
+def test_complex_gradcheck_and_gradgradcheck(name):
+    """Complex input and parameters, as torch's linear and sigmoid take them: backward (torch's conjugate
+    convention), forward AD and double backward agree with finite differences (complex128)."""
+    fn, _, kinds = _case(name)
+    gen = torch.Generator().manual_seed(5)
+    inputs = [torch.complex(*_inputs((k, k), (5,), gen, requires_grad=False)).requires_grad_() for k in kinds]
+    assert gradcheck(fn, inputs, check_batched_grad=True, check_forward_ad=True, check_batched_forward_grad=True)
+    assert gradgradcheck(fn, inputs, check_batched_grad=True)
+
+
 @pytest.mark.parametrize("layout", ["batch7", "3d"])
 @pytest.mark.parametrize("name", ["mlp", "mlp_nobias", "mlp_cost_quadratic_mean", "mlp_cost_cross_entropy_none"])
 def test_backward_in_blocks_of_samples(name, layout, monkeypatch):
@@ -590,18 +601,19 @@ BAD_INPUTS = {
     "linear input not a tensor": (lambda: F.linear([[0.0, 0.0, 0.0]], w32), TypeError,
                                   "linear(): input must be a torch.Tensor, got list"),
     "linear integer input": (lambda: F.linear(_t(5, 3, dtype=torch.int64), w32), TypeError,
-                             "linear(): input must have a floating-point dtype, got torch.int64"),
+                             "linear(): input must have a floating-point or complex dtype, got torch.int64"),
     "linear boolean weight": (lambda: F.linear(_t(5, 3), _t(2, 3, dtype=torch.bool)), TypeError,
-                              "linear(): weight must have a floating-point dtype, got torch.bool"),
+                              "linear(): weight must have a floating-point or complex dtype, got torch.bool"),
     "linear integer bias": (lambda: F.linear(_t(5, 3), w32, _t(2, dtype=torch.int32)), TypeError,
-                            "linear(): bias must have a floating-point dtype, got torch.int32"),
+                            "linear(): bias must have a floating-point or complex dtype, got torch.int32"),
     "linear weight dtype": (lambda: F.linear(_t(5, 3), _t(2, 3, dtype=torch.float64)), TypeError,
                             "linear(): weight must have the same dtype as input (torch.float32), got torch.float64"),
     "linear bias dtype": (lambda: F.linear(_t(5, 3), w32, _t(2, dtype=torch.float16)), TypeError,
                           "linear(): bias must have the same dtype as input (torch.float32), got torch.float16"),
     # sigmoid
-    "sigmoid complex": (lambda: F.sigmoid(_t(3, dtype=torch.complex64)), TypeError,
-                        "sigmoid(): input must have a floating-point dtype, got torch.complex64"),
+    "linear complex input, real weight": (lambda: F.linear(_t(5, 3, dtype=torch.complex64), w32), TypeError,
+                                          "linear(): weight must have the same dtype as input (torch.complex64), "
+                                          "got torch.float32"),
     "sigmoid not a tensor": (lambda: F.sigmoid(0.5), TypeError, "sigmoid(): input must be a torch.Tensor, got float"),
     # costs
     "quadratic shapes": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 2)), ValueError,

@@ -372,6 +372,28 @@ def test_half_precision_deltas_are_reduced_in_float32(dtype):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
+def test_complex_deltas_give_real_statistics():
+    """A complex layer's δ (torch's ∂L/∂z of a real loss, conjugate convention): norm = ‖Σ_n δ_n‖, sample_norm
+    and max_abs = max |δ| by hand from torch.autograd.grad on the nn model, real numbers (complex128, 1e-6)."""
+    torch.manual_seed(12)
+    reference = nn.Sequential(nn.Linear(4, 3, dtype=torch.cdouble), nn.Sigmoid(), nn.Linear(3, 2, dtype=torch.cdouble))
+    model = torchbp.convert(reference)
+    x = torch.randn(6, 4, dtype=torch.cdouble)
+    zs = []
+    for m in reference:
+        if isinstance(m, nn.Linear):
+            m.register_forward_hook(lambda mod, inputs, z: zs.append(z))
+    expected = {}
+    for name, delta in zip(("0", "2"), torch.autograd.grad(reference(x).abs().pow(2).sum(-1).mean(), zs)):
+        expected[name] = (delta.sum(0).abs().norm().item(), (delta.abs().norm(dim=1) * len(x)).mean().item(),
+                          delta.abs().max().item())
+    with torchbp.DeltaMonitor(model, keep_last=True) as monitor:
+        model(x).abs().pow(2).sum(-1).mean().backward()
+        popped = monitor.pop()
+    assert_close(popped, expected)
+    assert all(isinstance(v, float) for stats in popped.values() for v in stats.values())
+
+
 def test_accumulator_follows_the_model_to_float64():
     """Passes in float32, then model.double() without a pop between: the float64 passes are summed in float64."""
     torch.manual_seed(6)

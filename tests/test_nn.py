@@ -791,6 +791,35 @@ def test_layers_are_nn_subclasses_found_by_isinstance():
         assert [type(m) for m in torchbp.convert(model).modules()] == [type(m) for m in model.modules()]
 
 
+def test_a_complex_model_converts_and_matches_torch():
+    """nn.Linear and nn.Sigmoid take complex tensors; converted, the model gives torch's outputs and its
+    (conjugate-convention) gradients of a real loss, for the input and every parameter (complex128, 1e-12),
+    and a delta hook sees torch's ∂L/∂z; the costs and the MLP, real by the notes, refuse complex input."""
+    torch.manual_seed(11)
+    reference = nn.Sequential(nn.Linear(4, 3, dtype=torch.cdouble), nn.Sigmoid(), nn.Linear(3, 2, dtype=torch.cdouble))
+    model = torchbp.convert(reference)
+    assert isinstance(model[0], torchbp.Linear) and isinstance(model[1], torchbp.Sigmoid)
+    x = torch.randn(5, 4, dtype=torch.cdouble)
+    zs, deltas = [], []
+    reference[0].register_forward_hook(lambda m, inputs, z: zs.append(z))
+    model[0].register_delta_hook(lambda m, delta: deltas.append(delta))
+    results = []
+    for m in (reference, model):
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        loss = out.abs().pow(2).sum()
+        params = list(m.parameters())
+        results.append((out, *torch.autograd.grad(loss, [xi, *params, *(zs if m is reference else [])])))
+    (expected_delta,) = results[0][-1:]
+    for got, expected in zip(results[1], results[0][:-1]):
+        close(got, expected)
+    close(deltas[0], expected_delta)
+    with pytest.raises(TypeError, match="floating-point dtype, got torch.complex128"):
+        torchbp.QuadraticCost()(x, x)
+    with pytest.raises(TypeError, match="floating-point dtype, got torch.complex128"):
+        torchbp.MLP([4, 3], fused=True, dtype=torch.cdouble)(x)
+
+
 def test_convert_rejects_uninitialized_lazy_linear():
     """A LazyLinear has no shape yet: convert() says to run a forward pass first."""
     with pytest.raises(ValueError, match="LazyLinear has uninitialized parameters"):

@@ -381,3 +381,24 @@ def test_a_diverged_run_logs_its_scalars_and_skips_an_all_nan_histogram(tmp_path
     assert all(np.isnan(s["norm"]) for s in stats.values())
     acc = _read(tmp_path)
     assert "delta/norm/0" in acc.Tags()["scalars"] and not acc.Tags()["histograms"]
+
+
+def test_a_complex_layer_logs_real_norms_and_a_histogram_of_the_moduli(tmp_path):
+    """A complex layer (converted nn.Linear): the scalars are real numbers and the δ histogram is of |δ|, with
+    N · out values whose largest is max |δ| from torch.autograd.grad on the nn layer (float32 events, 1e-5)."""
+    torch.manual_seed(13)
+    reference = nn.Linear(4, 3, dtype=torch.cdouble)
+    x = torch.randn(5, 4, dtype=torch.cdouble)
+    z = reference(x)
+    (expected,) = torch.autograd.grad(z.abs().pow(2).sum(), z)
+    model = torchbp.convert(reference)
+    with SummaryWriter(tmp_path) as writer, torchbp.DeltaMonitor(model, keep_last=True) as monitor:
+        model(x).abs().pow(2).sum().backward()
+        log_deltas(writer, monitor, 0, model=model, hist_every=1)
+    acc = _read(tmp_path)
+    (hist,) = acc.Histograms("delta/hist/model")
+    assert hist.histogram_value.num == 5 * 3
+    assert hist.histogram_value.min >= 0
+    assert hist.histogram_value.max == pytest.approx(expected.abs().max().item(), rel=1e-5)
+    (norm,) = acc.Scalars("delta/norm/model")
+    assert norm.value == pytest.approx(expected.sum(0).abs().norm().item(), rel=1e-5)

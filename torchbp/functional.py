@@ -81,13 +81,16 @@ class TensorTypeError(TypeError, RuntimeError):
 # --------------------------------------------------------------------------
 
 
-def _check_tensor(fn: str, name: str, t: object, min_dim: int = 0) -> None:
+def _check_tensor(fn: str, name: str, t: object, min_dim: int = 0, complex_ok: bool = False) -> None:
+    """``complex_ok``: a complex dtype too (linear and sigmoid take them, as torch's; the costs and the
+    network functions, which sum real costs, do not)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{fn}(): {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.is_nested and t.layout != torch.jagged:  # the older, strided nested tensors have no shape to check
         raise TensorTypeError(f"{fn}(): a nested {name} must have layout=torch.jagged, got {t.layout}")
-    if not t.is_floating_point():
-        raise TensorTypeError(f"{fn}(): {name} must have a floating-point dtype, got {t.dtype}")
+    if not (t.is_floating_point() or complex_ok and t.is_complex()):
+        kind = "floating-point or complex" if complex_ok else "floating-point"
+        raise TensorTypeError(f"{fn}(): {name} must have a {kind} dtype, got {t.dtype}")
     if t.dim() < min_dim:
         raise TensorValueError(
             f"{fn}(): {name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}"
@@ -124,7 +127,7 @@ def _check_layer(fn: str, i: int, input: Tensor, a_features: int, weight: object
     ``weights[i]``, ``biases[i]`` of the network functions.
     """
     wname, bname = ("weight", "bias") if i < 0 else (f"weights[{i}]", f"biases[{i}]")
-    _check_tensor(fn, wname, weight)
+    _check_tensor(fn, wname, weight, complex_ok=i < 0)
     if i < 0 and weight.dim() == 1:
         # As torch.nn.functional.linear: a 1-D weight (in,) is one output feature, dropped from the output
         if weight.shape[0] != a_features:
@@ -150,7 +153,7 @@ def _check_layer(fn: str, i: int, input: Tensor, a_features: int, weight: object
             f"got shape {tuple(weight.shape)}"
         )
     if bias is not None:
-        _check_tensor(fn, bname, bias)
+        _check_tensor(fn, bname, bias, complex_ok=i < 0)
         if i < 0 and bias.dim() > 1:
             # As torch.nn.functional.linear: a bias added to z, broadcast to the output's shape, (N, out) say
             out = (*input.shape[:-1], weight.shape[0])
@@ -233,8 +236,9 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _cast(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
-    """``tensors`` in ``dtype``, as autocast casts an op's arguments: float64 ones (and None) as they are."""
-    return [t if t is None or t.dtype == torch.float64 else _as(t, dtype) for t in tensors]
+    """``tensors`` in ``dtype``, as autocast casts an op's arguments: float64, complex and None as they are."""
+    return [t if t is None or t.dtype == torch.float64 or not t.is_floating_point() else _as(t, dtype)
+            for t in tensors]
 
 
 def _no_autocast(t: Tensor) -> torch.autocast:
@@ -315,12 +319,13 @@ class _Linear(torch.autograd.Function):
         if ctx.delta_hook is not None:
             ctx.delta_hook(delta)  # the grad_output here is δ^l = ∇_{z^l} C
         grad_input = grad_weight = grad_bias = None
+        # (.conj(): complex layers take torch's conjugate gradients; for real ones it returns the tensor itself)
         if ctx.needs_input_grad[0]:
             # (W^l)^T δ^l, the recursion's step back before φ': (*, out) @ (out, in) -> (*, in)
-            grad_input = delta @ weight
+            grad_input = delta @ weight.conj()
         if ctx.needs_input_grad[1]:
             # ∇_{W^l} C = δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
-            grad_weight = _rows(delta).mT @ _rows(input)
+            grad_weight = _rows(delta).mT @ _rows(input).conj()
         if ctx.needs_input_grad[2]:
             # ∇_{b^l} C = δ^l, summed over samples: (N, out) -> (out,)
             grad_bias = _rows(delta).sum(0)
@@ -369,7 +374,7 @@ def linear(
         - output: ``(*, out_features)``, or ``(*)`` for a 1-D weight
     """
     if not _network_ok(input, (weight,), (bias,)):  # the common case in one cheap pass
-        _check_tensor("linear", "input", input, min_dim=1)
+        _check_tensor("linear", "input", input, min_dim=1, complex_ok=True)
         _check_layer("linear", -1, input, input.shape[-1], weight, bias)
         # Under autocast the dtypes may differ (all are cast below); the device may not.
         dtypes = _autocast_dtype(input) is None
@@ -430,8 +435,9 @@ class SigmoidFunction(_Sigmoid):
     @staticmethod
     def jvp(ctx, z_t: Tensor) -> Tensor:
         (a,) = ctx.saved_tensors
-        # a_t = φ'(z) z_t = z_t ∘ a(1 − a)
-        return _sigmoid_backward(z_t, a)
+        # a_t = φ'(z) z_t = z_t ∘ a(1 − a); for complex z sigmoid_backward conjugates φ' (a gradient's
+        # convention), which the forward mode's holomorphic product does not: the conj()s undo it
+        return _sigmoid_backward(z_t.conj(), a).conj()
 
 
 _SigmoidClassic = _classic(SigmoidFunction)
@@ -448,7 +454,7 @@ def sigmoid(input: Tensor) -> Tensor:
     """
     if isinstance(input, Tensor) and not input.is_floating_point() and not input.is_complex():
         input = input.to(torch.get_default_dtype())  # (no gradient flows to an integer tensor anyway)
-    _check_tensor("sigmoid", "input", input)
+    _check_tensor("sigmoid", "input", input, complex_ok=True)
     return _pick(SigmoidFunction, _SigmoidClassic, _Sigmoid).apply(input)
 
 

@@ -208,9 +208,9 @@ class DeltaMonitor:
             n = delta.shape[1]
             # Sums over N samples in at least float32: a float16 Σ overflows at 65504, bf16 rounds.
             dtype = torch.promote_types(delta.dtype, torch.float32)
-            acc = self._accumulator(name, dtype, delta.device)
             # ∇_b C = Σ_n δ_n per pass: (K, N, out) -> (K, out) -> (K,) norms, summed over passes
             norm = torch.linalg.vector_norm(delta.sum(1, dtype=dtype), dim=1).sum()
+            acc = self._accumulator(name, norm.dtype, delta.device)  # (real: complex δ has real norms)
             # Σ_n ‖δ_n‖: (K, N, out) -> (K, N) -> summed; with a mean-reduced cost that is N · mean_n ‖δ_n‖
             sample_norm = torch.linalg.vector_norm(delta, dim=2, dtype=dtype).sum()
             if self.reduction == "sum":
@@ -218,7 +218,10 @@ class DeltaMonitor:
             # max |δ| per pass: (K, N·out) -> (K,), summed over passes (max(max, −min): much
             # faster on CPU than the inf-norm; exact in δ's own dtype)
             flat = delta.reshape(len(deltas), -1)
-            max_abs = torch.maximum(flat.amax(1), flat.amin(1).neg()).to(dtype).sum()
+            if flat.is_complex():  # complex δ has no order: the largest modulus
+                max_abs = flat.abs().amax(1).to(norm.dtype).sum()
+            else:
+                max_abs = torch.maximum(flat.amax(1), flat.amin(1).neg()).to(dtype).sum()
             acc.add_(torch.stack([norm, sample_norm, max_abs]))
 
     def _accumulator(self, name: str, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -184,7 +184,7 @@ def log_deltas(
         # Only layers with a pass since the last call: an older δ is not this step's.
         for layer, delta in monitor.last_delta.items():
             if layer in stats:
-                values = delta.float().cpu()
+                values = (delta.abs() if delta.is_complex() else delta).float().cpu()  # complex: |δ|
                 values = values[values.isfinite()]  # a diverged run's nan/inf: the histogram takes none
                 if values.numel():
                     writer.add_histogram(_tag(f"{prefix}delta/hist", layer), values, step)
