@@ -258,7 +258,7 @@ def test_resume_with_more_epochs_continues_a_run_without_schedule_as_if_it_had_b
     (["--resume", "x.pt", "--seed", "0", "--recipe", "fast", "--log-every", "100"],
      "--resume continues a run with the hyperparameters in its checkpoint; --recipe, --seed, --log-every cannot change them"),
     (["--resume", "x.pt", "--epochs", "0"], "--epochs must be at least 1, got 0"),
-    (["--resume", "run/checkpoint.pt", "--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--resume", "run/checkpoint.pt", "--threads", "0"], "--threads must be in 1..4096, got 0"),
     # the run would go on in backups/, overwriting the checkpoint.pt and metrics of whatever run is there
     (["--resume", "backups/run-a.pt"], "copy backups/run-a.pt into a folder of its own as checkpoint.pt"),
     (["--resume", "."], "--resume takes a run's checkpoint.pt, got the folder .; did you mean ./checkpoint.pt?"),
@@ -452,7 +452,10 @@ def test_threads_reaches_torch_and_is_checked(tmp_path, monkeypatch, capsys):
 
     with pytest.raises(SystemExit) as info:
         train.mnist.resolve_args(["--threads", "0"])
-    assert info.value.code == 2 and "--threads must be at least 1, got 0" in capsys.readouterr().err
+    assert info.value.code == 2 and "--threads must be in 1..4096, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # OpenMP stacks for 100,000 threads once ran the machine out of memory
+        train.mnist.resolve_args(["--threads", "100000"])
+    assert info.value.code == 2 and "--threads must be in 1..4096, got 100000" in capsys.readouterr().err
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     run_in_process(["--dry-run", "--hidden", "8", "--threads", "1", "--logdir", str(tmp_path)])
@@ -648,3 +651,104 @@ def test_seed_takes_the_range_torch_takes():
 
     assert train.mnist.resolve_args(["--seed", "-1"]).seed == -1
     assert train.mnist.resolve_args(["--seed", str(2**64 - 1)]).seed == 2**64 - 1
+
+
+def test_a_relative_data_dir_is_kept_absolute_for_resume_and_evaluate(tmp_path, monkeypatch, capsys):
+    """The README's own --data-dir ../shared/data is relative: the checkpoint keeps it absolute, so --resume and
+    train.evaluate run from another folder read the run's data (they looked for it relative to that folder)."""
+    import train.evaluate
+    import train.mnist
+
+    data = Path(DATA_DIR).resolve()
+    monkeypatch.chdir(data.parent)
+    run_in_process_with(["--data-dir", os.path.relpath(data), "--recipe", "nielsen", "--limit-train", "100",
+                         "--epochs", "1", "--hidden", "8", "--logdir", str(tmp_path / "run")])
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    assert load(ckpt)["args"]["data_dir"] == str(data)
+    monkeypatch.chdir(tmp_path)
+    run_in_process_with(["--resume", str(ckpt), "--epochs", "2"])
+    assert load(ckpt)["epoch"] == 2
+    capsys.readouterr()
+    assert train.evaluate.main([str(ckpt)]) == 0, capsys.readouterr().err
+
+
+def run_in_process_with(args: list[str]) -> None:
+    """run_in_process without the --data-dir it adds."""
+    import train.mnist
+
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        assert train.mnist.main(args) == 0
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+
+
+def test_ctrl_c_before_the_first_step_exits_at_once_and_writes_no_checkpoint(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the data load (or the download, or the model build) runs: Python's own KeyboardInterrupt is
+    still the SIGINT handler then, and the run stops there with exit 130, one line, no traceback and no
+    checkpoint, where it once went on to train a step and wrote a 1-step run."""
+    import train.mnist
+
+    handlers = []
+
+    def interrupted_load(*args, **kwargs):
+        handlers.append(signal.getsignal(signal.SIGINT))
+        raise KeyboardInterrupt  # what SIGINT raises under Python's default handler
+
+    monkeypatch.setattr(train.mnist, "load_data", interrupted_load)
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh process starts
+    try:
+        code = train.mnist.main(["--data-dir", DATA_DIR, "--dry-run", "--hidden", "8", "--logdir", str(tmp_path)])
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert code == 130 and handlers == [signal.default_int_handler]
+    err = capsys.readouterr().err
+    assert "interrupted before the first training step; no checkpoint was written" in err and "Traceback" not in err
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_resuming_in_another_number_of_processes_says_it_is_not_bit_for_bit(tmp_path, capsys):
+    """A checkpoint keeps the number of processes it trained in; resumed in another number the run goes on (the
+    same batches and updates) with a note that the rounding differs."""
+    from train import checkpoint
+
+    run_in_process(["--recipe", "nielsen", "--limit-train", "100", "--epochs", "1", "--hidden", "8",
+                    "--logdir", str(tmp_path)])
+    ckpt = tmp_path / "checkpoint.pt"
+    state = load(ckpt)
+    assert state["world_size"] == 1
+    capsys.readouterr()
+    run_in_process(["--resume", str(ckpt), "--epochs", "2"])
+    assert "note:" not in capsys.readouterr().err
+    checkpoint.save({**load(ckpt), "world_size": 2}, str(ckpt))  # as a two-process torchrun writes it
+    run_in_process(["--resume", str(ckpt), "--epochs", "3"])
+    err = capsys.readouterr().err
+    assert "this run trained in 2 process(es) and goes on in 1" in err and "not bit for bit" in err
+    assert load(ckpt)["epoch"] == 3
+
+
+def test_a_dry_run_takes_the_first_learning_rate_of_its_runs_schedule(tmp_path):
+    """--dry-run's one step of the fast recipe uses the lr a full run's first step uses, max_lr / 25 for
+    OneCycleLR (oracle: torch's schedule), not the end of a one-step schedule (about 1e-8)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_in_process(["--dry-run", "--hidden", "8", "--lr", "0.004", "--log-every", "1", "--logdir", str(tmp_path)])
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.004)
+    torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.004, total_steps=10 * 390)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    (logged,) = events.Scalars("train/lr")
+    assert logged.value == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-6)
+    assert logged.value == pytest.approx(0.004 / 25, rel=1e-6)
+
+
+def test_resuming_a_finished_onecycle_run_does_not_advise_the_epochs_it_refuses(tmp_path, capsys):
+    """A complete fast-recipe run (one-cycle schedule): the message says its schedule ends with its epochs, not
+    "give --epochs", which --resume refuses for a schedule; and "1 epoch", not "1 epochs"."""
+    run_in_process(["--hidden", "8", "--limit-train", "100", "--batch-size", "10", "--epochs", "1",
+                    "--logdir", str(tmp_path)])
+    capsys.readouterr()
+    run_in_process(["--resume", str(tmp_path / "checkpoint.pt")])
+    out = capsys.readouterr().out
+    assert "is complete (1 epoch, metrics.json written)" in out
+    assert "its --schedule onecycle ends with its epochs" in out and "give --epochs" not in out

@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         predicted = model(test.x).argmax(1)  # (10000, 784) -> (10000, 10) -> (10000,)
     matrix = confusion_matrix(predicted, test.y).cpu()
     correct = int(matrix.trace())
-    print(f"checkpoint {args.checkpoint}: epoch {state['epoch']}, sizes {run_args['sizes']}")
+    into = state.get("batch_in_epoch", 0)  # a checkpoint written mid-epoch (Ctrl-C): the steps of the next
+    when = f"epoch {state['epoch']}" + (f" and {into} steps of epoch {state['epoch'] + 1}" if into else "")
+    print(f"checkpoint {args.checkpoint}: {when}, sizes {run_args['sizes']}")
     print(f"test accuracy {correct / len(test):.2%} ({correct}/{len(test)})")
     print("confusion matrix (rows: true digit, columns: predicted digit)")
     print(format_confusion(matrix))

@@ -74,7 +74,8 @@ previous epoch, stays good).
 
 Ctrl-C finishes the current step, writes the checkpoint with the position
 inside the epoch (resume continues from the next step, with the same batch
-order), flushes TensorBoard and exits 130. Under torchrun the ranks agree on
+order), flushes TensorBoard and exits 130; before the first step (loading the
+data, building the model) it stops at once and writes no checkpoint. Under torchrun the ranks agree on
 stopping at the next log step or epoch end (one all-reduce there, not per step)
 and checkpoint there; torchrun itself then reports the signal (a
 SignalException traceback) and exits 1.
@@ -165,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda when available (default: auto)")
     p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU threads for torch's ops (torch.set_num_threads); at mini-batch 10 one thread is "
-                        "fastest, the matmuls being too small to share (default: torch's choice)")
+                   help="CPU threads for torch's ops (torch.set_num_threads), 1 to 4096; at mini-batch 10 one "
+                        "thread is fastest, the matmuls being too small to share (default: torch's choice)")
     p.add_argument("--logdir", type=logdir_arg, help="run folder, new or empty (default: runs/<recipe>-<timestamp>)")
     p.add_argument("--log-every", type=int, default=100, help="steps between loss/δ logs (default: 100)")
     p.add_argument("--delta-hist-every", type=int, default=0,
@@ -202,6 +203,15 @@ def given_options(argv: list[str] | None) -> set[str]:
     return set(vars(probe.parse_args(argv)))
 
 
+# More threads than any machine has only cost memory: each has a stack (100,000 ran a 24 GiB machine out of it).
+MAX_THREADS = 4096
+
+
+def check_threads(parser: argparse.ArgumentParser, threads: int | None) -> None:
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        parser.error(f"--threads must be in 1..{MAX_THREADS}, got {threads}")
+
+
 def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line, fill every unset field from the recipe, refuse contradictions."""
     parser = build_parser()
@@ -218,8 +228,7 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
                 setattr(args, dest, None)  # how the run ran: resume_args takes the checkpoint's
         if args.epochs is not None and args.epochs < 1:
             parser.error(f"--epochs must be at least 1, got {args.epochs}")
-        if args.threads is not None and args.threads < 1:
-            parser.error(f"--threads must be at least 1, got {args.threads}")
+        check_threads(parser, args.threads)
         if os.path.isdir(args.resume):
             parser.error(f"--resume takes a run's checkpoint.pt, got the folder {args.resume}; did you mean "
                          f"{os.path.join(args.resume, 'checkpoint.pt')}?")
@@ -233,8 +242,8 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--resume takes a run's checkpoint.pt (the run goes on in its folder), got "
                          f"{args.resume}; {advice}")
         return args  # resume_args fills in the rest from the checkpoint
-    if args.data_dir is None:
-        args.data_dir = DATA_DIR
+    # Absolute, as the checkpoint keeps it: --resume and train.evaluate may run from another folder
+    args.data_dir = os.path.abspath(DATA_DIR if args.data_dir is None else args.data_dir)
     if args.logdir is None:
         check_default_root(parser)
     if args.hidden is not None and args.sizes is not None:
@@ -255,8 +264,7 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.limit_train is not None and not 1 <= args.limit_train <= 50_000:
         parser.error(f"--limit-train must be in 1..50000, got {args.limit_train}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be at least 1, got {args.threads}")
+    check_threads(parser, args.threads)
     if args.delta_hist_every and args.no_monitor:
         parser.error(f"--delta-hist-every {args.delta_hist_every} needs the δ monitor that --no-monitor turns off")
     if args.delta_hist_every < 0 or args.delta_hist_every % args.log_every:
@@ -573,7 +581,7 @@ def resume_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | No
     resumed = argparse.Namespace(**state["args"])
     resumed.resume, resumed.download = args.resume, args.download
     if args.data_dir is not None:  # else the data of the run itself
-        resumed.data_dir = args.data_dir
+        resumed.data_dir = os.path.abspath(args.data_dir)
     # Where and how it runs, unless given again, as the run ran: its --threads and --compile change the
     # float rounding, so the run ends as the uninterrupted one would only with the same ones.
     parser = build_parser()
@@ -637,6 +645,7 @@ def save_checkpoint(run: Run, progress: Progress) -> None:
         "cuda_rng_state": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
         "train_seconds": progress.train_seconds, "history": progress.history,
         "best_val_accuracy": progress.best_val_accuracy,
+        "world_size": run.world_size,
         "args": vars(run.args),
     }, run.ckpt_path)
 
@@ -859,21 +868,42 @@ def finish(run: Run, progress: Progress, data: MNIST, test: Split, ranks_identic
 
 def main(argv: list[str] | None = None) -> int:
     args = resolve_args(argv)
-    stop = Stop()
+    try:
+        setup = start(args)
+    except KeyboardInterrupt:  # Ctrl-C before the first step: Stop's handler is not installed yet
+        print("train.mnist: interrupted before the first training step; no checkpoint was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if setup is None:
+        return 0
+    run, progress, data, batches, generator, val, test = setup
+    return train_epochs(run, progress, data, batches, generator, val, test)
+
+
+def start(args: argparse.Namespace):
+    """Everything before the first step: data, model, optimizer, checkpoint, writer; None if there is nothing to do.
+
+    Ctrl-C here raises KeyboardInterrupt (nothing is worth a checkpoint yet); Stop's handler, which lets the
+    current step finish and writes one, is installed last.
+    """
     args, state = resume_args(args)
     if state is not None and run_complete(args, state):
         # Resuming would rewrite the final epoch's events and metrics of a run that has them all.
         more = ("a --dry-run run is one batch long" if args.dry_run else
-                "give --epochs to train a run without a schedule for longer")
-        print(f"the run in {args.logdir} is complete ({state['epoch']} epochs, metrics.json written); nothing to "
+                "give --epochs to train a run without a schedule for longer" if args.schedule == "none" else
+                f"its --schedule {args.schedule} ends with its epochs")
+        epochs = f"{state['epoch']} epoch{'s' if state['epoch'] != 1 else ''}"
+        print(f"the run in {args.logdir} is complete ({epochs}, metrics.json written); nothing to "
               f"do: {more}, or start a new run")
-        return 0
+        return None
     args.logdir = run_folder(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rank, world_size, device = init_distributed(args.device)
     if args.batch_size % world_size:
         fail(f"--batch-size ({args.batch_size}) must be divisible by the number of processes ({world_size})", EXIT_DATA)
+    if state is not None and state.get("world_size", world_size) != world_size and rank == 0:
+        print(f"train.mnist: note: this run trained in {state['world_size']} process(es) and goes on in "
+              f"{world_size}: the same batches and updates, rounded differently (not bit for bit)", file=sys.stderr)
 
     data, batches, val, test = load_data(args, device, rank, world_size)
     steps_per_epoch = 1 if args.dry_run else len(batches)
@@ -884,7 +914,8 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator().manual_seed(args.seed)  # the batch order
     step_module = cost_module(model, world_size, device)
     optimizer = make_optimizer(args, model.parameters(), lr_tensor=args.compile)
-    scheduler = make_scheduler(args, optimizer, epochs * steps_per_epoch)
+    # Laid out over the whole run even for --dry-run, whose one step then takes the run's first learning rate
+    scheduler = make_scheduler(args, optimizer, args.epochs * len(batches))
     progress = Progress(epoch_generator_state=generator.get_state())
     if state is not None:
         progress = restore(state, model, optimizer, scheduler, device)
@@ -895,17 +926,23 @@ def main(argv: list[str] | None = None) -> int:
     writer = open_writer(args.logdir, progress.step + 1 if state is not None else None) if rank == 0 else None
     train_step, fast_step, fast_steps = make_steps(args, model, step_module, optimizer, scheduler, world_size)
     run = Run(args=args, model=model, optimizer=optimizer, scheduler=scheduler, train_step=train_step,
-              fast_step=fast_step, writer=writer, stop=stop, device=device, rank=rank, world_size=world_size,
+              fast_step=fast_step, writer=writer, stop=Stop(), device=device, rank=rank, world_size=world_size,
               epochs=epochs, steps_per_epoch=steps_per_epoch, interactive=sys.stdout.isatty() and rank == 0,
               fast_steps=fast_steps)
+    return run, progress, data, batches, generator, val, test
 
+
+def train_epochs(run: Run, progress: Progress, data: MNIST, batches: Batches, generator: torch.Generator,
+                 val: Split, test: Split) -> int:
+    """The epochs from ``progress`` on, each evaluated and checkpointed; the exit status."""
+    epochs, world_size, writer = run.epochs, run.world_size, run.writer
     while progress.epoch < epochs:
         train_loss, stopped = train(run, progress, batches, generator)
         if train_loss is None:
             return interrupted_mid_epoch(run, progress)
         evaluate(run, progress, val, test, train_loss)
         save_checkpoint(run, progress)
-        if stopped or (stop.requested and world_size == 1):
+        if stopped or (run.stop.requested and world_size == 1):
             # Ctrl-C at an epoch's last step (or during its evaluation): the epoch-end checkpoint is the resume point
             if run.main_rank:
                 writer.close()
@@ -915,7 +952,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every rank must hold the same weights (DDP's invariant): compared once, at the end.
     ranks_identical = None  # (one process)
     if world_size > 1:
-        ranks_identical = distributed.identical_on_all_ranks(list(model.parameters()), world_size)
+        ranks_identical = distributed.identical_on_all_ranks(list(run.model.parameters()), world_size)
     if run.main_rank:
         finish(run, progress, data, test, ranks_identical)
     distributed.shutdown(world_size)
