@@ -170,6 +170,24 @@ def test_complex_gradcheck_and_gradgradcheck(name):
     assert gradgradcheck(fn, inputs, check_batched_grad=True)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["eager", "autocast-bf16"])
+def test_complex_linear_under_autocast_is_torchs_and_the_network_functions_refuse_complex(autocast):
+    """Autocast casts floating tensors only: a complex linear stays complex64 and equals torch's F.linear (it
+    once came out bfloat16, its imaginary part dropped). The network functions, real by the notes, refuse a
+    complex weight or bias by name (both under autocast too, where a complex bias once slipped through)."""
+    gen = torch.Generator().manual_seed(6)
+    x, w, b = (torch.randn(*shape, dtype=torch.complex64, generator=gen) for shape in ((5, 3), (2, 3), (2,)))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        expected, got = TF.linear(x, w, b), F.linear(x, w, b)
+        assert got.dtype == expected.dtype == torch.complex64
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        xr, y = x.real.contiguous(), torch.rand(5, 2)
+        with pytest.raises(TypeError, match=re.escape("mlp_cost(): weights[0] must have a floating-point dtype")):
+            F.mlp_cost(xr, y, [w], [b.real.contiguous()])
+        with pytest.raises(TypeError, match=re.escape("mlp_cost(): biases[0] must have a floating-point dtype")):
+            F.mlp_cost(xr, y, [w.real.contiguous()], [b])
+
+
 @pytest.mark.parametrize("layout", ["batch7", "3d"])
 @pytest.mark.parametrize("name", ["mlp", "mlp_nobias", "mlp_cost_quadratic_mean", "mlp_cost_cross_entropy_none"])
 def test_backward_in_blocks_of_samples(name, layout, monkeypatch):
@@ -578,49 +596,49 @@ ws, bs = [_t(4, 3), _t(2, 4)], [_t(4), _t(2)]  # a network 3 -> 4 -> 2
 
 BAD_INPUTS = {
     # linear: shapes
-    "linear input features": (lambda: F.linear(_t(5, 4), w32, b32), ValueError,
+    "linear input features": (lambda: F.linear(_t(5, 4), w32, b32), F.TensorValueError,
                               "linear(): input must have last dimension 3 (weight's in_features), got shape (5, 4)"),
-    "linear scalar input": (lambda: F.linear(_t(), w32), ValueError,
+    "linear scalar input": (lambda: F.linear(_t(), w32), F.TensorValueError,
                             "linear(): input must have at least 1 dimension(s), got shape ()"),
-    "linear weight 3-D": (lambda: F.linear(_t(5, 3), _t(2, 3, 1)), ValueError,
+    "linear weight 3-D": (lambda: F.linear(_t(5, 3), _t(2, 3, 1)), F.TensorValueError,
                           "linear(): weight must be 1-D (in_features,) or 2-D (out_features, in_features), "
                           "got shape (2, 3, 1)"),
     "linear weight 1-D features": (
-        lambda: F.linear(_t(5, 3), _t(4)), ValueError,
+        lambda: F.linear(_t(5, 3), _t(4)), F.TensorValueError,
         "linear(): input must have last dimension 4 (weight's in_features), got shape (5, 3)",
     ),
-    "linear weight 1-D bias": (lambda: F.linear(_t(5, 3), _t(3), _t(1)), ValueError,
+    "linear weight 1-D bias": (lambda: F.linear(_t(5, 3), _t(3), _t(1)), F.TensorValueError,
                                "linear(): bias must be None for a 1-D weight, got shape (1,)"),
-    "linear bias length": (lambda: F.linear(_t(5, 3), w32, _t(3)), ValueError,
+    "linear bias length": (lambda: F.linear(_t(5, 3), w32, _t(3)), F.TensorValueError,
                            "linear(): bias must have shape (2,) (weight's out_features), (1,) or (), got (3,)"),
-    "linear bias not broadcast": (lambda: F.linear(_t(5, 3), w32, _t(3, 2)), ValueError,
+    "linear bias not broadcast": (lambda: F.linear(_t(5, 3), w32, _t(3, 2)), F.TensorValueError,
                                   "linear(): bias must broadcast to the output's shape (5, 2), got (3, 2)"),
-    "linear bias adds dims": (lambda: F.linear(_t(5, 3), w32, _t(2, 5, 2)), ValueError,
+    "linear bias adds dims": (lambda: F.linear(_t(5, 3), w32, _t(2, 5, 2)), F.TensorValueError,
                               "linear(): bias must broadcast to the output's shape (5, 2), got (2, 5, 2)"),
     # linear: types and dtypes
     "linear input not a tensor": (lambda: F.linear([[0.0, 0.0, 0.0]], w32), TypeError,
                                   "linear(): input must be a torch.Tensor, got list"),
-    "linear integer input": (lambda: F.linear(_t(5, 3, dtype=torch.int64), w32), TypeError,
+    "linear integer input": (lambda: F.linear(_t(5, 3, dtype=torch.int64), w32), F.TensorTypeError,
                              "linear(): input must have a floating-point or complex dtype, got torch.int64"),
-    "linear boolean weight": (lambda: F.linear(_t(5, 3), _t(2, 3, dtype=torch.bool)), TypeError,
+    "linear boolean weight": (lambda: F.linear(_t(5, 3), _t(2, 3, dtype=torch.bool)), F.TensorTypeError,
                               "linear(): weight must have a floating-point or complex dtype, got torch.bool"),
-    "linear integer bias": (lambda: F.linear(_t(5, 3), w32, _t(2, dtype=torch.int32)), TypeError,
+    "linear integer bias": (lambda: F.linear(_t(5, 3), w32, _t(2, dtype=torch.int32)), F.TensorTypeError,
                             "linear(): bias must have a floating-point or complex dtype, got torch.int32"),
-    "linear weight dtype": (lambda: F.linear(_t(5, 3), _t(2, 3, dtype=torch.float64)), TypeError,
+    "linear weight dtype": (lambda: F.linear(_t(5, 3), _t(2, 3, dtype=torch.float64)), F.TensorTypeError,
                             "linear(): weight must have the same dtype as input (torch.float32), got torch.float64"),
-    "linear bias dtype": (lambda: F.linear(_t(5, 3), w32, _t(2, dtype=torch.float16)), TypeError,
+    "linear bias dtype": (lambda: F.linear(_t(5, 3), w32, _t(2, dtype=torch.float16)), F.TensorTypeError,
                           "linear(): bias must have the same dtype as input (torch.float32), got torch.float16"),
     # sigmoid
-    "linear complex input, real weight": (lambda: F.linear(_t(5, 3, dtype=torch.complex64), w32), TypeError,
+    "linear complex input, real weight": (lambda: F.linear(_t(5, 3, dtype=torch.complex64), w32), F.TensorTypeError,
                                           "linear(): weight must have the same dtype as input (torch.complex64), "
                                           "got torch.float32"),
     "sigmoid not a tensor": (lambda: F.sigmoid(0.5), TypeError, "sigmoid(): input must be a torch.Tensor, got float"),
     # costs
-    "quadratic shapes": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 2)), ValueError,
+    "quadratic shapes": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 2)), F.TensorValueError,
                          "quadratic_cost(): target must have the shape of input (4, 3), got (4, 2)"),
-    "cross entropy shapes": (lambda: F.cross_entropy_cost(_t(4, 3), _t(3)), ValueError,
+    "cross entropy shapes": (lambda: F.cross_entropy_cost(_t(4, 3), _t(3)), F.TensorValueError,
                              "cross_entropy_cost(): target must have the shape of input (4, 3), got (3,)"),
-    "quadratic scalar": (lambda: F.quadratic_cost(_t(), _t()), ValueError,
+    "quadratic scalar": (lambda: F.quadratic_cost(_t(), _t()), F.TensorValueError,
                          "quadratic_cost(): input must have at least 1 dimension(s), got shape ()"),
     "quadratic reduction": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 3), "avg"), ValueError,
                             "quadratic_cost(): reduction must be one of ('mean', 'sum', 'none'), got 'avg'"),
@@ -628,11 +646,12 @@ BAD_INPUTS = {
                                 "cross_entropy_cost(): reduction must be one of ('mean', 'sum', 'none'), "
                                 "got 'batchmean'"),
     # (the quadratic cost takes an integer target as mse_loss does; binary_cross_entropy refuses one)
-    "cross entropy integer target": (lambda: F.cross_entropy_cost(_t(4, 3), _t(4, 3, dtype=torch.int64)), TypeError,
+    "cross entropy integer target": (lambda: F.cross_entropy_cost(_t(4, 3), _t(4, 3, dtype=torch.int64)),
+                                     F.TensorTypeError,
                                      "cross_entropy_cost(): target must have a floating-point dtype, got torch.int64"),
-    "quadratic integer input": (lambda: F.quadratic_cost(_t(4, 3, dtype=torch.int64), _t(4, 3)), TypeError,
+    "quadratic integer input": (lambda: F.quadratic_cost(_t(4, 3, dtype=torch.int64), _t(4, 3)), F.TensorTypeError,
                                 "quadratic_cost(): input must have a floating-point dtype, got torch.int64"),
-    "cross entropy boolean a": (lambda: F.cross_entropy_cost(_t(4, 3, dtype=torch.bool), _t(4, 3)), TypeError,
+    "cross entropy boolean a": (lambda: F.cross_entropy_cost(_t(4, 3, dtype=torch.bool), _t(4, 3)), F.TensorTypeError,
                                 "cross_entropy_cost(): input must have a floating-point dtype, got torch.bool"),
     "cross entropy a above 1": (lambda: F.cross_entropy_cost(torch.full((4, 3), 1.5), _t(4, 3)), RuntimeError,
                                 "cross_entropy_cost(): every element of input must lie in [0, 1] (a sigmoid's output), "
@@ -653,20 +672,20 @@ BAD_INPUTS = {
                                cost="cross_entropy"), RuntimeError,
         "mlp_sgd_step(): every element of target must lie in [0, 1] (a probability), got one outside"),
     # as binary_cross_entropy (mse_loss, the quadratic cost's twin, promotes instead)
-    "cross entropy dtypes": (lambda: F.cross_entropy_cost(_t(4, 3), _t(4, 3, dtype=torch.float64)), TypeError,
+    "cross entropy dtypes": (lambda: F.cross_entropy_cost(_t(4, 3), _t(4, 3, dtype=torch.float64)), F.TensorTypeError,
                              "cross_entropy_cost(): target must have the same dtype as input (torch.float32), got torch.float64"),
     # mlp
     "mlp no layers": (lambda: F.mlp(_t(5, 3), []), ValueError,
                       "mlp(): weights must hold at least one layer's weight, got none"),
     "mlp biases count": (lambda: F.mlp(_t(5, 3), ws, bs[:1]), ValueError,
                          "mlp(): biases must have one entry per weight (2), got 1"),
-    "mlp input features": (lambda: F.mlp(_t(5, 4), ws, bs), ValueError,
+    "mlp input features": (lambda: F.mlp(_t(5, 4), ws, bs), F.TensorValueError,
                            "mlp(): input must have last dimension 3 (weights[0]'s in_features), got shape (5, 4)"),
-    "mlp layer widths": (lambda: F.mlp(_t(5, 3), [_t(4, 3), _t(2, 5)]), ValueError,
+    "mlp layer widths": (lambda: F.mlp(_t(5, 3), [_t(4, 3), _t(2, 5)]), F.TensorValueError,
                          "mlp(): weights[1] must have 4 columns (out_features of weights[0]), got shape (2, 5)"),
-    "mlp weight 1-D": (lambda: F.mlp(_t(5, 3), [_t(4, 3), _t(4)]), ValueError,
+    "mlp weight 1-D": (lambda: F.mlp(_t(5, 3), [_t(4, 3), _t(4)]), F.TensorValueError,
                        "mlp(): weights[1] must be 2-D (out_features, in_features), got shape (4,)"),
-    "mlp bias length": (lambda: F.mlp(_t(5, 3), ws, [_t(4), _t(4)]), ValueError,
+    "mlp bias length": (lambda: F.mlp(_t(5, 3), ws, [_t(4), _t(4)]), F.TensorValueError,
                         "mlp(): biases[1] must have shape (2,) (weights[1]'s out_features), got (4,)"),
     "mlp weights a generator": (lambda: F.mlp(_t(5, 3), (w for w in ws), bs), TypeError,
                                 "mlp(): weights must be a list or tuple with one tensor per layer, got generator"),
@@ -674,49 +693,62 @@ BAD_INPUTS = {
                                "mlp(): weights must be a list or tuple with one tensor per layer, got Tensor"),
     "mlp_cost biases a generator": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2), ws, (b for b in bs)), TypeError,
                                     "mlp_cost(): biases must be a list or tuple with one tensor per layer, got generator"),
-    "mlp integer input": (lambda: F.mlp(_t(5, 3, dtype=torch.int64), ws, bs), TypeError,
+    "mlp integer input": (lambda: F.mlp(_t(5, 3, dtype=torch.int64), ws, bs), F.TensorTypeError,
                           "mlp(): input must have a floating-point dtype, got torch.int64"),
-    "mlp weight dtype": (lambda: F.mlp(_t(5, 3), [ws[0], _t(2, 4, dtype=torch.float64)], bs), TypeError,
+    "mlp weight dtype": (lambda: F.mlp(_t(5, 3), [ws[0], _t(2, 4, dtype=torch.float64)], bs), F.TensorTypeError,
                          "mlp(): weights[1] must have the same dtype as input (torch.float32), got torch.float64"),
-    "mlp bias dtype": (lambda: F.mlp(_t(5, 3), ws, [_t(4, dtype=torch.float64), bs[1]]), TypeError,
+    "mlp bias dtype": (lambda: F.mlp(_t(5, 3), ws, [_t(4, dtype=torch.float64), bs[1]]), F.TensorTypeError,
                        "mlp(): biases[0] must have the same dtype as input (torch.float32), got torch.float64"),
     # mlp_cost
     "mlp_cost cost": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2), ws, bs, cost="hinge"), ValueError,
                       "mlp_cost(): cost must be one of ('quadratic', 'cross_entropy'), got 'hinge'"),
     "mlp_cost reduction": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2), ws, bs, reduction="avg"), ValueError,
                            "mlp_cost(): reduction must be one of ('mean', 'sum', 'none'), got 'avg'"),
-    "mlp_cost target shape": (lambda: F.mlp_cost(_t(5, 3), _t(5, 3), ws, bs), ValueError,
+    "mlp_cost target shape": (lambda: F.mlp_cost(_t(5, 3), _t(5, 3), ws, bs), F.TensorValueError,
                               "mlp_cost(): target must have shape (5, 2) (the output's), got (5, 3)"),
     "mlp_cost cross entropy integer target": (
-        lambda: F.mlp_cost(_t(5, 3), _t(5, 2, dtype=torch.int64), ws, bs, cost="cross_entropy"), TypeError,
+        lambda: F.mlp_cost(_t(5, 3), _t(5, 2, dtype=torch.int64), ws, bs, cost="cross_entropy"), F.TensorTypeError,
         "mlp_cost(): target must have a floating-point dtype, got torch.int64"),
     "mlp_cost cross entropy target dtype": (
-        lambda: F.mlp_cost(_t(5, 3), _t(5, 2, dtype=torch.float64), ws, bs, cost="cross_entropy"), TypeError,
+        lambda: F.mlp_cost(_t(5, 3), _t(5, 2, dtype=torch.float64), ws, bs, cost="cross_entropy"), F.TensorTypeError,
         "mlp_cost(): target must have the same dtype as input (torch.float32), got torch.float64"),
-    "mlp_cost input features": (lambda: F.mlp_cost(_t(5, 4), _t(5, 2), ws, bs), ValueError,
+    "mlp_cost input features": (lambda: F.mlp_cost(_t(5, 4), _t(5, 2), ws, bs), F.TensorValueError,
                                 "mlp_cost(): input must have last dimension 3 (weights[0]'s in_features), "
                                 "got shape (5, 4)"),
     # devices: "meta" against "cpu" needs no GPU; the message names both devices
-    "linear weight device": (lambda: F.linear(_t(5, 3), _t(2, 3, device="meta")), ValueError,
+    "linear weight device": (lambda: F.linear(_t(5, 3), _t(2, 3, device="meta")), F.TensorValueError,
                              "linear(): weight must be on the same device as input (cpu), got meta"),
-    "linear bias device": (lambda: F.linear(_t(5, 3), w32, _t(2, device="meta")), ValueError,
+    "linear bias device": (lambda: F.linear(_t(5, 3), w32, _t(2, device="meta")), F.TensorValueError,
                            "linear(): bias must be on the same device as input (cpu), got meta"),
-    "linear input device": (lambda: F.linear(_t(5, 3, device="meta"), w32), ValueError,
+    "linear input device": (lambda: F.linear(_t(5, 3, device="meta"), w32), F.TensorValueError,
                             "linear(): weight must be on the same device as input (meta), got cpu"),
-    "quadratic device": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 3, device="meta")), ValueError,
+    "quadratic device": (lambda: F.quadratic_cost(_t(4, 3), _t(4, 3, device="meta")), F.TensorValueError,
                          "quadratic_cost(): target must be on the same device as input (cpu), got meta"),
-    "cross entropy device": (lambda: F.cross_entropy_cost(_t(4, 3, device="meta"), _t(4, 3)), ValueError,
+    "cross entropy device": (lambda: F.cross_entropy_cost(_t(4, 3, device="meta"), _t(4, 3)), F.TensorValueError,
                              "cross_entropy_cost(): target must be on the same device as input (meta), got cpu"),
-    "mlp weight device": (lambda: F.mlp(_t(5, 3), [ws[0], _t(2, 4, device="meta")], bs), ValueError,
+    "mlp weight device": (lambda: F.mlp(_t(5, 3), [ws[0], _t(2, 4, device="meta")], bs), F.TensorValueError,
                           "mlp(): weights[1] must be on the same device as input (cpu), got meta"),
-    "mlp_cost target device": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2, device="meta"), ws, bs), ValueError,
+    "mlp_cost target device": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2, device="meta"), ws, bs), F.TensorValueError,
                                "mlp_cost(): target must be on the same device as input (cpu), got meta"),
+    # nested tensors, and the epoch by hand's samples dimension
+    "linear strided nested input": (lambda: F.linear(torch.nested.nested_tensor([_t(2, 3), _t(4, 3)]), w32),
+                                    F.TensorTypeError, "linear(): a nested input must have layout=torch.jagged, "
+                                                       "got torch.strided"),
+    "quadratic jagged": (lambda: F.quadratic_cost(*[torch.nested.as_nested_tensor([_t(2, 3), _t(4, 3)],
+                                                                                   layout=torch.jagged)] * 2),
+                         F.TensorValueError, "quadratic_cost(): input must be a dense tensor, got a nested one"),
+    "mlp_sgd_epoch 1-D input": (
+        lambda: sgd.mlp_sgd_epoch(_t(3), _t(2), [_t(4, 3).requires_grad_(), _t(2, 4)], bs, 0.1, 1),
+        F.TensorValueError, "mlp_sgd_epoch(): input must have a leading samples dimension, (N, *, in_features), "
+                            "got shape (3,)"),
 }
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
 def test_bad_input_is_rejected_with_a_message(name):
-    """Each bad argument raises the stated error whose message names the argument, expected and actual value."""
+    """Each bad argument raises the stated error whose message names the argument, expected and actual value;
+    a bad tensor's error is a TensorValueError or TensorTypeError, RuntimeErrors too, as torch's ops raise."""
     call, error, message = BAD_INPUTS[name]
     with pytest.raises(error, match=re.escape(message)):
         call()

@@ -372,6 +372,7 @@ def test_half_precision_deltas_are_reduced_in_float32(dtype):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
+@pytest.mark.filterwarnings("error")  # a complex accumulator warned at pop(), casting to real
 def test_complex_deltas_give_real_statistics():
     """A complex layer's δ (torch's ∂L/∂z of a real loss, conjugate convention): norm = ‖Σ_n δ_n‖, sample_norm
     and max_abs = max |δ| by hand from torch.autograd.grad on the nn model, real numbers (complex128, 1e-6)."""

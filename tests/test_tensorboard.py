@@ -402,3 +402,21 @@ def test_a_complex_layer_logs_real_norms_and_a_histogram_of_the_moduli(tmp_path)
     assert hist.histogram_value.max == pytest.approx(expected.abs().max().item(), rel=1e-5)
     (norm,) = acc.Scalars("delta/norm/model")
     assert norm.value == pytest.approx(expected.sum(0).abs().norm().item(), rel=1e-5)
+
+
+def test_a_real_layers_histogram_keeps_the_sign_of_delta(tmp_path):
+    """A real layer's δ histogram is of δ itself, negative values included (only a complex δ is taken as |δ|):
+    its smallest value is torch's ∂L/∂z's smallest, from torch.autograd.grad on the nn layer (float32, 1e-5)."""
+    torch.manual_seed(14)
+    reference = nn.Linear(4, 3, dtype=DT)
+    x = torch.randn(5, 4, dtype=DT)
+    z = reference(x)
+    (expected,) = torch.autograd.grad(z.pow(2).sum(), z)
+    assert expected.min() < 0
+    model = torchbp.convert(reference)
+    with SummaryWriter(tmp_path) as writer, torchbp.DeltaMonitor(model, keep_last=True) as monitor:
+        model(x).pow(2).sum().backward()
+        log_deltas(writer, monitor, 0, model=model, hist_every=1)
+    (hist,) = _read(tmp_path).Histograms("delta/hist/model")
+    assert hist.histogram_value.min == pytest.approx(expected.min().item(), rel=1e-5)
+    assert hist.histogram_value.max == pytest.approx(expected.max().item(), rel=1e-5)

@@ -175,6 +175,32 @@ def test_grad_of_vmap_of_linear_matches_torch(in_dims, argnums):
     close(grads(F.linear), grads(TF.linear))
 
 
+@pytest.mark.parametrize("argnums", [1, 2], ids=["W1", "W2"])
+@pytest.mark.parametrize("in_dims", [(0, 0, 0), (None, 0, 0), (0, None, 0), (0, 0, None)],
+                         ids=["batched-all", "batched-weights", "batched-x-W2", "batched-x-W1"])
+def test_grad_of_vmap_of_the_fused_cost_matches_torch(in_dims, argnums):
+    """grad(vmap(mlp_cost)) differentiating one weight: the fused node keeps no x or W^1 where nothing below asks
+    for a gradient, except under torch.func transforms, whose vmap rule batches every saved tensor (without that
+    it crashed). Equal to the same network in torch's ops (float64, 1e-12)."""
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(2, N, 6, generator=gen, dtype=torch.float64)
+    w1 = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64)
+    w2 = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64)
+    y = torch.rand(2, N, 3, generator=gen, dtype=torch.float64)
+    args = [t if d == 0 else t[0] for t, d in zip((x, w1, w2), in_dims)] + [y]
+
+    def ours(x, w1, w2, y):
+        return F.mlp_cost(x, y, [w1, w2], None)[0]
+
+    def torchs(x, w1, w2, y):
+        return oracle_cost(torch.sigmoid(torch.sigmoid(x @ w1.mT) @ w2.mT), y)
+
+    def grads(cost):
+        return grad(lambda *a: vmap(cost, in_dims=(*in_dims, 0))(*a).pow(2).sum(), argnums=argnums)(*args)
+
+    close(grads(ours), grads(torchs))
+
+
 def test_grad_of_vmap_of_a_model_ensemble_matches_torch_nn():
     """The torch.func ensembling recipe on torchbp.Linear models: stack_module_state, vmap over the stacked
     parameters, grad of the summed output; equal to the same recipe on nn.Linear models (float64, 1e-12)."""
