@@ -294,15 +294,29 @@ def test_paused_skips_gradcheck_and_keep_last_holds_delta():
             torch.testing.assert_close(monitor.last_delta[name], deltas[name], **TOL)
 
 
-def test_torch_func_passes_are_skipped():
-    """Under torch.func.grad the hooks see wrapped tensors: no error, nothing recorded."""
-    model = torchbp.MLP([4, 3, 2], dtype=DT)
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_torch_func_passes_are_skipped_with_one_warning(fused):
+    """Under torch.func.grad, and in the backward of a forward run under vmap, the hooks see wrapped tensors: no
+    error, nothing recorded, one warning for the monitor (the vmap case was silent); torch.func.vjp's backward
+    runs outside the transform and is recorded, equal to the plain backward's statistics."""
+    model = torchbp.MLP([4, 3, 2], fused=fused, dtype=DT)
     params = dict(model.named_parameters())
     x = torch.randn(5, 4, dtype=DT)
     with torchbp.DeltaMonitor(model) as monitor:
-        grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(params)
+        with pytest.warns(UserWarning, match="under a torch.func transform .* is not recorded") as caught:
+            grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(params)
+            torch.func.vmap(model)(x).sum().backward()
         assert set(grads) == set(params)
+        assert len([w for w in caught if "DeltaMonitor" in str(w.message)]) == 1
         assert monitor.pop() == {}
+        out, vjp_fn = torch.func.vjp(model, x)
+        vjp_fn(torch.ones_like(out))
+        by_vjp = monitor.pop()
+        model(x).sum().backward()
+        expected = monitor.pop()
+        assert set(by_vjp) == set(expected) == {"0", "2"}
+        for layer in expected:
+            assert by_vjp[layer] == pytest.approx(expected[layer], rel=1e-12)
 
 
 def test_bad_arguments_fail_fast():

@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 
 import numpy as np
 import pytest
@@ -420,3 +421,20 @@ def test_a_real_layers_histogram_keeps_the_sign_of_delta(tmp_path):
     (hist,) = _read(tmp_path).Histograms("delta/hist/model")
     assert hist.histogram_value.min == pytest.approx(expected.min().item(), rel=1e-5)
     assert hist.histogram_value.max == pytest.approx(expected.max().item(), rel=1e-5)
+
+
+def test_a_parametrized_layer_gets_no_weight_gradient_norm_and_no_warning(tmp_path):
+    """weight_norm on layer 0: its weight is computed at each access, a non-leaf whose .grad is None (torch warns on
+    reading it). The tag is left out for that layer without a warning; layer 2's is torch's ‖∇_W C‖ (1e-5)."""
+    torch.manual_seed(15)
+    model = torchbp.MLP([5, 4, 2], dtype=DT)
+    nn.utils.parametrizations.weight_norm(model[0])
+    with SummaryWriter(tmp_path) as writer, torchbp.DeltaMonitor(model) as monitor:
+        model.cost(torch.randn(3, 5, dtype=DT), torch.rand(3, 2, dtype=DT)).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            log_deltas(writer, monitor, 0, model=model)
+    acc = _read(tmp_path)
+    assert {t for t in acc.Tags()["scalars"] if t.startswith("grad/")} == {"grad/weight_norm/2"}
+    (norm,) = acc.Scalars("grad/weight_norm/2")
+    assert norm.value == pytest.approx(model[2].weight.grad.norm().item(), rel=1e-5)

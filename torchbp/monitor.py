@@ -27,15 +27,21 @@ What is recorded where:
 - ``torch.no_grad()``: no autograd backward pass, nothing recorded; but the
   steps by hand (:meth:`torchbp.MLP.sgd_step`, :meth:`torchbp.MLP.sgd_epoch`)
   run their backward anyway, and every step's δ is recorded.
-- ``torch.func`` transforms (``grad``, ``vjp``, ``vmap`` over them): the hooks
-  do run, on functorch's wrapped tensors; the monitor skips those passes
-  (recording from inside a transform would mutate a captured tensor, which
-  functorch refuses).
+- ``torch.func`` transforms (``grad``, ``jacrev``, ``vmap`` over them, and the
+  backward of a forward run under ``vmap``, whose δ is batched too): the hooks
+  do run, on functorch's wrapped tensors; the monitor skips those passes, with
+  a warning the first time (recording from inside a transform would mutate a
+  captured tensor, which functorch refuses). ``torch.func.vjp``'s backward
+  runs outside the transform and is recorded.
 - ``torch.autograd.gradcheck`` / ``gradgradcheck``: their backward passes are
   real and are recorded; wrap them in ``with monitor.paused():`` to skip them.
 - ``backward(create_graph=True)``: recorded; δ is detached first.
 - A Linear applied k times in one forward gets k δ per backward pass; each
   counts as one pass in the averages.
+- A backward asked for some parameters only (``torch.autograd.grad(C, params)``,
+  ``backward(inputs=...)``): per-layer nodes the engine does not need never
+  run, so only the layers on the way report; a fused MLP's node runs its
+  whole recursion, and every layer reports.
 - ``torch.amp.GradScaler``: the backward runs on the scaled cost, so every
   statistic is the scale factor times the unscaled one (divide by
   ``scaler.get_scale()``, or log where the loss is not scaled).
@@ -50,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -152,6 +159,7 @@ class DeltaMonitor:
         #: The last δ of every layer (detached), filled while ``keep_last`` is True.
         self.last_delta: dict[str, Tensor] = {}
         self._paused = False
+        self._warned_transform = False
         self._held: dict[str, list[Tensor]] = {name: [] for name in linears}
         self._held_bytes: dict[str, int] = dict.fromkeys(linears, 0)
         # Per layer: sums of (norm, sample_norm, max_abs) over passes, on δ's device; passes as ints.
@@ -167,8 +175,17 @@ class DeltaMonitor:
         def hook(module: Linear, delta: Tensor) -> None:
             if delta.is_nested:
                 delta = delta.values()  # variable-length sequences: their rows, packed, are the samples
-            if self._paused or not self._handles or is_functorch_wrapped_tensor(delta) or delta.numel() == 0:
-                return  # paused, closed since the forward, or a pass with no samples: no δ to measure
+            if self._paused or not self._handles:
+                return  # paused, or closed since the forward
+            if is_functorch_wrapped_tensor(delta):
+                if not self._warned_transform:  # skipped, but not silently
+                    self._warned_transform = True
+                    warnings.warn("DeltaMonitor: a backward pass under a torch.func transform (grad, jacrev, vmap, "
+                                  "or of a forward run under vmap) is not recorded; this one and any like it are "
+                                  "skipped", stacklevel=2)
+                return
+            if delta.numel() == 0:
+                return  # a pass with no samples: no δ to measure
             if delta.requires_grad:  # backward(create_graph=True): keep no graph alive
                 delta = delta.detach()
             if self.keep_last:

@@ -108,7 +108,8 @@ def log_deltas(
 
     Writes ``delta/{norm,sample_norm,max_abs}/<layer>`` from :meth:`DeltaMonitor.pop`;
     with ``model``, ``grad/weight_norm/<layer>`` of every torchbp Linear's
-    ``weight.grad``; with ``hist_every > 0``, histograms ``delta/hist/<layer>``
+    ``weight.grad`` (none for a parametrized weight, whose gradient is on
+    the parametrization's tensors); with ``hist_every > 0``, histograms ``delta/hist/<layer>``
     of the last δ of every layer with a pass since the last call (needs
     ``DeltaMonitor(..., keep_last=True)``) whenever a multiple of
     ``hist_every`` lies between the last call's step (excluded) and ``step``
@@ -167,7 +168,10 @@ def log_deltas(
             writer.add_scalar(_tag(f"{prefix}delta/{stat}", layer), values[stat], step)
 
     if model is not None:
-        grads = {name: m.weight.grad for name, m in named_linears(model).items() if m.weight.grad is not None}
+        # m._parameters: a parametrized weight (weight_norm, ...) is computed at each access, a non-leaf with no
+        # .grad (its gradient is on the parametrization's own tensors): no norm for it, and no warning
+        weights = {name: m._parameters.get("weight") for name, m in named_linears(model).items()}
+        grads = {name: w.grad for name, w in weights.items() if w is not None and w.grad is not None}
         if grads:
             # ‖∇_W C‖ per layer; a read per layer, at logging steps only.
             norms = [torch.linalg.vector_norm(g).double().cpu().tolist() for g in grads.values()]
