@@ -92,9 +92,10 @@ def test_evaluate_reads_only_the_test_files_for_a_unit_checkpoint(tmp_path, caps
     out = capsys.readouterr().out
     assert "epoch 3, sizes [784, 10]" in out and "test accuracy 10.00% (1000/10000)" in out
     # A checkpoint from a Ctrl-C mid-epoch says how far into the next epoch it is (it said "epoch 3" alone)
-    checkpoint.save({**_state(), "batch_in_epoch": 7}, str(tmp_path / "checkpoint.pt"))
-    assert evaluate.main([str(tmp_path / "checkpoint.pt"), "--data-dir", str(tmp_path), "--device", "cpu"]) == 0
-    assert "epoch 3 and 7 steps of epoch 4, sizes [784, 10]" in capsys.readouterr().out
+    for steps, said in ((7, "7 steps"), (1, "1 step")):
+        checkpoint.save({**_state(), "batch_in_epoch": steps}, str(tmp_path / "checkpoint.pt"))
+        assert evaluate.main([str(tmp_path / "checkpoint.pt"), "--data-dir", str(tmp_path), "--device", "cpu"]) == 0
+        assert f"epoch 3 and {said} of epoch 4, sizes [784, 10]" in capsys.readouterr().out
 
 
 def test_evaluate_without_the_files_advises_what_it_can_do(tmp_path, capsys):

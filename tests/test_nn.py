@@ -816,8 +816,10 @@ def test_a_complex_model_converts_and_matches_torch():
     close(deltas[0], expected_delta)
     with pytest.raises(TypeError, match="floating-point dtype, got torch.complex128"):
         torchbp.QuadraticCost()(x, x)
+    with pytest.raises(TypeError, match=r"MLP: dtype must be a floating-point dtype \(for a complex network"):
+        torchbp.MLP([4, 3], dtype=torch.cdouble)
     with pytest.raises(TypeError, match="floating-point dtype, got torch.complex128"):
-        torchbp.MLP([4, 3], fused=True, dtype=torch.cdouble)(x)
+        torchbp.MLP([4, 3], fused=True).to(torch.cdouble)(x)
 
 
 def test_convert_rejects_uninitialized_lazy_linear():

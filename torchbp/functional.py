@@ -65,7 +65,7 @@ DeltaHook = Callable[[int, Tensor], None]
 
 
 class TensorValueError(ValueError, RuntimeError):
-    """A tensor argument of the wrong shape, size or device.
+    """A tensor argument of the wrong shape, size or device, or a nested one where a dense one is needed.
 
     Also a RuntimeError, which torch's own ops raise for these (``nn.Linear`` given the wrong
     ``in_features``, say), so that code catching RuntimeError around a layer keeps working.
@@ -73,7 +73,8 @@ class TensorValueError(ValueError, RuntimeError):
 
 
 class TensorTypeError(TypeError, RuntimeError):
-    """A tensor argument of the wrong dtype or layout; also a RuntimeError, as torch's ops raise."""
+    """A tensor argument of the wrong dtype, or nested in the older strided layout; also a RuntimeError, as
+    torch's ops raise."""
 
 
 # --------------------------------------------------------------------------
@@ -365,6 +366,8 @@ def linear(
 
     ``delta_hook(delta)``, if given, is called in backward with δ = ∇_z C,
     the gradient that reaches this layer (eager mode only; it must not modify δ).
+    Complex tensors are taken as torch takes them; the backward then gives
+    torch's conjugate gradients, δ conj(W) and δ^T conj(a).
 
     Shape:
         - input: ``(*, in_features)``
@@ -450,7 +453,8 @@ def sigmoid(input: Tensor) -> Tensor:
 
     Shape:
         - input: ``(*)``; output: ``(*)``, same shape. An integer or bool ``input``
-          is promoted to the default float dtype first, as ``torch.sigmoid`` does.
+          is promoted to the default float dtype first, as ``torch.sigmoid`` does;
+          a complex one is taken as torch takes it (backward: torch's conjugate gradient).
     """
     if isinstance(input, Tensor) and not input.is_floating_point() and not input.is_complex():
         input = input.to(torch.get_default_dtype())  # (no gradient flows to an integer tensor anyway)
@@ -746,8 +750,8 @@ def cross_entropy_cost(input: Tensor, target: Tensor, reduction: str = "mean") -
 # result, the hidden ones are outputs only so that setup_context can save
 # them (it sees inputs and outputs, nothing else). They stay differentiable:
 # in double backward a gradient reaches them through those saved tensors, and
-# the backward adds it in. Saved: a^0..a^L (a^0 where W^1 trains) and the weights, never z, since
-# φ'(z) = a(1 − a).
+# the backward adds it in. Saved: a^0..a^L (a^0 where W^1 trains) and each W^l where (W^l)^T δ^l reaches
+# something that asks for a gradient, never z, since φ'(z) = a(1 − a).
 
 
 def _activations(x: Tensor, params: Sequence[Tensor | None]) -> list[Tensor]:
@@ -1109,6 +1113,7 @@ def mlp_cost(
     z ≈ −28, a = 0 past z ≈ −88) its δ^L shrinks to 0 and that output
     stops learning, while here it still gets ``a^L − y``.
     Elsewhere the two agree to rounding; the cost's value is the same.
+    Forward-mode AD (``torch.func.jvp``) takes the same δ^L.
 
     Shape:
         - input: ``(*, in_features)``; target: ``(*, out_features)``

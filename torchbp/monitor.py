@@ -33,6 +33,9 @@ What is recorded where:
   a warning the first time (recording from inside a transform would mutate a
   captured tensor, which functorch refuses). ``torch.func.vjp``'s backward
   runs outside the transform and is recorded.
+- ``torch.compile``, ``torch.export``, ``torch.jit.trace``: a traced forward
+  passes no hook to its backward (a Python call would break the graph), so
+  nothing is recorded, and nothing warns.
 - ``torch.autograd.gradcheck`` / ``gradgradcheck``: their backward passes are
   real and are recorded; wrap them in ``with monitor.paused():`` to skip them.
 - ``backward(create_graph=True)``: recorded; δ is detached first.
@@ -95,7 +98,8 @@ class DeltaMonitor:
 
     Per layer (named by its qualified module name, as ``model.named_modules()``
     gives it; DistributedDataParallel, DataParallel and ``torch.compile``
-    wrappers are looked through, so names are those of the inner model) and per
+    wrappers are looked through, so names are those of the inner model, though
+    a compiled forward's pass is not recorded) and per
     backward pass, with δ of shape ``(*, out_features)`` read as ``N`` samples
     (all leading dimensions flattened) of ``out_features`` each:
 

@@ -232,6 +232,8 @@ class MLP(nn.Module):
             While hooks must see the layers (forward or backward hooks on a
             layer, or registered for every module) it runs layer by layer.
             Default: ``False``
+        device, dtype: as for :class:`torch.nn.Linear`; a floating-point
+            ``dtype`` only: the network and its costs are the notes', real
 
     Shape:
         - Input: :math:`(*, \text{sizes}[0])`
@@ -252,6 +254,10 @@ class MLP(nn.Module):
                                      for n in sizes):
             raise ValueError(f"MLP: sizes must be at least two positive ints (input first), got {list(sizes)}")
         sizes = tuple(int(n) for n in sizes)  # numpy integers, say, as plain ints
+        if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+            # the notes' network and its costs are real; Linear and Sigmoid take complex tensors by themselves
+            raise TypeError(f"MLP: dtype must be a floating-point dtype (for a complex network, put torchbp.Linear "
+                            f"and torchbp.Sigmoid in an nn.Sequential), got {dtype}")
         self.sizes = sizes
         self.fused = fused
         for l, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):

@@ -110,7 +110,7 @@ def log_deltas(
     with ``model``, ``grad/weight_norm/<layer>`` of every torchbp Linear's
     ``weight.grad`` (none for a parametrized weight, whose gradient is on
     the parametrization's tensors); with ``hist_every > 0``, histograms ``delta/hist/<layer>``
-    of the last δ of every layer with a pass since the last call (needs
+    of the last δ (of |δ| for a complex layer) of every layer with a pass since the last call (needs
     ``DeltaMonitor(..., keep_last=True)``) whenever a multiple of
     ``hist_every`` lies between the last call's step (excluded) and ``step``
     (the first call, or a step at or before the last one: at ``step``

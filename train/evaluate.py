@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     matrix = confusion_matrix(predicted, test.y).cpu()
     correct = int(matrix.trace())
     into = state.get("batch_in_epoch", 0)  # a checkpoint written mid-epoch (Ctrl-C): the steps of the next
-    when = f"epoch {state['epoch']}" + (f" and {into} steps of epoch {state['epoch'] + 1}" if into else "")
+    steps = f"{into} step{'s' if into != 1 else ''}"
+    when = f"epoch {state['epoch']}" + (f" and {steps} of epoch {state['epoch'] + 1}" if into else "")
     print(f"checkpoint {args.checkpoint}: {when}, sizes {run_args['sizes']}")
     print(f"test accuracy {correct / len(test):.2%} ({correct}/{len(test)})")
     print("confusion matrix (rows: true digit, columns: predicted digit)")

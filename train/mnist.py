@@ -55,10 +55,11 @@ Determinism: the same seed on the same machine, with the same ``--threads``
 from the seeded CPU RNG and the batch generator). With ``--recipe nielsen`` the
 logging flags count too: its log steps run through autograd and the optimizer,
 the steps between them by hand, and the two round float32 differently (weights
-a few 1e-6 apart after an epoch between ``--log-every 50`` and ``100``). A run killed after epoch k and resumed with
-``--resume`` ends with the same weights and metrics, bit for bit, as the
-uninterrupted run (the losses add up in float32 on the device, and the
-checkpoint keeps the partial sums as they were). ``--resume`` takes every
+a few 1e-6 apart after an epoch between ``--log-every 50`` and ``100``). A run killed after
+epoch k and resumed with ``--resume`` in as many processes ends with the same weights and
+metrics, bit for bit, as the uninterrupted run (the losses add up in float32 on the device,
+and the checkpoint keeps the partial sums as they were); in another number of processes, the
+same updates, rounded differently, and a note says so. ``--resume`` takes every
 hyperparameter from the checkpoint (a flag that would change one is refused, even
 at its default value), and ``--device``, ``--threads`` and ``--compile`` too unless given,
 the data from the run's ``--data-dir`` unless given again, and goes on in the
@@ -179,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "and --compile may be given anew, and --epochs, to train a run without a schedule for longer "
                    "(default: None)")
     p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N of the 50,000 images (default: all)")
-    p.add_argument("--dry-run", action="store_true", help="one training batch and a one-batch evaluation (default: False)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="one training batch (at the full run's first learning rate) and a one-batch evaluation "
+                        "(default: False)")
     p.add_argument("--data-dir", help=f"folder holding MNIST/raw/ (default: {DATA_DIR}; with --resume, the run's)")
     p.add_argument("--download", action="store_true", help="download MNIST into --data-dir if missing (default: False)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
