@@ -704,6 +704,11 @@ BAD_INPUTS = {
                       "mlp_cost(): cost must be one of ('quadratic', 'cross_entropy'), got 'hinge'"),
     "mlp_cost reduction": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2), ws, bs, reduction="avg"), ValueError,
                            "mlp_cost(): reduction must be one of ('mean', 'sum', 'none'), got 'avg'"),
+    "mlp_cost target None": (lambda: F.mlp_cost(_t(5, 3), None, ws, bs), TypeError,
+                             "mlp_cost(): target must be a torch.Tensor, got NoneType"),
+    "mlp_sgd_step cross entropy target None": (
+        lambda: sgd.mlp_sgd_step(_t(5, 3), None, [_t(4, 3).requires_grad_(), _t(2, 4)], bs, 0.1, "cross_entropy"),
+        TypeError, "mlp_sgd_step(): target must be a torch.Tensor, got NoneType"),
     "mlp_cost target shape": (lambda: F.mlp_cost(_t(5, 3), _t(5, 3), ws, bs), F.TensorValueError,
                               "mlp_cost(): target must have shape (5, 2) (the output's), got (5, 3)"),
     "mlp_cost cross entropy integer target": (
@@ -765,11 +770,27 @@ def test_linear_with_a_1d_weight_drops_only_the_feature_dimension(shape):
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_linear_under_autocast_with_a_broadcast_bias_has_torchs_dtype():
-    """Under CPU bfloat16 autocast a (N, out) bias is cast like the rest: the output's dtype is torch's."""
-    x, w, b = torch.randn(4, 3), torch.randn(2, 3), torch.randn(4, 2)
+@pytest.mark.parametrize("bias_shape", [(4, 2), (4, 1)])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.float64),
+                                    (torch.float32, torch.complex64), (torch.complex64, torch.float32),
+                                    (torch.float64, torch.float32)], ids=str)
+def test_linear_under_autocast_with_a_broadcast_bias_takes_or_refuses_as_torch(dtypes, bias_shape):
+    """Under CPU bfloat16 autocast a bias broadcast over the samples is cast like the rest where autocast casts
+    it, and the output's dtype is torch's; a bias autocast leaves alone (float64, complex) of another dtype than
+    the output is refused where torch's addmm refuses it (the sum once promoted silently). Oracle: F.linear."""
+    input_dtype, bias_dtype = dtypes
+    x, w = torch.randn(4, 3, dtype=input_dtype), torch.randn(2, 3, dtype=input_dtype)
+    b = torch.randn(bias_shape, dtype=bias_dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert F.linear(x, w, b).dtype == TF.linear(x, w, b).dtype == torch.bfloat16
+        try:
+            expected = TF.linear(x, w, b)
+        except RuntimeError:
+            with pytest.raises(RuntimeError):
+                F.linear(x, w, b)
+        else:
+            got = F.linear(x, w, b)
+            assert got.dtype == expected.dtype
+            torch.testing.assert_close(got, expected)
 
 
 def test_mlp_cost_under_autocast_takes_a_target_of_another_dtype():

@@ -180,8 +180,11 @@ def _sized(seq: object) -> bool:
     return hasattr(seq, "__len__") and not isinstance(seq, Tensor)
 
 
+_NO_TARGET = object()  # _network_ok's "no target to check" (None is a bad target, to be named as such)
+
+
 def _network_ok(
-    x: object, weights: Sequence[object], biases: Sequence[object] | None, target: object = None
+    x: object, weights: Sequence[object], biases: Sequence[object] | None, target: object = _NO_TARGET
 ) -> bool:
     """The common case in one cheap pass: layers chained by shape, one floating dtype, one device,
     and the ``target``, if given, shaped like the output.
@@ -203,7 +206,7 @@ def _network_ok(
         if bias is not None and not (isinstance(bias, Tensor) and bias.dtype == dtype and bias.device == device
                                      and bias.shape == (features,)):
             return False
-    return target is None or (isinstance(target, Tensor) and target.dtype == dtype and target.device == device
+    return target is _NO_TARGET or (isinstance(target, Tensor) and target.dtype == dtype and target.device == device
                               and target.shape == (*x.shape[:-1], features))
 
 
@@ -390,8 +393,12 @@ def linear(
             return linear(input, weight.unsqueeze(0), None, delta_hook).squeeze(-1)  # (*, 1) -> (*)
         if bias is not None and bias.dim() > 1:
             # z = a W^T, then + b broadcast over the samples: (*, out) + (..., out) -> (*, out)
-            dtype = _autocast_dtype(input)
-            return linear(input, weight, None, delta_hook) + (bias if dtype is None else _cast(dtype, bias)[0])
+            z, dtype = linear(input, weight, None, delta_hook), _autocast_dtype(input)
+            if dtype is not None:
+                (bias,) = _cast(dtype, bias)
+                # as torch's addmm under autocast: a bias it leaves uncast (float64, complex) must match z
+                _check_same("linear", "the output under autocast", z, "bias", bias)
+            return z + bias
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
             bias = bias.expand(weight.shape[0])  # () or (1,) -> (out,)
     dtype = _autocast_dtype(input)
