@@ -882,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     return train_epochs(run, progress, data, batches, generator, val, test)
 
 
-def start(args: argparse.Namespace):
+def start(args: argparse.Namespace) -> tuple[Run, Progress, MNIST, Batches, torch.Generator, Split, Split] | None:
     """Everything before the first step: data, model, optimizer, checkpoint, writer; None if there is nothing to do.
 
     Ctrl-C here raises KeyboardInterrupt (nothing is worth a checkpoint yet); Stop's handler, which lets the
