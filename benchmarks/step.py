@@ -67,6 +67,7 @@ MODES = ("", "+compile", "+compile_step", "+graphs")
 CPU_VARIANTS = [k + m for m in MODES[:3] for k in KINDS] + ["sgd_step", "sgd_step+compile"]
 CUDA_VARIANTS = CPU_VARIANTS + [k + "+graphs" for k in KINDS]
 LEARNING_RATE = 0.1
+MAX_TARGET_S = 3600.0  # an hour per timing: past that, a typo
 EPOCH_SAMPLES, EPOCH_BLOCK = 50_000, 1_000
 
 Step = Callable[[Tensor, Tensor], None]
@@ -309,8 +310,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)} (default: all)")
     p.add_argument("--variants", default=None, help="comma-separated (default: all for the device)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timings per variant (default: 5)")
-    p.add_argument("--steps", type=int, default=None, help="steps per timing (default: enough for ~--target-s of the first variant)")
-    p.add_argument("--target-s", type=float, default=0.15, help="seconds per timing when --steps is unset (default: 0.15)")
+    p.add_argument("--steps", type=int, default=None, help="steps per timing of the models (the epoch is timed in "
+                   "blocks of 1,000 steps) (default: enough for ~--target-s of the first variant)")
+    p.add_argument("--target-s", type=float, default=0.15,
+                   help=f"seconds per timing of the models when --steps is unset, at most {MAX_TARGET_S:g} "
+                        "(default: 0.15)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compiles) (default: 5)")
     p.add_argument("--sgd", choices=("default", "foreach", "fused"), default="default",
                    help="torch.optim.SGD implementation for every variant with an optimizer (sgd_step, sgd_epoch "
@@ -332,8 +336,13 @@ def main(argv: list[str] | None = None) -> dict:
                                ("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
         if value is not None and value < least:
             raise SystemExit(f"{flag} must be >= {least}, got {value}")
-    if not args.target_s > 0:
-        raise SystemExit(f"--target-s must be > 0, got {args.target_s}")
+    if not 0 < args.target_s <= MAX_TARGET_S:  # (nan and inf too: a step count is computed from it)
+        raise SystemExit(f"--target-s must be > 0 and at most {MAX_TARGET_S:g}, got {args.target_s}")
+    for flag, value in (("--variants", args.variants), ("--epoch-variants", args.epoch_variants)):
+        if value == "":
+            raise SystemExit(f'{flag} "" names no variant (to time the epoch only, give --models "")')
+    if args.epoch_variants is not None and not args.epoch:
+        raise SystemExit(f"--epoch-variants {args.epoch_variants} has no epoch to time with --no-epoch")
     check_json_path(args.json)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -343,9 +352,9 @@ def main(argv: list[str] | None = None) -> dict:
     known = CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS
     named_only = [] if device.type == "cuda" else ["network_py"]  # too slow for the default list
     epoch_only = ["sgd_epoch"]  # trains on a block of mini-batches, not on one
-    variants = args.variants.split(",") if args.variants else known
-    epoch_variants = (args.epoch_variants.split(",") if args.epoch_variants
-                      else variants if args.variants else variants + epoch_only)
+    variants = args.variants.split(",") if args.variants is not None else known
+    epoch_variants = (args.epoch_variants.split(",") if args.epoch_variants is not None
+                      else variants if args.variants is not None else variants + epoch_only)
     models = [m for m in args.models.split(",") if m]  # --models "" times the epoch only
     for flag, names, allowed in (("--variants", variants, known + named_only),
                                  ("--epoch-variants", epoch_variants, known + named_only + epoch_only)):

@@ -62,8 +62,12 @@ def test_step_benchmark_refuses_an_epoch_only_variant_per_step():
     (["--threads", "0"], "--threads must be >= 1, got 0"),
     (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
     (["--json", "/"], "--json takes a file to write, got the folder /"),
-    (["--target-s", "-5"], "--target-s must be > 0, got -5.0"),
-    (["--epoch-variants", "bogus", "--no-epoch"], "--epoch-variants: unknown 'bogus' for cpu"),
+    (["--target-s", "-5"], "--target-s must be > 0 and at most 3600, got -5.0"),
+    (["--target-s", "inf"], "--target-s must be > 0 and at most 3600, got inf"),  # it crashed after the warm-up
+    (["--epoch-variants", "bogus"], "--epoch-variants: unknown 'bogus' for cpu"),
+    (["--epoch-variants", "nn", "--no-epoch"], "--epoch-variants nn has no epoch to time with --no-epoch"),
+    (["--variants", ""], '--variants "" names no variant (to time the epoch only, give --models "")'),
+    (["--epoch-variants", ""], '--epoch-variants "" names no variant'),
 ])
 def test_step_benchmark_refuses_bad_flags_before_timing_anything(argv, message, monkeypatch):
     """A run is minutes long: a --json it cannot write, or a count torch would refuse, stops it before the first timing."""

@@ -170,3 +170,10 @@ def test_a_file_named_runs_is_refused_before_the_experiment(tmp_path, monkeypatc
         vanishing.main(["--data-dir", os.fspath(tmp_path)])
     assert info.value.code == 2
     assert "without --logdir the run folder goes under runs/, which must be a folder, got the file runs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seeds, says", [(1, "over 1 seed)"), (3, "over 3 seeds)")])
+def test_the_table_counts_its_seeds_in_words(seeds, says):
+    """The header says "1 seed", not "1 seeds"."""
+    summary = vanishing.summarise({"[784, 30, 30, 10]": [[0.1, 0.2]] * seeds})
+    assert says in vanishing.markdown_table(summary, seeds)

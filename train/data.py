@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -324,7 +325,7 @@ def _benchmark(root: str, batch_size: int, repeats: int, download: bool) -> None
             t0 = time.perf_counter()
             epoch()
             times[name].append(time.perf_counter() - t0)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
     print(f"one epoch of {N_TRAIN} images, batch {batch_size}, median of {repeats}:")
     print(f"  DataLoader + ToTensor : {med['dataloader']:.3f} s")
     print(f"  index into tensor     : {med['tensor']:.4f} s")

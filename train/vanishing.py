@@ -118,7 +118,7 @@ def summarise(results: dict[str, list[list[float]]]) -> dict[str, dict[str, list
 def markdown_table(summary: dict[str, dict[str, list[float]]], seeds: int, book: bool = False) -> str:
     """One row per network; with ``book`` a column of the book's figures (only for a run in the book's setting)."""
     lines = [
-        f"| network | ‖δ^l‖ per hidden layer, first to last (mean ± std over {seeds} seeds) "
+        f"| network | ‖δ^l‖ per hidden layer, first to last (mean ± std over {seeds} seed{'s' if seeds != 1 else ''}) "
         "| min – max over seeds | first/last |" + (" book (ch. 5) |" if book else ""),
         "|---|---|---|---|" + ("---|" if book else ""),
     ]
