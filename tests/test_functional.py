@@ -759,6 +759,20 @@ def test_bad_input_is_rejected_with_a_message(name):
         call()
 
 
+def test_valid_input_takes_the_one_cheap_check(monkeypatch):
+    """Valid arguments pass through one cheap pass (_network_ok) and never reach the checks one by one, which
+    cost microseconds on every call; the full checks run only to name what is wrong."""
+    def full_check(*args, **kwargs):
+        raise AssertionError("the full checks ran on valid input")
+
+    monkeypatch.setattr(F, "_check_network_in_full", full_check)
+    monkeypatch.setattr(F, "_check_tensor", full_check)
+    x, ws, bs = torch.randn(5, 3), [torch.randn(4, 3), torch.randn(2, 4)], [torch.randn(4), torch.randn(2)]
+    F.linear(x, ws[0], bs[0])
+    F.mlp(x, ws, bs)
+    F.mlp_cost(x, torch.rand(5, 2), ws, bs)
+
+
 @pytest.mark.parametrize("shape", [(1, 3), (2, 1, 3), (3,)], ids=str)
 def test_linear_with_a_1d_weight_drops_only_the_feature_dimension(shape):
     """A 1-D weight (one output feature): the output drops the last dimension only, as torch's does,

@@ -8,6 +8,7 @@ float64, tolerance 1e-6 (relative and absolute).
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -521,3 +522,32 @@ def test_statistics_are_taken_once_the_held_deltas_reach_max_held_bytes():
         layer(torch.randn(4, 3)).backward(g)
         g.mul_(100)
         assert monitor.pop()[""]["max_abs"] == 1.0
+
+
+def test_a_paused_monitor_neither_warns_nor_uses_up_its_one_warning():
+    """A pass under a torch.func transform while the monitor is paused is skipped in silence (paused means
+    nothing happens), and the one warning still comes with the first such pass after the pause."""
+    model = torchbp.MLP([4, 3, 2], dtype=DT)
+    params, x = dict(model.named_parameters()), torch.randn(5, 4, dtype=DT)
+
+    def cost(p):
+        return torch.func.functional_call(model, p, (x,)).sum()
+
+    with torchbp.DeltaMonitor(model) as monitor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with monitor.paused():
+                torch.func.grad(cost)(params)
+        with pytest.warns(UserWarning, match="under a torch.func transform"):
+            torch.func.grad(cost)(params)
+
+
+def test_an_empty_pass_under_a_transform_warns_too():
+    """A pass with no samples under a torch.func transform: nothing to record either way, but the warning that
+    transforms are skipped is still given."""
+    model = torchbp.MLP([4, 3, 2], dtype=DT)
+    params, x = dict(model.named_parameters()), torch.randn(0, 4, dtype=DT)
+    with torchbp.DeltaMonitor(model) as monitor:
+        with pytest.warns(UserWarning, match="under a torch.func transform"):
+            torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(params)
+        assert monitor.pop() == {}

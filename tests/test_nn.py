@@ -521,6 +521,14 @@ def test_mlp_rejects_bad_sizes(sizes):
         torchbp.MLP(sizes)
 
 
+@pytest.mark.parametrize("dtype", [torch.cdouble, torch.int64, torch.bool], ids=str)
+def test_mlp_refuses_every_non_floating_dtype_by_name(dtype):
+    """The notes' network and its costs are real: a complex, integer or bool dtype is refused by name at
+    construction (an integer one fell through to torch's "only floating point ... can require gradients")."""
+    with pytest.raises(TypeError, match=re.escape("MLP: dtype must be a floating-point dtype (") + f".*got {dtype}"):
+        torchbp.MLP([4, 3], dtype=dtype)
+
+
 def test_mlp_takes_numpy_integer_sizes():
     """sizes from numpy (np.array([784, 30, 10]), say) are ints too: the same network, stored as plain ints."""
     model = torchbp.MLP(np.array([5, 4, 2]))

@@ -438,3 +438,18 @@ def test_a_parametrized_layer_gets_no_weight_gradient_norm_and_no_warning(tmp_pa
     assert {t for t in acc.Tags()["scalars"] if t.startswith("grad/")} == {"grad/weight_norm/2"}
     (norm,) = acc.Scalars("grad/weight_norm/2")
     assert norm.value == pytest.approx(model[2].weight.grad.norm().item(), rel=1e-5)
+
+
+def test_a_frozen_layer_gets_no_weight_gradient_norm(tmp_path):
+    """A layer whose weight has no gradient (frozen) gets no grad/weight_norm tag; the trained layer's is torch's
+    ‖∇_W C‖ (float32 events, 1e-5)."""
+    torch.manual_seed(15)
+    model = torchbp.MLP([5, 4, 2], dtype=DT)
+    model[0].weight.requires_grad_(False)
+    with SummaryWriter(tmp_path) as writer, torchbp.DeltaMonitor(model) as monitor:
+        model.cost(torch.randn(3, 5, dtype=DT), torch.rand(3, 2, dtype=DT)).backward()
+        log_deltas(writer, monitor, 0, model=model)
+    acc = _read(tmp_path)
+    assert {t for t in acc.Tags()["scalars"] if t.startswith("grad/")} == {"grad/weight_norm/2"}
+    (norm,) = acc.Scalars("grad/weight_norm/2")
+    assert norm.value == pytest.approx(model[2].weight.grad.norm().item(), rel=1e-5)

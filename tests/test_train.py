@@ -752,3 +752,96 @@ def test_resuming_a_finished_onecycle_run_does_not_advise_the_epochs_it_refuses(
     out = capsys.readouterr().out
     assert "is complete (1 epoch, metrics.json written)" in out
     assert "its --schedule onecycle ends with its epochs" in out and "give --epochs" not in out
+
+
+def test_a_relative_data_dir_given_to_resume_is_kept_absolute(tmp_path, monkeypatch):
+    """--resume with a relative --data-dir: the checkpoint keeps it absolute too (oracle: Path.resolve)."""
+    data = Path(DATA_DIR).resolve()
+    run_in_process(["--recipe", "nielsen", "--limit-train", "100", "--epochs", "1", "--hidden", "8",
+                    "--logdir", str(tmp_path / "run")])
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    monkeypatch.chdir(data.parent)
+    run_in_process_with(["--resume", str(ckpt), "--epochs", "2", "--data-dir", os.path.relpath(data)])
+    assert load(ckpt)["args"]["data_dir"] == str(data)
+
+
+def test_threads_at_its_upper_bound_is_taken():
+    """--threads 4096, the bound itself, is taken."""
+    import train.mnist
+
+    assert train.mnist.resolve_args(["--threads", "4096"]).threads == 4096
+
+
+class _Loaded(Exception):
+    """Raised in place of the data load: the run has got past its resume checks."""
+
+
+@pytest.mark.parametrize("saved, rank, noted", [(None, 0, False), (1, 1, False), (1, 0, True)],
+                         ids=["checkpoint-without-world_size", "rank-1", "rank-0"])
+def test_the_resume_note_under_two_processes(tmp_path, monkeypatch, capsys, saved, rank, noted):
+    """A stand-in for torchrun (init_distributed says 2 processes), stopped at the data load: a checkpoint
+    written before world_size was kept gives no note (nor a KeyError), rank 1 prints none, rank 0 does."""
+    import train.mnist
+    from train import checkpoint
+
+    run_in_process(["--recipe", "nielsen", "--limit-train", "100", "--epochs", "1", "--hidden", "8",
+                    "--logdir", str(tmp_path)])
+    ckpt = tmp_path / "checkpoint.pt"
+    state = load(ckpt)
+    if saved is None:
+        del state["world_size"]
+    else:
+        state["world_size"] = saved
+    checkpoint.save(state, str(ckpt))
+    monkeypatch.setattr(train.mnist, "init_distributed", lambda device: (rank, 2, torch.device("cpu")))
+
+    def loaded(*args, **kwargs):
+        raise _Loaded
+
+    monkeypatch.setattr(train.mnist, "load_data", loaded)
+    capsys.readouterr()
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(_Loaded):
+            train.mnist.main(["--resume", str(ckpt), "--epochs", "2"])
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert ("not bit for bit" in capsys.readouterr().err) == noted
+
+
+def test_ddp_a_ctrl_c_after_the_epoch_end_agreement_waits_for_the_ranks_next_one(monkeypatch):
+    """Under DDP a Ctrl-C this rank sees after the epoch-end all-reduce (during evaluation, say) must not make
+    it leave alone (the other ranks would hang in their next collective): it goes into the next epoch, where
+    train() stops all ranks together at the next log step (here a stand-in for train() that agrees so)."""
+    import argparse
+    import types
+
+    import train.mnist
+
+    calls = []
+
+    def agreeing_train(run, progress, batches, generator):
+        calls.append(progress.epoch)
+        if run.stop.requested:
+            return None, True  # the ranks agree at the next log step: stop mid-epoch
+        progress.epoch += 1
+        run.stop.requested = True  # Ctrl-C after this epoch's last agreement point
+        return 1.0, False
+
+    monkeypatch.setattr(train.mnist, "train", agreeing_train)
+    for name in ("evaluate", "save_checkpoint", "finish"):
+        monkeypatch.setattr(train.mnist, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(train.mnist, "interrupted_mid_epoch", lambda run, progress: 130)
+    run = train.mnist.Run(args=argparse.Namespace(), model=None, optimizer=None, scheduler=None, train_step=None,
+                          fast_step=None, writer=None, stop=types.SimpleNamespace(requested=False),
+                          device=torch.device("cpu"), rank=1, world_size=2, epochs=3, steps_per_epoch=10,
+                          interactive=False)
+    progress = train.mnist.Progress(epoch_generator_state=torch.Generator().get_state())
+    assert train.mnist.train_epochs(run, progress, None, None, None, None, None) == 130
+    assert calls == [0, 1]
+
+
+def test_a_dry_runs_schedule_is_the_full_runs(tmp_path):
+    """--dry-run lays its one-cycle schedule out over the full run (the fast recipe's 10 epochs of 390 batches)."""
+    run_in_process(["--dry-run", "--hidden", "8", "--logdir", str(tmp_path)])
+    assert load(tmp_path / "checkpoint.pt")["scheduler"]["total_steps"] == 10 * 390
