@@ -207,7 +207,7 @@ def _network_ok(
                                      and bias.shape == (features,)):
             return False
     return target is _NO_TARGET or (isinstance(target, Tensor) and target.dtype == dtype and target.device == device
-                              and target.shape == (*x.shape[:-1], features))
+                                    and target.shape == (*x.shape[:-1], features))
 
 
 # --------------------------------------------------------------------------
@@ -559,8 +559,8 @@ def _check_dense(fn: str, input: Tensor, target: Tensor) -> None:
     """A cost sums over a sample's features and reduces over samples, which a nested tensor's rows are not."""
     for name, t in (("input", input), ("target", target)):
         if t.is_nested:
-            raise TensorValueError(f"{fn}(): {name} must be a dense tensor, got a nested one; pass the packed rows of "
-                             "input and target (.values() of a jagged tensor)")
+            raise TensorValueError(f"{fn}(): {name} must be a dense tensor, got a nested one; pass the packed "
+                                   "rows of input and target (.values() of a jagged tensor)")
 
 
 def _check_cost_args(fn: str, a: Tensor, y: Tensor, reduction: str) -> None:
