@@ -1043,12 +1043,14 @@ def _check_network_cost(
     fn: str, x: Tensor, target: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None,
     cost: str, reduction: str,
 ):
-    """_check_network, plus the cost's arguments: target shaped like the output, on its device.
+    """_check_network, plus the cost's arguments: (x, target, [W^1, b^1, ...], autocast dtype or None).
 
-    The cross-entropy's target has the input's dtype too, as binary_cross_entropy wants, except under
-    autocast (the cost then runs in float32); the quadratic cost's may have any floating dtype, as
-    mse_loss's (the callers promote it, see :func:`_promoted_target`).
+    The target must be shaped like the output, on its device. The cross-entropy's has the input's dtype
+    too, as binary_cross_entropy wants, except under autocast; the quadratic cost's may have any floating
+    dtype, or be integer or bool, as mse_loss's. It comes back in the cost's dtype: float32 under autocast,
+    as torch's losses run, else the wider of its and the network's (:func:`_promoted_target`).
     """
+    target = _float_target(cost, x, target)
     if isinstance(x, Tensor) and isinstance(target, Tensor) and (x.is_nested or target.is_nested):
         _check_dense(fn, x, target)
     if not (cost in COSTS and reduction in REDUCTIONS and _network_ok(x, weights, biases, target)):
@@ -1064,7 +1066,9 @@ def _check_network_cost(
         _check_same(fn, "input", x, "target", target, dtype=cost == "cross_entropy" and _autocast_dtype(x) is None)
     if cost == "cross_entropy":
         _assert_unit_interval(fn, "target", target, "a probability")  # a^L is a sigmoid's: in [0, 1]
-    return _network_params(x, weights, biases)
+    x, params, dtype = _network_params(x, weights, biases)
+    (target,) = (_promoted_target(x, target),) if dtype is None else _cast(torch.float32, target)
+    return x, target, params, dtype
 
 
 def _promoted_target(x: Tensor, target: Tensor) -> Tensor:
@@ -1126,15 +1130,12 @@ def mlp_cost(
         - input: ``(*, in_features)``; target: ``(*, out_features)``
         - output: ``C`` scalar, or ``(*)`` with ``reduction="none"``; ``a^L``: ``(*, out_features)``
     """
-    target = _float_target(cost, input, target)
-    x, params, dtype = _check_network_cost("mlp_cost", input, target, weights, biases, cost, reduction)
+    x, target, params, dtype = _check_network_cost("mlp_cost", input, target, weights, biases, cost, reduction)
     function = _pick(MLPCostFunction, _MLPCostClassic, _MLPCost)
     if dtype is None:
-        target = _promoted_target(x, target)
         c, *activations = function.apply(x, target, cost, reduction, delta_hook, *params)
     else:
-        # The cost runs in float32 under autocast, as torch's losses do; the network in x.dtype.
-        (target,) = _cast(torch.float32, target)
+        # The cost runs in float32 under autocast, as torch's losses do (the target is cast); the network in x.dtype.
         with _no_autocast(x):
             c, *activations = function.apply(x, target, cost, reduction, delta_hook, *params)
     return c, activations[-1]

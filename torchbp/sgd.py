@@ -28,11 +28,9 @@ from torchbp.functional import (
     _activations,
     _as,
     _check_network_cost,
-    _float_target,
     _cost,
     _output_delta,
     _per_sample_weight,
-    _promoted_target,
     _reduce,
     _reduced_cost,
     _rows,
@@ -53,7 +51,7 @@ def _check_sgd(
     """(x, target, [W^1, b^1, ..., W^L, b^L], which of them train, lr) for the steps by hand; raises on bad input.
 
     The quadratic cost's target comes back in the wider of its and the network's dtypes, as
-    :func:`torchbp.functional.mlp_cost` promotes it.
+    :func:`torchbp.functional.mlp_cost` promotes it (:func:`torchbp.functional._check_network_cost`).
 
     A parameter trains if it requires grad: one that does not is frozen, as autograd and an optimizer
     leave it. The parameters come back detached: under no_grad a tensor that requires grad still costs
@@ -62,8 +60,7 @@ def _check_sgd(
     """
     if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not lr >= 0:
         raise ValueError(f"{fn}(): lr must be a real number >= 0 (not a tensor), got {lr!r}")
-    target = _float_target(cost, input, target)
-    x, params, autocast_dtype = _check_network_cost(fn, input, target, weights, biases, cost, reduction)
+    x, target, params, autocast_dtype = _check_network_cost(fn, input, target, weights, biases, cost, reduction)
     if autocast_dtype is not None:
         raise RuntimeError(
             f"{fn}(): autocast is enabled for {input.device.type}; the step updates the parameters in their "
@@ -96,7 +93,7 @@ def _check_sgd(
     if tied is not None:  # tied through .data or one storage: the same hazard as a tensor passed twice
         raise ValueError(f"{fn}(): {_param_name(tied[0])} and {_param_name(tied[1])} share memory (tied weights); "
                          "train those with mlp_cost(...).backward() and an optimizer")
-    return x, _promoted_target(x, target), [None if p is None else p.detach() for p in params], trains, lr
+    return x, target, [None if p is None else p.detach() for p in params], trains, lr
 
 
 def _param_name(i: int) -> str:
@@ -205,7 +202,7 @@ def mlp_sgd_epoch(
     x, target, params, trains, lr = _check_sgd(fn, input, target, weights, biases, lr, cost, reduction)
     if x.dim() < 2:
         raise TensorValueError(f"{fn}(): input must have a leading samples dimension, (N, *, in_features), "
-                         f"got shape {tuple(x.shape)}")
+                               f"got shape {tuple(x.shape)}")
     per_row = math.prod(x.shape[1:-1])  # samples in each of input's rows: 1 for (N, in_features)
     ones = x.new_ones(min(batch_size, len(x)) * per_row)  # one per sample of a whole mini-batch
     outputs = []  # each step's a^L, from the parameters before its update
