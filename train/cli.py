@@ -1,11 +1,16 @@
 """Command-line helpers shared by the training scripts: argparse types that refuse bad flags before any
-work, and the default run folder."""
+work, the default run folder, and counts in words."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import time
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural but for one: "1 epoch", "3 epochs"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def int_in(low: int, high: int | None = None):

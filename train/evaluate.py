@@ -15,6 +15,7 @@ import torch
 
 import torchbp
 from train import checkpoint
+from train.cli import counted
 from train.data import DATA_DIR, N_CLASSES, DataError, load_test
 
 
@@ -66,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     matrix = confusion_matrix(predicted, test.y).cpu()
     correct = int(matrix.trace())
     into = state.get("batch_in_epoch", 0)  # a checkpoint written mid-epoch (Ctrl-C): the steps of the next
-    steps = f"{into} step{'s' if into != 1 else ''}"
-    when = f"epoch {state['epoch']}" + (f" and {steps} of epoch {state['epoch'] + 1}" if into else "")
+    when = f"epoch {state['epoch']}" + (f" and {counted(into, 'step')} of epoch {state['epoch'] + 1}" if into else "")
     print(f"checkpoint {args.checkpoint}: {when}, sizes {run_args['sizes']}")
     print(f"test accuracy {correct / len(test):.2%} ({correct}/{len(test)})")
     print("confusion matrix (rows: true digit, columns: predicted digit)")

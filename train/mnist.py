@@ -114,7 +114,7 @@ from torch import Tensor, nn
 
 import torchbp
 from train import checkpoint, distributed
-from train.cli import check_default_root, int_in, logdir_arg, new_run_folder
+from train.cli import check_default_root, counted, int_in, logdir_arg, new_run_folder
 from train.data import DATA_DIR, MNIST, Batches, DataError, Split, load_mnist, one_hot
 
 if TYPE_CHECKING:
@@ -894,9 +894,8 @@ def start(args: argparse.Namespace) -> tuple[Run, Progress, MNIST, Batches, torc
         more = ("a --dry-run run is one batch long" if args.dry_run else
                 "give --epochs to train a run without a schedule for longer" if args.schedule == "none" else
                 f"its --schedule {args.schedule} ends with its epochs")
-        epochs = f"{state['epoch']} epoch{'s' if state['epoch'] != 1 else ''}"
-        print(f"the run in {args.logdir} is complete ({epochs}, metrics.json written); nothing to "
-              f"do: {more}, or start a new run")
+        print(f"the run in {args.logdir} is complete ({counted(state['epoch'], 'epoch')}, metrics.json written); "
+              f"nothing to do: {more}, or start a new run")
         return None
     args.logdir = run_folder(args)
     if args.threads is not None:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 import torchbp
-from train.cli import check_default_root, int_in, logdir_arg, new_run_folder, writable_file
+from train.cli import check_default_root, counted, int_in, logdir_arg, new_run_folder, writable_file
 from train.data import DATA_DIR, EXPECTED_COUNT, DataError, read_mnist
 
 ARCHITECTURES = ([784, 30, 30, 10], [784, 30, 30, 30, 10], [784, 30, 30, 30, 30, 10])
@@ -118,7 +118,7 @@ def summarise(results: dict[str, list[list[float]]]) -> dict[str, dict[str, list
 def markdown_table(summary: dict[str, dict[str, list[float]]], seeds: int, book: bool = False) -> str:
     """One row per network; with ``book`` a column of the book's figures (only for a run in the book's setting)."""
     lines = [
-        f"| network | ‖δ^l‖ per hidden layer, first to last (mean ± std over {seeds} seed{'s' if seeds != 1 else ''}) "
+        f"| network | ‖δ^l‖ per hidden layer, first to last (mean ± std over {counted(seeds, 'seed')}) "
         "| min – max over seeds | first/last |" + (" book (ch. 5) |" if book else ""),
         "|---|---|---|---|" + ("---|" if book else ""),
     ]
