@@ -88,6 +88,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def to_host(tensors: dict[str, Tensor]) -> dict[str, float | list]:
+    """``tensors``' values as Python floats (lists for non-scalars), in float64, with one copy per device.
+
+    Tensors of one device must share a shape: they are stacked and read at once, the only
+    host-device synchronisation.
+    """
+    by_device: dict[torch.device, list[str]] = {}
+    for name, t in tensors.items():
+        by_device.setdefault(t.device, []).append(name)
+    values: dict[str, float | list] = {}
+    for names in by_device.values():
+        values.update(zip(names, torch.stack([tensors[name].double() for name in names]).tolist()))
+    return {name: values[name] for name in tensors}
+
+
 def named_linears(model: nn.Module) -> dict[str, Linear]:
     """Every torchbp Linear inside ``model`` by qualified name, wrappers (DDP, compile) unwrapped."""
     return {name: m for name, m in _unwrap(model).named_modules() if isinstance(m, Linear)}
@@ -270,18 +285,13 @@ class DeltaMonitor:
         for name in self.layer_names:
             self._flush(name)
         names = [name for name in self.layer_names if self._passes[name]]
-        by_device: dict[torch.device, list[str]] = {}
-        for name in names:
-            by_device.setdefault(self._sums[name].device, []).append(name)
-        result: dict[str, dict[str, float]] = {}
-        for group in by_device.values():
-            sums = torch.stack([self._sums[name] for name in group]).double().tolist()  # (layers, 3)
-            for name, row in zip(group, sums):
-                result[name] = {stat: value / self._passes[name] for stat, value in zip(STATS, row)}
+        sums = to_host({name: self._sums[name] for name in names})  # (3,) per layer
+        result = {name: {stat: value / self._passes[name] for stat, value in zip(STATS, sums[name])}
+                  for name in names}
         for name in names:
             self._sums[name].zero_()
             self._passes[name] = 0
-        return {name: result[name] for name in names}
+        return result
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[DeltaMonitor]:

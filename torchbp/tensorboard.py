@@ -44,7 +44,7 @@ import re
 import torch
 from torch import nn
 
-from torchbp.monitor import STATS, DeltaMonitor, named_linears
+from torchbp.monitor import STATS, DeltaMonitor, named_linears, to_host
 
 __all__ = ["log_deltas", "delta_layout", "write_layout"]
 
@@ -173,9 +173,9 @@ def log_deltas(
         weights = {name: m._parameters.get("weight") for name, m in named_linears(model).items()}
         grads = {name: w.grad for name, w in weights.items() if w is not None and w.grad is not None}
         if grads:
-            # ‖∇_W C‖ per layer; a read per layer, at logging steps only.
-            norms = [torch.linalg.vector_norm(g).double().cpu().tolist() for g in grads.values()]
-            for name, norm in zip(grads, norms):
+            # ‖∇_W C‖ per layer, all read at once (at logging steps only)
+            norms = to_host({name: torch.linalg.vector_norm(g) for name, g in grads.items()})
+            for name, norm in norms.items():
                 writer.add_scalar(_tag(f"{prefix}grad/weight_norm", name), norm, step)
 
     # A multiple of hist_every in (last, step]: the steps logged need not be multiples themselves. The
