@@ -10,6 +10,7 @@ receive δ = ∂C/∂z as torch.autograd.grad computes it on the nn model.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 
 import numpy as np
@@ -1114,14 +1115,26 @@ def test_mlp_rejects_a_non_bool_fused_and_a_non_sequence_sizes():
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("via", ["MLP.cost", "F.mlp_cost", "MLP"])
-def test_non_reentrant_checkpoint_gives_the_same_gradients(fused, via):
+@pytest.mark.parametrize("save", [None, "addmm", "mm"])
+def test_non_reentrant_checkpoint_gives_the_same_gradients(fused, via, save):
     """torch.utils.checkpoint (use_reentrant=False) recomputes the forward in backward and hands the saved
-    tensors out once per unpack; the fused backward once read them twice and failed. Oracle: the same
-    computation without checkpointing; cost and every gradient to 1e-12 (float64)."""
-    from torch.utils.checkpoint import checkpoint
+    tensors out once per unpack; the fused backward once read them twice and failed. With ``save``, a
+    selective checkpoint keeps that op's outputs (the matmul z = W a + b: addmm with a bias, mm without),
+    as the docs' "save the matmuls" policy does: the fused forward once wrote a^l over the z^l it had
+    cached, and the backward refused the mutated cache. Oracle: the same computation without
+    checkpointing; cost and every gradient to 1e-12 (float64)."""
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+    context_fn = torch.utils.checkpoint.noop_context_fn
+    if save is not None:
+        saved_op = getattr(torch.ops.aten, save).default
+
+        def policy(ctx, op, *args, **kwargs):
+            return CheckpointPolicy.MUST_SAVE if op is saved_op else CheckpointPolicy.PREFER_RECOMPUTE
+
+        context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
     torch.manual_seed(4)
-    model = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    model = torchbp.MLP(SIZES, bias=save != "mm", fused=fused, dtype=torch.float64)
     x = torch.randn(5, SIZES[0], dtype=torch.float64, requires_grad=True)
     y = torch.rand(5, SIZES[-1], dtype=torch.float64)
 
@@ -1132,7 +1145,7 @@ def test_non_reentrant_checkpoint_gives_the_same_gradients(fused, via):
             return F.mlp_cost(x, y, [m.weight for m in model.linears], [m.bias for m in model.linears])[0]
         return model(x).square().sum()
 
-    c = checkpoint(run, x, use_reentrant=False)
+    c = checkpoint(run, x, use_reentrant=False, context_fn=context_fn)
     c_ref = run(x)
     close(c, c_ref)
     inputs = [x, *model.parameters()]

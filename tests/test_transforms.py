@@ -1,8 +1,9 @@
 """torchbp under torch's transforms: torch.func, torch.compile and autocast.
 
 * torch.func: per-sample gradients (vmap over grad with functional_call)
-  equal a Python loop of single-sample backward passes; vmap, jacrev, jvp and
-  hessian of the Functions equal those of torch's own ops (float64, 1e-12).
+  equal a Python loop of single-sample backward passes; vmap, jacrev, jvp,
+  linearize and hessian of the Functions equal those of torch's own ops
+  (float64, 1e-12).
 * torch.compile(fullgraph=True): forward and gradients equal eager mode, and so
   do the parameters after compiled MLP.sgd_step calls.
 * autocast: torchbp's MLP and costs against the same torch.nn network under
@@ -91,6 +92,22 @@ def test_jvp_matches_torch_ops(name):
     (out, out_t), (exp, exp_t) = jvp(fn, args, tangents), jvp(oracle, args, tangents)
     for g, e in zip(torch.utils._pytree.tree_leaves((out, out_t)), torch.utils._pytree.tree_leaves((exp, exp_t)),
                     strict=True):
+        close(g, e)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_linearize_matches_torch_ops(name):
+    """torch.func.linearize's jvp_fn, which replays the traced forward, equals torch's ops' forward mode; the
+    fused forward once wrote a^l over its z^l in place, which the replay refused. Parameters requiring
+    grad, with grad mode on, as a model's do. Oracle: torch.func.jvp of torch's ops, float64, 1e-12."""
+    fn, oracle, spec = FUNCTIONS[name]
+    gen = torch.Generator().manual_seed(5)
+    args = tuple(a.requires_grad_() for a in _args(spec, gen))
+    tangents = tuple(torch.randn(a.shape, generator=gen, dtype=a.dtype) for a in args)
+    out, jvp_fn = torch.func.linearize(fn, *args)
+    exp, exp_t = jvp(oracle, args, tangents)
+    for g, e in zip(torch.utils._pytree.tree_leaves((out, jvp_fn(*tangents))),
+                    torch.utils._pytree.tree_leaves((exp, exp_t)), strict=True):
         close(g, e)
 
 

@@ -761,12 +761,18 @@ def cross_entropy_cost(input: Tensor, target: Tensor, reduction: str = "mean") -
 # something that asks for a gradient, never z, since φ'(z) = a(1 − a).
 
 
-def _activations(x: Tensor, params: Sequence[Tensor | None]) -> list[Tensor]:
-    """a^1..a^L, with a^l = φ(W^l a^{l-1} + b^l) and a^0 = x."""
+def _activations(x: Tensor, params: Sequence[Tensor | None], overwrite_z: bool = False) -> list[Tensor]:
+    """a^1..a^L, with a^l = φ(W^l a^{l-1} + b^l) and a^0 = x.
+
+    ``overwrite_z`` writes each a^l over its z^l, for the steps by hand, which record no graph. A Function's
+    forward keeps z^l: no one needs it afterwards, but a selective checkpoint may have cached the matmul's
+    output, and torch.func.linearize replays the ops, and both refuse a z^l changed in place.
+    """
+    sigmoid = torch.sigmoid_ if overwrite_z else torch.sigmoid
     activations, a = [], x
     for weight, bias in zip(params[0::2], params[1::2]):
-        # z^l = W^l a^{l-1} + b^l: (*, in) -> (*, out); a^l = φ(z^l), written over z^l (no one keeps z)
-        a = torch.sigmoid_(torch.nn.functional.linear(a, weight, bias))
+        # z^l = W^l a^{l-1} + b^l: (*, in) -> (*, out); a^l = φ(z^l)
+        a = sigmoid(torch.nn.functional.linear(a, weight, bias))
         activations.append(a)
     return activations
 

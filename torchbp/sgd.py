@@ -241,7 +241,8 @@ def _sgd_step(
     dispatch than in arithmetic, so the step takes as few as it can: each bias update sums over
     samples in one ``addmv_`` with ``ones`` rather than a reduction and an update.
     """
-    a = [x, *_activations(x, params)]  # a^0..a^L; a^0..a^{L-1} are dropped as their layers finish
+    # a^0..a^L, each a^l written over its z^l; a^0..a^{L-1} are dropped as their layers finish
+    a = [x, *_activations(x, params, overwrite_z=True)]
     a_L = a[-1]  # goes back to the caller, for the cost
     n = len(ones)  # samples: the caller counted them for ones
     # dC/dC_n multiplies every δ^l, so it rides on the step size instead of costing a pass over δ
