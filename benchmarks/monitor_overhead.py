@@ -11,7 +11,7 @@ other processes' load disturbs less than wall time: the calling thread's
 process's (``time.process_time``) with more, whose other threads do matmul work. The monitor's own work is
 also timed alone: its hooks called directly with δ of the step's shapes.
 
-    python -m benchmarks.monitor_overhead [--repeats 9] [--steps 200] [--threads 1]
+    python -m benchmarks.monitor_overhead [--repeats 9] [--steps 200] [--threads 1] [--flush-every 32]
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ def cpu_clock() -> Callable[[], float]:
     return time.thread_time if torch.get_num_threads() == 1 else time.process_time
 
 
-def measure(fused: bool, repeats: int = 9, steps: int = 200, batch: int = 64, seed: int = 0) -> dict:
-    """Median seconds per step with the monitor off and on, and their ratio (on / off)."""
+def measure(
+    fused: bool, repeats: int = 9, steps: int = 200, batch: int = 64, seed: int = 0, flush_every: int = 32
+) -> dict:
+    """Median seconds per step with the monitor (``DeltaMonitor(flush_every=...)``) off and on, and their ratio."""
     torch.manual_seed(seed)
     model = torchbp.MLP([784, 100, 10], fused=fused)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -51,7 +53,7 @@ def measure(fused: bool, repeats: int = 9, steps: int = 200, batch: int = 64, se
     for r in range(repeats):
         # The order rotates (off on empty, on empty off, ...): each mode opens a repeat in turn.
         for mode in modes[r % 3 :] + modes[: r % 3]:
-            monitor = torchbp.DeltaMonitor(model) if mode == "on" else None
+            monitor = torchbp.DeltaMonitor(model, flush_every=flush_every) if mode == "on" else None
             # "empty": do-nothing delta hooks, the cost of torchbp's hook mechanism alone
             handles = [m.register_delta_hook(lambda module, delta: None) for m in model.linears] if mode == "empty" else []
             start = clock()
@@ -71,11 +73,11 @@ def measure(fused: bool, repeats: int = 9, steps: int = 200, batch: int = 64, se
     return {"fused": fused, "off_s": off, "on_s": on, "empty_s": empty, "ratio": ratio, "empty_ratio": empty_ratio}
 
 
-def hook_cost(passes: int = 3200, batch: int = 64) -> float:
+def hook_cost(passes: int = 3200, batch: int = 64, flush_every: int = 32) -> float:
     """CPU seconds of the monitor's own work per backward pass, all layers of the MLP, pop included."""
     model = torchbp.MLP([784, 100, 10])
     deltas = [torch.rand(batch, m.out_features) for m in model.linears]  # δ^l: (N, out)
-    monitor = torchbp.DeltaMonitor(model)
+    monitor = torchbp.DeltaMonitor(model, flush_every=flush_every)
     hooks = [next(iter(m._delta_hooks.values())) for m in model.linears]
     clock = cpu_clock()
     start = clock()
@@ -94,19 +96,24 @@ def main(argv: list[str] | None = None) -> None:
                         help="timings of each setting (monitor off, on, do-nothing hooks), interleaved (default: 9)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per timing (default: 200)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
+    parser.add_argument("--flush-every", type=int, default=32,
+                        help="DeltaMonitor's flush_every: passes held per batch of statistics (default: 32)")
     args = parser.parse_args(argv)
-    for flag, value in (("--repeats", args.repeats), ("--steps", args.steps), ("--threads", args.threads)):
+    for flag, value in (("--repeats", args.repeats), ("--steps", args.steps), ("--threads", args.threads),
+                        ("--flush-every", args.flush_every)):
         if value < 1:
             raise SystemExit(f"{flag} must be >= 1, got {value}")
     torch.set_num_threads(args.threads)
-    print(f"MLP [784, 100, 10], batch 64, CPU, {args.threads} thread(s), {args.repeats} x {args.steps} steps")
+    print(f"MLP [784, 100, 10], batch 64, CPU, {args.threads} thread(s), {args.repeats} x {args.steps} steps, "
+          f"flush_every={args.flush_every}")
     print("| model | step, monitor off | step, monitor on | on / off (median of per-repeat ratios) | do-nothing hooks / off |")
     print("|---|---|---|---|---|")
     for fused in (False, True):
-        r = measure(fused, args.repeats, args.steps)
+        r = measure(fused, args.repeats, args.steps, flush_every=args.flush_every)
         name = "fused" if fused else "unfused"
         print(f"| {name} | {r['off_s'] * 1e6:.0f} µs | {r['on_s'] * 1e6:.0f} µs | {r['ratio']:.3f} | {r['empty_ratio']:.3f} |")
-    print(f"monitor's own work per backward pass (2 layers, hooks called directly): {hook_cost() * 1e6:.1f} µs")
+    print(f"monitor's own work per backward pass (2 layers, hooks called directly): "
+          f"{hook_cost(flush_every=args.flush_every) * 1e6:.1f} µs")
 
 
 if __name__ == "__main__":

@@ -122,21 +122,24 @@ def test_monitor_overhead_benchmark_times_every_mode(fused):
 def test_monitor_overhead_benchmark_runs_end_to_end(capsys, monkeypatch):
     """python -m benchmarks.monitor_overhead as a user runs it, a tiny run: both rows and the hooks' own cost."""
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave the test process's threads alone
-    monitor_overhead.main(["--repeats", "1", "--steps", "2"])
+    monitor_overhead.main(["--repeats", "1", "--steps", "2", "--flush-every", "1"])
     printed = capsys.readouterr().out
-    assert re.search(r"^\| unfused \| \d+ µs \| \d+ µs \| \d\.\d{3} \| \d\.\d{3} \|$", printed, re.M), printed
-    assert re.search(r"^\| fused \| \d+ µs \| \d+ µs \| \d\.\d{3} \| \d\.\d{3} \|$", printed, re.M), printed
+    assert "1 x 2 steps, flush_every=1" in printed, printed
+    assert re.search(r"^\| unfused \| \d+ µs \| \d+ µs \| \d+\.\d{3} \| \d+\.\d{3} \|$", printed, re.M), printed
+    assert re.search(r"^\| fused \| \d+ µs \| \d+ µs \| \d+\.\d{3} \| \d+\.\d{3} \|$", printed, re.M), printed
     assert re.search(r"monitor's own work per backward pass \(2 layers, hooks called directly\): [\d.]+ µs", printed)
     with pytest.raises(SystemExit, match=re.escape("--repeats must be >= 1, got 0")):
         monitor_overhead.main(["--repeats", "0"])
+    with pytest.raises(SystemExit, match=re.escape("--flush-every must be >= 1, got 0")):
+        monitor_overhead.main(["--flush-every", "0"])
 
 
 def test_cpu_memory_peak_counts_the_buffers_backward_needs():
     """Oracle, by hand: [16, 256, 4] at batch 8192, counted in (8192, 256) float32 buffers, plus small tensors.
 
     torch.nn peaks in the first sigmoid's backward, with a^1, ∇_{a^1} C and δ^1 live: three. The
-    fused node forms a^1 over z^1 and runs its backward on blocks of 4096 samples (2^20 elements
-    of the widest layer): a^1 and a block's (W^2)^T δ^2 and δ^1, two. MLP.sgd_step frees each a^l
+    fused node holds z^1 and a^1 in the forward, and runs its backward on blocks of 4096 samples
+    (2^20 elements of the widest layer): a^1 and a block's (W^2)^T δ^2 and δ^1, two. MLP.sgd_step frees each a^l
     and δ^l once its layer is done and forms δ^1 over (W^2)^T δ^2: two (z^1 and a^1 in the
     forward; a^1 and (W^2)^T δ^2 in the backward). Everything else (δ^2, the gradients, the cost)
     is under a quarter of one.
