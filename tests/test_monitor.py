@@ -258,11 +258,15 @@ def test_a_pass_with_no_samples_is_not_counted(fused, flush_every):
 
 
 def test_close_removes_hooks():
+    """close() removes every δ hook (a later pass records nothing) and the repr says attached=False after it,
+    attached=True before."""
     model = torchbp.MLP([4, 3, 2], dtype=DT)
     x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)
     monitor = torchbp.DeltaMonitor(model)
+    assert repr(monitor).endswith("attached=True)")
     monitor.close()
     assert all(not m._delta_hooks for m in model.linears)
+    assert repr(monitor).endswith("attached=False)")
     model.cost(x, y).backward()
     assert monitor.pop() == {}
     with torchbp.DeltaMonitor(model) as monitor:
@@ -482,6 +486,72 @@ def test_ddp_keeps_inner_names(tmp_path):
     finally:
         dist.destroy_process_group()
 
+
+@pytest.mark.parametrize("wrap", [nn.DataParallel, torch.compile], ids=["DataParallel", "compile"])
+def test_data_parallel_and_compile_wrappers_keep_inner_names(wrap):
+    """DeltaMonitor(nn.DataParallel(model)) and DeltaMonitor(torch.compile(model)) (not called: no compiled code
+    runs) hook the inner model under its own names ("0", "2", not "module.0" / "_orig_mod.0"); an eager pass of
+    the inner model is recorded under them. Oracle: torch's autograd on the nn twin (float64, 1e-6)."""
+    torch.manual_seed(8)
+    ref = nn_sequential([4, 3, 2], dtype=DT)
+    model = torchbp.MLP([4, 3, 2], dtype=DT)
+    model.load_state_dict(ref.state_dict())
+    x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)
+    with torchbp.DeltaMonitor(wrap(model)) as monitor:
+        assert monitor.layer_names == ("0", "2")
+        model.cost(x, y).backward()
+        assert_close(monitor.pop(), oracle_stats(ref, x, y))
+
+
+class Unsorted(nn.Module):
+    """Two Linear layers registered as z_hidden then a_out: registration order is not sorted order."""
+
+    def __init__(self):
+        super().__init__()
+        self.z_hidden = nn.Linear(4, 5, dtype=DT)
+        self.act = nn.Sigmoid()
+        self.a_out = nn.Linear(5, 3, dtype=DT)
+
+    def forward(self, x):
+        return self.a_out(self.act(self.z_hidden(x)))
+
+
+def test_statistics_go_to_their_layer_when_names_are_not_in_sorted_order():
+    """Layers registered as z_hidden, a_out (sorted order is the reverse): each layer's popped statistics are its
+    own δ's, not the other layer's (their δ differ, the output layer's about 10x the hidden one's). Oracle:
+    torch's autograd on the nn model (float64, 1e-6)."""
+    torch.manual_seed(9)
+    ref = Unsorted()
+    with torch.no_grad():
+        ref.a_out.weight.mul_(0.1)  # the hidden layer's δ = W_outᵀ δ_out σ': an order of magnitude smaller
+    model = torchbp.convert(ref)
+    x, y = torch.randn(6, 4, dtype=DT), torch.rand(6, 3, dtype=DT)
+    expected = oracle_stats(ref, x, y)
+    assert expected["a_out"][0] > 5 * expected["z_hidden"][0]
+    with torchbp.DeltaMonitor(model) as monitor:
+        assert monitor.layer_names == ("z_hidden", "a_out")
+        torchbp.QuadraticCost()(model(x), y).backward()
+        assert_close(monitor.pop(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_max_abs_is_summed_over_passes_in_float32(dtype):
+    """32 passes (one flush) of a float16 / bfloat16 Linear with |δ| between 4000 and 4992: max_abs is the mean
+    of the per-pass max |δ| (4496), not inf (float16's 32-pass sum, 143872, passes 65504) nor a bf16-rounded
+    sum (143872 is no bf16 number). Oracle: max |δ| of the δ backpropagated (the gradient given to
+    backward, exact in both dtypes), in float64; tolerance 1e-5 (float32 sums)."""
+    torch.manual_seed(10)
+    layer = torchbp.Linear(3, 2, dtype=dtype)
+    grads = [torch.tensor([[(-1) ** k * (4000.0 + 32 * k), 1.0]], dtype=dtype) for k in range(32)]
+    with torchbp.DeltaMonitor(layer) as monitor:
+        for g in grads:
+            layer(torch.randn(1, 3, dtype=dtype)).backward(g)
+        popped = monitor.pop()[""]
+    expected = sum(g.double().abs().max().item() for g in grads) / len(grads)
+    assert expected == 4496.0
+    torch.testing.assert_close(popped["max_abs"], expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(popped["norm"], sum(g.double().norm().item() for g in grads) / len(grads),
+                               rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])

@@ -239,15 +239,18 @@ def test_a_single_linear_model_is_tagged_model(tmp_path):
                                           "grad/weight_norm/model"}
 
 
-def test_each_chart_takes_its_statistic_and_no_other():
+@pytest.mark.parametrize("prefix", ["", "G[1]/"], ids=["no-prefix", "regex-characters"])
+def test_each_chart_takes_its_statistic_and_no_other(prefix):
     """A chart's regex is the statistic's tag prefix with its slash: delta/norm/ takes delta/norm/<layer>,
-    not delta/norm_x/<layer> nor delta/sample_norm/<layer>."""
+    not delta/norm_x/<layer> nor delta/sample_norm/<layer>. A prefix is taken literally, regex characters
+    too: "G[1]/" charts take G[1]/delta/norm/<layer> (the tag log_deltas writes), not G1/delta/norm/<layer>."""
     from torchbp.tensorboard import delta_layout
 
-    (charts,) = delta_layout().values()
+    (charts,) = delta_layout(prefix).values()
     (regex,) = charts["δ norm by layer"][1]
-    assert [t for t in ("delta/norm/0", "delta/norm_x/0", "delta/sample_norm/0", "x/delta/norm/0")
-            if re.search(regex, t)] == ["delta/norm/0"]
+    tags = [prefix + t for t in ("delta/norm/0", "delta/norm_x/0", "delta/sample_norm/0")]
+    tags += ["x/" + prefix + "delta/norm/0", "G1/delta/norm/0"]
+    assert [t for t in tags if re.search(regex, t)] == [prefix + "delta/norm/0"]
 
 
 def _read(logdir) -> event_accumulator.EventAccumulator:
@@ -353,6 +356,51 @@ def test_a_bad_prefix_or_layout_is_refused_before_anything_is_popped(tmp_path):
         with pytest.raises(TypeError, match=r"log_deltas\(\): layout must be a bool, got 'no'"):
             log_deltas(writer, monitor, 0, layout="no")
         assert set(monitor.pop()) == set(LAYERS)
+
+
+def test_two_prefixes_on_one_writer_keep_their_own_histogram_cadence(tmp_path):
+    """"G/" and "D/" logged in turn to one writer at steps 99 and 199, hist_every=100: each prefix's last step
+    is its own, so both get their histograms at 199 (the first logged step past 100), neither at 99 (by hand:
+    the multiples of 100 in (99, 199] and at the first call, 99, none)."""
+    g, d = torchbp.MLP(SIZES, dtype=DT), torchbp.MLP(SIZES, dtype=DT)
+    with SummaryWriter(os.fspath(tmp_path)) as writer, torchbp.DeltaMonitor(g, keep_last=True) as mg, \
+            torchbp.DeltaMonitor(d, keep_last=True) as md:
+        for step in (99, 199):
+            _one_pass(g, step)
+            log_deltas(writer, mg, step, hist_every=100, prefix="G/")
+            _one_pass(d, step + 1)
+            log_deltas(writer, md, step, hist_every=100, prefix="D/")
+    acc = _read(tmp_path)
+    for prefix in ("G/", "D/"):
+        for layer in LAYERS:
+            assert [h.step for h in acc.Histograms(f"{prefix}delta/hist/{layer}")] == [199], (prefix, layer)
+
+
+def test_weight_gradient_norms_go_to_their_layer_when_names_are_not_in_sorted_order(tmp_path):
+    """Layers registered as z_hidden then a_out (sorted order is the reverse): grad/weight_norm/<layer> is that
+    layer's ‖∇_W C‖ (oracle: torch's norm of each weight.grad, values ~10x apart; float32 events, rel 1e-5)."""
+
+    class Unsorted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.z_hidden, self.act, self.a_out = nn.Linear(4, 5, dtype=DT), nn.Sigmoid(), nn.Linear(5, 3, dtype=DT)
+
+        def forward(self, x):
+            return self.a_out(self.act(self.z_hidden(x)))
+
+    torch.manual_seed(16)
+    model = torchbp.convert(Unsorted())
+    with torch.no_grad():
+        model.a_out.weight.mul_(0.1)  # the hidden layer's δ, and its weight gradient, an order of magnitude smaller
+    with SummaryWriter(os.fspath(tmp_path)) as writer, torchbp.DeltaMonitor(model) as monitor:
+        torchbp.QuadraticCost()(model(torch.randn(6, 4, dtype=DT)), torch.rand(6, 3, dtype=DT)).backward()
+        log_deltas(writer, monitor, 0, model=model)
+    expected = {name: getattr(model, name).weight.grad.norm().item() for name in ("z_hidden", "a_out")}
+    assert expected["a_out"] > 5 * expected["z_hidden"]
+    acc = _read(tmp_path)
+    for name, norm in expected.items():
+        (event,) = acc.Scalars(f"grad/weight_norm/{name}")
+        assert event.value == pytest.approx(norm, rel=1e-5), name
 
 
 def test_histograms_after_the_steps_go_back_come_at_the_multiples_again(tmp_path):
