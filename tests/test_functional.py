@@ -233,6 +233,25 @@ def test_a_gradient_asked_of_the_input_runs_the_backward_on_the_whole_batch(name
     assert blocks == [7]
 
 
+def test_a_layer_wider_than_a_block_backpropagates_one_sample_at_a_time(monkeypatch):
+    """A layer wider than _BLOCK_ELEMENTS (2**20 elements; made 3 here, the hidden layer 4 wide) with no
+    gradient asked of the input: the fused backward takes blocks of one sample, not of none. Oracle: torch's
+    own ops (1e-12, float64), and a hand count of the blocks, one per sample."""
+    monkeypatch.setattr(F, "_BLOCK_ELEMENTS", HIDDEN - 1)
+    blocks = []
+    backprop_block = F._backprop_block
+    monkeypatch.setattr(F, "_backprop_block", lambda *args: blocks.append(len(args[1][0])) or backprop_block(*args))
+    fn, oracle, kinds = _case("mlp_cost_quadratic_mean")
+    inputs = _inputs(kinds, BATCHES["batch7"], torch.Generator().manual_seed(7))
+    inputs[0].requires_grad_(False)
+    wanted = [t for t in inputs if t.requires_grad]
+    grads = torch.autograd.grad(fn(*inputs)[0], wanted)
+    expected = torch.autograd.grad(oracle(*inputs)[0], wanted)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert blocks == [1] * 7
+
+
 def test_a_network_with_no_features_backpropagates():
     """Zero-width layers (as nn.Linear(0, 0) allows): the fused backward gives empty gradients of the
     parameters' shapes, as torch's ops do, instead of dividing by a zero width."""
@@ -408,6 +427,26 @@ def test_cross_entropy_where_the_output_saturates_equals_binary_cross_entropy():
     z = torch.full((1, 1), 40.0, requires_grad=True)  # float32: sigmoid(40) == 1.0 exactly
     (delta,) = torch.autograd.grad(F.cross_entropy_cost(F.sigmoid(z), torch.ones(1, 1)), z)
     assert delta.item() == 0.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("fused", [False, True], ids=["cross_entropy_cost", "mlp_cost"])
+def test_cross_entropy_target_gradient_where_the_output_saturates_equals_binary_cross_entropy(fused, reduction):
+    """∇_y C = ln(1 − a) − ln a where a is exactly 1, 0 (σ(40), σ(−800) in float64) or ½: −∞, +∞ and 0 times
+    the reduction's weight, as torch's binary_cross_entropy gives them (its ∇_y takes no clamp); through
+    cross_entropy_cost and through the fused mlp_cost (a one-layer network, W = 1). Oracle:
+    binary_cross_entropy of torch.sigmoid(z), float64, 1e-12 (infinities equal)."""
+    x = torch.tensor([[40.0], [-800.0], [0.0]], dtype=torch.float64)
+    weight = torch.ones(1, 1, dtype=torch.float64)
+    y = torch.full((3, 1), 0.3, dtype=torch.float64, requires_grad=True)
+    if fused:
+        c = F.mlp_cost(x, y, [weight], None, "cross_entropy", reduction)[0]
+    else:
+        c = F.cross_entropy_cost(torch.sigmoid(x), y, reduction)
+    (g,) = torch.autograd.grad(c.sum(), y)
+    (g_ref,) = torch.autograd.grad(oracle_cost(torch.sigmoid(x), y, "cross_entropy", reduction).sum(), y)
+    assert g_ref[0].item() == -math.inf and g_ref[1].item() == math.inf  # the saturated outputs, unclamped
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
 
 
 def test_cross_entropy_forward_ad_where_an_output_saturates_equals_binary_cross_entropy():
@@ -687,6 +726,14 @@ BAD_INPUTS = {
                        "mlp(): weights[1] must be 2-D (out_features, in_features), got shape (4,)"),
     "mlp bias length": (lambda: F.mlp(_t(5, 3), ws, [_t(4), _t(4)]), F.TensorValueError,
                         "mlp(): biases[1] must have shape (2,) (weights[1]'s out_features), got (4,)"),
+    # the first layer's bias too: a bias of shape (1,) or () is linear()'s broadcast, not the network's
+    "mlp first bias (1,)": (lambda: F.mlp(_t(5, 3), ws, [_t(1), bs[1]]), F.TensorValueError,
+                            "mlp(): biases[0] must have shape (4,) (weights[0]'s out_features), got (1,)"),
+    "mlp_cost first bias ()": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2), ws, [_t(), bs[1]]), F.TensorValueError,
+                               "mlp_cost(): biases[0] must have shape (4,) (weights[0]'s out_features), got ()"),
+    "mlp_sgd_step first bias (1,)": (
+        lambda: sgd.mlp_sgd_step(_t(5, 3), _t(5, 2), ws, [_t(1).requires_grad_(), bs[1]], 0.1), F.TensorValueError,
+        "mlp_sgd_step(): biases[0] must have shape (4,) (weights[0]'s out_features), got (1,)"),
     "mlp weights a generator": (lambda: F.mlp(_t(5, 3), (w for w in ws), bs), TypeError,
                                 "mlp(): weights must be a list or tuple with one tensor per layer, got generator"),
     "mlp weights one tensor": (lambda: F.mlp(_t(5, 3), ws[0], None), TypeError,
@@ -776,12 +823,18 @@ def test_valid_input_takes_the_one_cheap_check(monkeypatch):
 @pytest.mark.parametrize("shape", [(1, 3), (2, 1, 3), (3,)], ids=str)
 def test_linear_with_a_1d_weight_drops_only_the_feature_dimension(shape):
     """A 1-D weight (one output feature): the output drops the last dimension only, as torch's does,
-    even where other dimensions are 1. Values against torch.nn.functional.linear, 1e-12 in float64."""
+    even where other dimensions are 1. Values against torch.nn.functional.linear, 1e-12 in float64.
+    The delta hook is called once in backward with δ = ∇_z C of the (*, 1) output: the gradient
+    backpropagated, unsqueezed (exactly)."""
     torch.manual_seed(3)
-    x, w = torch.randn(*shape, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
-    out, expected = F.linear(x, w), TF.linear(x, w)
+    x, w = torch.randn(*shape, dtype=torch.float64), torch.randn(3, dtype=torch.float64, requires_grad=True)
+    deltas = []
+    out, expected = F.linear(x, w, delta_hook=deltas.append), TF.linear(x, w)
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(g)
+    assert len(deltas) == 1 and torch.equal(deltas[0], g.unsqueeze(-1))
 
 
 @pytest.mark.parametrize("bias_shape", [(4, 2), (4, 1)])
@@ -791,7 +844,10 @@ def test_linear_with_a_1d_weight_drops_only_the_feature_dimension(shape):
 def test_linear_under_autocast_with_a_broadcast_bias_takes_or_refuses_as_torch(dtypes, bias_shape):
     """Under CPU bfloat16 autocast a bias broadcast over the samples is cast like the rest where autocast casts
     it, and the output's dtype is torch's; a bias autocast leaves alone (float64, complex) of another dtype than
-    the output is refused where torch's addmm refuses it (the sum once promoted silently). Oracle: F.linear."""
+    the output is refused where torch's addmm refuses it (the sum once promoted silently). Oracle: F.linear;
+    a bfloat16 output to one bfloat16 ulp of the largest |z| or output (2^-7 of it): torchbp rounds z = a W^T
+    to bfloat16 before it adds the broadcast bias, where torch's addmm rounds once."""
+    torch.manual_seed(17)
     input_dtype, bias_dtype = dtypes
     x, w = torch.randn(4, 3, dtype=input_dtype), torch.randn(2, 3, dtype=input_dtype)
     b = torch.randn(bias_shape, dtype=bias_dtype)
@@ -804,7 +860,10 @@ def test_linear_under_autocast_with_a_broadcast_bias_takes_or_refuses_as_torch(d
         else:
             got = F.linear(x, w, b)
             assert got.dtype == expected.dtype
-            torch.testing.assert_close(got, expected)
+            largest = max(expected.abs().max().item(), (x.float() @ w.float().T).abs().max().item())
+            double_rounding = 2**-7 * largest if expected.dtype == torch.bfloat16 else None
+            torch.testing.assert_close(got, expected, **({} if double_rounding is None else
+                                                         dict(rtol=0, atol=double_rounding)))
 
 
 def test_mlp_cost_under_autocast_takes_a_target_of_another_dtype():

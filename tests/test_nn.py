@@ -1023,6 +1023,59 @@ def test_hooks_registered_for_every_module_see_every_layer_as_on_sequential(fuse
     assert seen == ["MLP", *layers, "Sequential", *layers]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_a_childs_backward_pre_hook_runs_as_on_sequential(fused):
+    """register_full_backward_pre_hook on a child (here one that doubles the gradient reaching layer 2): the
+    fused MLP must run its layers so that the hook runs and changes the gradients below it, as on
+    nn.Sequential (oracle: the same hook there; gradients to 1e-12, float64, the hook called once each);
+    the steps by hand, which run no hook, refuse the model."""
+    torch.manual_seed(5)
+    model = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    reference = sequential_like(model)
+    calls = []
+
+    def double(module, grad_output):
+        calls.append(type(module).__name__)
+        return (2 * grad_output[0],)
+
+    for m in (model, reference):
+        m[2].register_full_backward_pre_hook(double)
+    x = torch.randn(5, SIZES[0], dtype=torch.float64, requires_grad=True)
+    y = torch.rand(5, SIZES[-1], dtype=torch.float64)
+    c, c_ref = model.cost(x, y), oracle_cost(reference(x), y)
+    close(c, c_ref)
+    for g, e in zip(_grads([c], [x, *model.parameters()]), _grads([c_ref], [x, *reference.parameters()])):
+        close(g, e)
+    assert calls == ["Linear", "Linear"]
+    with pytest.raises(RuntimeError, match=re.escape("MLP.sgd_step(): layer 2 (Linear) has forward or backward hooks")):
+        model.sgd_step(x.detach(), y, 0.5)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_a_backward_pre_hook_for_every_module_sees_every_layer_as_on_sequential(fused):
+    """torch.nn.modules.module.register_module_full_backward_pre_hook is called in backward for every module:
+    the fused MLP must run its layers then, as nn.Sequential does. Oracle: the modules it sees on
+    nn.Sequential, output layer first; the steps by hand, which run no hook, refuse the model."""
+    from torch.nn.modules.module import register_module_full_backward_pre_hook
+
+    torch.manual_seed(6)
+    model = torchbp.MLP(SIZES, fused=fused, dtype=torch.float64)
+    reference = sequential_like(model)
+    x, y = torch.randn(5, SIZES[0], dtype=torch.float64), torch.rand(5, SIZES[-1], dtype=torch.float64)
+    seen = []
+    handle = register_module_full_backward_pre_hook(lambda module, grad_output: seen.append(type(module).__name__))
+    try:
+        model.cost(x, y).backward()
+        model_seen, seen[:] = seen[:], []
+        oracle_cost(reference(x), y).backward()
+        with pytest.raises(RuntimeError, match=re.escape("MLP.sgd_step(): the MLP has forward or backward hooks")):
+            model.sgd_step(x, y, 0.5)
+    finally:
+        handle.remove()
+    assert seen[0] == "Sequential" and model_seen == ["MLP", *seen[1:]]
+    assert seen[1:] == ["Sigmoid", "Linear"] * (len(SIZES) - 1)
+
+
 def _relu_in_the_middle(model):
     model[1] = nn.ReLU()  # as nn.Sequential takes it
 
@@ -1171,6 +1224,25 @@ def test_float16_mean_cost_does_not_overflow_where_the_mean_fits(fused):
     assert torch.isfinite(c) and abs(c.double() - 0.5 * 10 * torch.sigmoid(torch.tensor(3.0)).double() ** 2) < 1e-2
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_float16_mean_cost_of_a_small_batch_does_not_overflow_where_the_mean_fits(fused):
+    """2,000 samples of 10 features (20,000 elements, a batch small enough for the one-dot sum of float32 and
+    float64) with a − y ≈ 2, ½‖a − y‖² ≈ 20 each: the mean fits float16, Σ‖a − y‖² ≈ 80,000 does not (65504).
+    quadratic_cost, MLP.cost and the cost sgd_step returns stay finite. Oracle: the float64 cost, to 1e-2."""
+    y = -torch.ones(2000, 10, dtype=torch.float16)
+    a = torch.ones_like(y)
+    c = F.quadratic_cost(a, y)
+    assert torch.isfinite(c) and abs(c.double() - 0.5 * ((a.double() - y.double()) ** 2).sum(-1).mean()) < 1e-2
+    model = torchbp.MLP([3, 10], fused=fused, dtype=torch.float16)
+    x = torch.zeros(2000, 3, dtype=torch.float16)
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.fill_(10.0)  # a = σ(10) ≈ 0.99995 for every output
+    expected = 0.5 * 10 * (torch.sigmoid(torch.tensor(10.0, dtype=torch.float64)) + 1) ** 2
+    for c in (model.cost(x, y), model.sgd_step(x, y, 0.0)):
+        assert torch.isfinite(c) and abs(c.double() - expected) < 1e-2, (c, expected)
+
+
 @pytest.mark.parametrize("n_in, n_out", [(0, 3), (3, 0)], ids=["in0", "out0"])
 def test_linear_with_zero_features_backpropagates_on_3d_input_like_nn_linear(n_in, n_out):
     """in_features or out_features 0 on a (2, 4, in) input: forward and every gradient as nn.Linear (all of
@@ -1259,6 +1331,27 @@ def test_linear_saves_no_input_when_its_weight_is_frozen():
     layer.weight.requires_grad_(True)
     saved_input, saved_weight = layer(x.detach()).grad_fn.saved_tensors
     assert saved_weight is None and torch.equal(saved_input, x)
+
+
+def test_fused_mlp_under_autocast_takes_a_bfloat16_input_with_float32_parameters():
+    """Under CPU bf16 autocast a bf16 input meets float32 parameters, as in nn.Sequential, which casts both:
+    the fused MLP's output and F.mlp_cost's cost and output equal nn.Sequential's under the same autocast
+    (its output, and the quadratic cost of it with torch ops), to bf16's tolerance (rtol 1.6e-2, atol 1e-5)."""
+    torch.manual_seed(12)
+    model = torchbp.MLP([3, 4, 2], fused=True)
+    reference = sequential_like(model)
+    x, y = torch.randn(5, 3, dtype=torch.bfloat16), torch.rand(5, 2)
+    weights, biases = [m.weight for m in model.linears], [m.bias for m in model.linears]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference(x)
+        c_ref = oracle_cost(expected, y)
+        out = model(x)
+        c, a = F.mlp_cost(x, y, weights, biases)
+    bf16 = {"rtol": 1.6e-2, "atol": 1e-5}
+    assert out.dtype == a.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, **bf16)
+    torch.testing.assert_close(a, expected, **bf16)
+    torch.testing.assert_close(c, c_ref, **bf16)
 
 
 def test_fused_cross_entropy_under_autocast_takes_its_logs_in_float32():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -319,20 +320,21 @@ def test_sgd_step_under_no_grad_still_calls_delta_hooks():
     assert calls == [model[2], model[0]] * 4  # one step, then three: output layer first each time
 
 
+@pytest.mark.parametrize("rows", [(2,), (2, 5)], ids=["3d", "4d"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("cost", ["quadratic", "cross_entropy"])
-def test_sgd_epoch_equals_autograd_and_torch_sgd_on_each_mini_batch(cost, reduction):
+def test_sgd_epoch_equals_autograd_and_torch_sgd_on_each_mini_batch(cost, reduction, rows):
     """Oracle: backward() + SGD.step() on x[0:3], x[3:6], x[6:7] in turn: same costs and parameters (1e-12, float64).
 
     Seven samples at batch_size 3 leave a last mini-batch of one, which takes a step of its own; the
-    input is 3-D, so a mini-batch of 3 rows holds 3 x 2 samples.
+    input is 3-D or 4-D, so a mini-batch of 3 rows holds 3 x 2 or 3 x 2 x 5 samples.
     """
     torch.manual_seed(3)
     model = torchbp.MLP(SIZES, dtype=torch.float64)
     oracle = sequential_like(model)
     optimizer = torch.optim.SGD(oracle.parameters(), lr=LR)
-    x = torch.randn(7, 2, SIZES[0], dtype=torch.float64)
-    y = torch.rand(7, 2, SIZES[-1], dtype=torch.float64)
+    x = torch.randn(7, *rows, SIZES[0], dtype=torch.float64)
+    y = torch.rand(7, *rows, SIZES[-1], dtype=torch.float64)
     expected = []
     for i in range(0, 7, 3):
         c = oracle_cost(oracle(x[i : i + 3]), y[i : i + 3], cost, reduction)
@@ -343,7 +345,7 @@ def test_sgd_epoch_equals_autograd_and_torch_sgd_on_each_mini_batch(cost, reduct
     costs = model.sgd_epoch(x, y, LR, 3, cost, reduction)
     torch.testing.assert_close(costs, torch.cat(expected) if reduction == "none" else torch.stack(expected),
                                rtol=0, atol=1e-12)
-    assert costs.shape == ((7, 2) if reduction == "none" else (3,))
+    assert costs.shape == ((7, *rows) if reduction == "none" else (3,))
     for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=f"{name} after the epoch")
         assert p.grad is None, f"{name}.grad must be left alone"
@@ -513,12 +515,15 @@ def test_functional_step_refuses_a_view_of_a_computed_tensor():
         sgd.mlp_sgd_step(x, y, [(w * 1).view(3, 4)], [b], LR)
 
 
-@pytest.mark.parametrize("tie", ["data", "overlapping views"])
+@pytest.mark.parametrize("tie", ["data", "overlapping views", "frozen alias", "last element of a strided view"])
 def test_parameters_sharing_memory_are_refused(tie):
     """Two distinct Parameters over one memory (tied through .data, or views of one buffer that overlap):
     the step would move one before reading the other, so it refuses them, as it refuses a tensor passed
     twice, and nothing moves (it once updated layer 0 wrongly by ~6e-4). Views side by side are fine
-    (test_functional_step_trains_views_of_a_flat_parameter)."""
+    (test_functional_step_trains_views_of_a_flat_parameter). Refused too: a frozen tensor (requires_grad
+    False) over a trained one's memory, which the step reads after moving it; and two views of one buffer
+    whose only common element is the last one of a transposed (non-contiguous) view, element 7 here (a
+    hand count of the views' elements: 0..7 and 7..10)."""
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.rand(4, 3, dtype=torch.float64)
     if tie == "data":
         model = torchbp.MLP([3, 3, 3, 3], dtype=torch.float64)
@@ -527,11 +532,24 @@ def test_parameters_sharing_memory_are_refused(tie):
         with pytest.raises(ValueError, match=r"sgd_step\(\): weights\[1\] and weights\[2\] share memory"):
             model.sgd_step(x, y, LR)
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    else:
+    elif tie == "overlapping views":
         flat = torch.randn(15, dtype=torch.float64, requires_grad=True)
         w1, w2 = flat[:9].view(3, 3), flat[6:15].view(3, 3)  # elements 6..8 in both
         with pytest.raises(ValueError, match=r"mlp_sgd_step\(\): weights\[0\] and weights\[1\] share memory"):
             sgd.mlp_sgd_step(x, y, [w1, w2], None, LR)
+    else:
+        if tie == "frozen alias":
+            trained = [torch.randn(3, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+            weights = [trained[0], trained[1].detach(), trained[1]]  # W^2 frozen, over W^3's memory
+        else:
+            flat = torch.randn(30, dtype=torch.float64, requires_grad=True)
+            # W^1 (4, 2) apart; W^2 (2, 4) transposed over elements 0..7; W^3 (2, 2) over elements 7..10
+            weights = [flat[20:28].view(4, 2), flat[0:8].view(4, 2).t(), flat[7:11].view(2, 2)]
+            x, y = torch.randn(4, 2, dtype=torch.float64), torch.rand(4, 2, dtype=torch.float64)
+        before = [w.detach().clone() for w in weights]
+        with pytest.raises(ValueError, match=re.escape("mlp_sgd_step(): weights[1] and weights[2] share memory")):
+            sgd.mlp_sgd_step(x, y, weights, None, LR)
+        assert all(torch.equal(w, b) for w, b in zip(weights, before))
 
 
 def test_interleaved_views_and_aliasing_frozen_tensors_train_as_autograd_does():
@@ -549,6 +567,20 @@ def test_interleaved_views_and_aliasing_frozen_tensors_train_as_autograd_does():
     expected = reference.detach() - LR * reference.grad
     sgd.mlp_sgd_step(x, y, [P[:, :3], P[:, 3:]], [b1, b2], LR)
     torch.testing.assert_close(P.detach(), expected, rtol=0, atol=1e-12)
+
+
+def test_steps_by_hand_run_on_the_meta_device():
+    """On the meta device (shape dry-runs) every tensor reports address 0, which is no shared memory: sgd_step
+    and sgd_epoch run and give a cost of the shape and device torch's ops give on meta (oracle: the cost of
+    nn.Sequential's output on meta, shape ()), and a (2,) one for 5 samples in steps of 3 (a hand count)."""
+    model = torchbp.MLP([3, 4, 2], device="meta", dtype=torch.float64)
+    x = torch.randn(5, 3, device="meta", dtype=torch.float64)
+    y = torch.rand(5, 2, device="meta", dtype=torch.float64)
+    expected = oracle_cost(sequential_like(model)(x), y)
+    c = model.sgd_step(x, y, LR)
+    assert (c.shape, c.dtype, c.device) == (expected.shape, expected.dtype, expected.device)
+    costs = model.sgd_epoch(x, y, LR, 3)
+    assert costs.shape == (2,) and costs.device.type == "meta"
 
 
 def test_functional_step_refuses_tied_biases():
