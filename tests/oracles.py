@@ -20,6 +20,20 @@ def nn_sequential(sizes, bias=True, dtype=None, device=None) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class Unsorted(nn.Module):
+    """A 4 -> 5 -> 3 sigmoid network in torch.nn whose Linear layers are registered as z_hidden then a_out:
+    registration order is not sorted order (for code that must keep layers apart by name)."""
+
+    def __init__(self, dtype=None):
+        super().__init__()
+        self.z_hidden = nn.Linear(4, 5, dtype=dtype)
+        self.act = nn.Sigmoid()
+        self.a_out = nn.Linear(5, 3, dtype=dtype)
+
+    def forward(self, x):
+        return self.a_out(self.act(self.z_hidden(x)))
+
+
 def sequential_like(model: torchbp.MLP) -> nn.Sequential:
     """The torch.nn network with the same layers, loaded from ``model``'s state_dict (strict)."""
     weight = model.linears[0].weight

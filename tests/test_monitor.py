@@ -16,7 +16,7 @@ from torch import nn
 
 import torchbp
 
-from oracles import nn_sequential, oracle_cost
+from oracles import Unsorted, nn_sequential, oracle_cost
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 DT = torch.float64
@@ -503,25 +503,12 @@ def test_data_parallel_and_compile_wrappers_keep_inner_names(wrap):
         assert_close(monitor.pop(), oracle_stats(ref, x, y))
 
 
-class Unsorted(nn.Module):
-    """Two Linear layers registered as z_hidden then a_out: registration order is not sorted order."""
-
-    def __init__(self):
-        super().__init__()
-        self.z_hidden = nn.Linear(4, 5, dtype=DT)
-        self.act = nn.Sigmoid()
-        self.a_out = nn.Linear(5, 3, dtype=DT)
-
-    def forward(self, x):
-        return self.a_out(self.act(self.z_hidden(x)))
-
-
 def test_statistics_go_to_their_layer_when_names_are_not_in_sorted_order():
     """Layers registered as z_hidden, a_out (sorted order is the reverse): each layer's popped statistics are its
     own δ's, not the other layer's (their δ differ, the output layer's about 10x the hidden one's). Oracle:
     torch's autograd on the nn model (float64, 1e-6)."""
     torch.manual_seed(9)
-    ref = Unsorted()
+    ref = Unsorted(DT)
     with torch.no_grad():
         ref.a_out.weight.mul_(0.1)  # the hidden layer's δ = W_outᵀ δ_out σ': an order of magnitude smaller
     model = torchbp.convert(ref)

@@ -35,7 +35,7 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from torchbp.tensorboard import log_deltas  # noqa: E402
 
-from oracles import nn_sequential  # noqa: E402
+from oracles import Unsorted, nn_sequential  # noqa: E402
 
 DT = torch.float64
 SIZES = [6, 5, 4, 3]
@@ -379,17 +379,8 @@ def test_two_prefixes_on_one_writer_keep_their_own_histogram_cadence(tmp_path):
 def test_weight_gradient_norms_go_to_their_layer_when_names_are_not_in_sorted_order(tmp_path):
     """Layers registered as z_hidden then a_out (sorted order is the reverse): grad/weight_norm/<layer> is that
     layer's ‖∇_W C‖ (oracle: torch's norm of each weight.grad, values ~10x apart; float32 events, rel 1e-5)."""
-
-    class Unsorted(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.z_hidden, self.act, self.a_out = nn.Linear(4, 5, dtype=DT), nn.Sigmoid(), nn.Linear(5, 3, dtype=DT)
-
-        def forward(self, x):
-            return self.a_out(self.act(self.z_hidden(x)))
-
     torch.manual_seed(16)
-    model = torchbp.convert(Unsorted())
+    model = torchbp.convert(Unsorted(DT))
     with torch.no_grad():
         model.a_out.weight.mul_(0.1)  # the hidden layer's δ, and its weight gradient, an order of magnitude smaller
     with SummaryWriter(os.fspath(tmp_path)) as writer, torchbp.DeltaMonitor(model) as monitor:

@@ -1073,7 +1073,7 @@ def _check_network_cost(
     if cost == "cross_entropy":
         _assert_unit_interval(fn, "target", target, "a probability")  # a^L is a sigmoid's: in [0, 1]
     x, params, dtype = _network_params(x, weights, biases)
-    (target,) = (_promoted_target(x, target),) if dtype is None else _cast(torch.float32, target)
+    target = _promoted_target(x, target) if dtype is None else _cast(torch.float32, target)[0]
     return x, target, params, dtype
 
 
