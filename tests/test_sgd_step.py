@@ -569,6 +569,34 @@ def test_interleaved_views_and_aliasing_frozen_tensors_train_as_autograd_does():
     torch.testing.assert_close(P.detach(), expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("aliased", ["input", "target"])
+@pytest.mark.parametrize("method", ["sgd_step", "sgd_epoch"])
+def test_an_input_or_target_in_a_trained_parameters_memory_trains_as_autograd_does(aliased, method):
+    """An input or target that is a view of a parameter the step moves: the step reads it as it was before
+    the step, as backward() forms every gradient before SGD.step() moves anything. Parameters and the
+    returned cost equal backward() + torch.optim.SGD's (float64, 1e-12), the cross-entropy target too."""
+    torch.manual_seed(11)
+    model = torchbp.MLP([4, 4, 4], dtype=torch.float64)
+    oracle = sequential_like(model)
+    optimizer = torch.optim.SGD(oracle.parameters(), lr=LR)
+    x = torch.randn(4, 4, dtype=torch.float64)
+    y = torch.rand(4, 4, dtype=torch.float64)
+    view = torch.sigmoid(model[2].weight.detach()) if aliased == "target" else model[2].weight.detach()
+    if aliased == "target":  # a probability for the cross-entropy, kept in W^2's own memory
+        model[2].weight.data.copy_(view)
+        oracle[2].weight.data.copy_(view)
+        view = model[2].weight.detach()
+    x, y = (view, y) if aliased == "input" else (x, view)
+    x_ref, y_ref = x.clone(), y.clone()
+    c_ref = oracle_cost(oracle(x_ref), y_ref, "cross_entropy")
+    c_ref.backward()
+    optimizer.step()
+    c = getattr(model, method)(x, y, LR, *([4] if method == "sgd_epoch" else []), cost="cross_entropy")
+    torch.testing.assert_close(c.reshape(()), c_ref.detach(), rtol=0, atol=1e-12)
+    for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-12, msg=name)
+
+
 def test_steps_by_hand_run_on_the_meta_device():
     """On the meta device (shape dry-runs) every tensor reports address 0, which is no shared memory: sgd_step
     and sgd_epoch run and give a cost of the shape and device torch's ops give on meta (oracle: the cost of

@@ -89,10 +89,21 @@ def _check_sgd(
         raise ValueError(f"{fn}(): weights and biases must be distinct tensors, got one passed twice "
                          "(tied weights); train those with mlp_cost(...).backward() and an optimizer")
     # (not while torch.compile traces: addresses are no part of a graph; an eager call checks them)
-    tied = None if torch.compiler.is_compiling() else _shared_memory(params, trains)
-    if tied is not None:  # tied through .data or one storage: the same hazard as a tensor passed twice
-        raise ValueError(f"{fn}(): {_param_name(tied[0])} and {_param_name(tied[1])} share memory (tied weights); "
-                         "train those with mlp_cost(...).backward() and an optimizer")
+    n = len(params)
+    while not torch.compiler.is_compiling():
+        shared = _shared_memory([*params, x, target], [*trains, False, False])
+        if shared is None:
+            break
+        i, j = shared
+        if j < n:  # tied through .data or one storage: the same hazard as a tensor passed twice
+            raise ValueError(f"{fn}(): {_param_name(i)} and {_param_name(j)} share memory (tied weights); "
+                             "train those with mlp_cost(...).backward() and an optimizer")
+        # An input or target in a trained parameter's memory would be read after the step has moved it:
+        # the step reads a copy, as autograd forms every gradient before an optimizer moves anything.
+        if j == n:
+            x = x.clone()
+        else:
+            target = target.clone()
     return x, target, [None if p is None else p.detach() for p in params], trains, lr
 
 
