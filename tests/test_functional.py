@@ -525,13 +525,15 @@ def test_linear_takes_what_torch_broadcasts(weight_shape, bias_shape, batch):
 
 @pytest.mark.parametrize(
     "batch, bias_shape",
-    [((7,), (7, OUT)), ((7,), (7, 1)), ((7,), (1, OUT)), ((2, 3), (3, OUT)), ((2, 3), (2, 1, OUT))],
-    ids=["per-sample", "per-sample-scalar", "row", "3d-per-position", "3d-per-batch"],
+    [((7,), (7, OUT)), ((7,), (7, 1)), ((7,), (1, OUT)), ((2, 3), (3, OUT)), ((2, 3), (2, 1, OUT)),
+     ((), (1, OUT))],
+    ids=["per-sample", "per-sample-scalar", "row", "3d-per-position", "3d-per-batch", "1d-row"],
 )
 def test_linear_takes_a_bias_torch_broadcasts_over_samples(batch, bias_shape):
-    """A bias of 2 or more dims that broadcasts to the output (*, out), as torch.nn.functional.linear
-    takes it: output and every gradient equal torch's (1e-12, float64); gradcheck; the delta hook still
-    sees δ = ∇_z C, the gradient of the output."""
+    """A bias of 2 or more dims that broadcasts to the output (*, out), or to (1, out) for a 1-D input (a
+    batch of one to torch, whose output stays 1-D), as torch.nn.functional.linear takes it: output and every
+    gradient equal torch's (1e-12, float64); gradcheck; the delta hook still sees δ = ∇_z C, the gradient
+    of the output."""
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(*batch, IN, dtype=torch.float64, generator=gen, requires_grad=True)
     weight = torch.randn(OUT, IN, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -654,6 +656,9 @@ BAD_INPUTS = {
                                   "linear(): bias must broadcast to the output's shape (5, 2), got (3, 2)"),
     "linear bias adds dims": (lambda: F.linear(_t(5, 3), w32, _t(2, 5, 2)), F.TensorValueError,
                               "linear(): bias must broadcast to the output's shape (5, 2), got (2, 5, 2)"),
+    "linear 1-D input, bias of 2 rows": (lambda: F.linear(_t(3), w32, _t(2, 2)), F.TensorValueError,
+                                        "linear(): bias must broadcast to a 1-D input's output as a batch of one, "
+                                        "(1, 2), got (2, 2)"),
     # linear: types and dtypes
     "linear input not a tensor": (lambda: F.linear([[0.0, 0.0, 0.0]], w32), TypeError,
                                   "linear(): input must be a torch.Tensor, got list"),

@@ -456,6 +456,31 @@ def test_autocast_functional_costs_run_in_float32(device, dtype):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("device, dtype", AUTOCAST)
+def test_autocast_float64_network_with_a_float32_target_costs_as_torch(device, dtype, fused):
+    """Under autocast a float64 network's a^L stays float64 and a float32 target stays float32, as torch's
+    losses take them: the quadratic cost (mse_loss promotes) is float64 and equals nn.Sequential's (1e-12),
+    gradients too; the cross-entropy is refused, as binary_cross_entropy refuses two dtypes."""
+    torch.manual_seed(8)
+    model = torchbp.MLP([6, 5, 3], fused=fused, dtype=torch.float64, device=device)
+    reference = sequential_like(model)
+    x = torch.randn(4, 6, dtype=torch.float64, device=device)
+    y = torch.rand(4, 3, device=device)  # float32
+    with torch.autocast(device, dtype=dtype):
+        c, c_ref = model.cost(x, y), oracle_cost(reference(x), y)
+        with pytest.raises(RuntimeError):  # torch's own refusal, the oracle for torchbp's below
+            TF.binary_cross_entropy(reference(x), y)
+        with pytest.raises(RuntimeError, match="target must have the same dtype"):
+            model.cost(x, y, "cross_entropy")
+    assert c.dtype == c_ref.dtype == torch.float64
+    close(c, c_ref)
+    c.backward()
+    c_ref.backward()
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        close(p.grad, p_ref.grad, what=name)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("device, dtype", AUTOCAST)
 def test_autocast_leaves_float64_alone(device, dtype, fused):
     """Autocast never casts a float64 tensor: a float64 network and its cost run in float64, as torch.nn's do."""
     torch.manual_seed(7)

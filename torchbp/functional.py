@@ -156,12 +156,12 @@ def _check_layer(fn: str, i: int, input: Tensor, a_features: int, weight: object
     if bias is not None:
         _check_tensor(fn, bname, bias, complex_ok=i < 0)
         if i < 0 and bias.dim() > 1:
-            # As torch.nn.functional.linear: a bias added to z, broadcast to the output's shape, (N, out) say
-            out = (*input.shape[:-1], weight.shape[0])
+            # As torch.nn.functional.linear: a bias added to z, broadcast to the output's shape, (N, out) say;
+            # a 1-D input is a batch of one there, (1, out), dropped from the output
+            out = (*input.shape[:-1], weight.shape[0]) if input.dim() > 1 else (1, weight.shape[0])
             if not _broadcasts_to(tuple(bias.shape), out):
-                raise TensorValueError(
-                    f"{fn}(): bias must broadcast to the output's shape {out}, got {tuple(bias.shape)}"
-                )
+                what = "the output's shape" if input.dim() > 1 else "a 1-D input's output as a batch of one,"
+                raise TensorValueError(f"{fn}(): bias must broadcast to {what} {out}, got {tuple(bias.shape)}")
             return
         # linear() also takes what torch.nn.functional.linear broadcasts: a bias of shape () or (1,)
         shapes = ((weight.shape[0],), (), (1,)) if i < 0 else ((weight.shape[0],),)
@@ -398,7 +398,7 @@ def linear(
                 (bias,) = _cast(dtype, bias)
                 # as torch's addmm under autocast: a bias it leaves uncast (float64, complex) must match z
                 _check_same("linear", "the output under autocast", z, "bias", bias)
-            return z + bias
+            return z + bias if input.dim() > 1 else (z + bias).reshape(z.shape)  # (1, out) -> (out,)
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
             bias = bias.expand(weight.shape[0])  # () or (1,) -> (out,)
     dtype = _autocast_dtype(input)
@@ -1053,8 +1053,8 @@ def _check_network_cost(
 
     The target must be shaped like the output, on its device. The cross-entropy's has the input's dtype
     too, as binary_cross_entropy wants, except under autocast; the quadratic cost's may have any floating
-    dtype, or be integer or bool, as mse_loss's. It comes back in the cost's dtype: float32 under autocast,
-    as torch's losses run, else the wider of its and the network's (:func:`_promoted_target`).
+    dtype, or be integer or bool, as mse_loss's. It comes back in the cost's dtype: the wider of its and
+    the network's, each taken as autocast takes torch's losses (in float32, float64 left as it is).
     """
     target = _float_target(cost, x, target)
     if isinstance(x, Tensor) and isinstance(target, Tensor) and (x.is_nested or target.is_nested):
@@ -1073,17 +1073,17 @@ def _check_network_cost(
     if cost == "cross_entropy":
         _assert_unit_interval(fn, "target", target, "a probability")  # a^L is a sigmoid's: in [0, 1]
     x, params, dtype = _network_params(x, weights, biases)
-    target = _promoted_target(x, target) if dtype is None else _cast(torch.float32, target)[0]
-    return x, target, params, dtype
-
-
-def _promoted_target(x: Tensor, target: Tensor) -> Tensor:
-    """The quadratic cost's target in the wider of its and the network's dtypes, as mse_loss promotes.
-
-    The cost is then computed in that dtype (a float64 target of a float32 network: in float64), and δ^L
-    goes down the network in the network's own.
-    """
-    return _as(target, torch.promote_types(x.dtype, target.dtype))
+    a_dtype = x.dtype  # a^L's, as the cost takes it
+    if dtype is not None:
+        # Autocast runs torch's losses in float32, float64 left as it is: a^L and the target both cast so
+        a_dtype = torch.float64 if a_dtype == torch.float64 else torch.float32
+        (target,) = _cast(torch.float32, target)
+        if cost == "cross_entropy" and target.dtype != a_dtype:  # as binary_cross_entropy refuses two dtypes
+            raise TensorTypeError(f"{fn}(): target must have the same dtype as the output a^L under autocast "
+                                  f"({a_dtype}), got {target.dtype}")
+    # The cost is computed in the wider of the two dtypes, as mse_loss promotes (a float64 target of a
+    # float32 network: in float64), and δ^L goes down the network in the network's own.
+    return x, _as(target, torch.promote_types(a_dtype, target.dtype)), params, dtype
 
 
 def mlp(
