@@ -204,6 +204,23 @@ def test_mlp_state_dict_round_trip_with_sequential(bias):
     assert len(model) == 2 * (len(SIZES) - 1)
 
 
+@pytest.mark.parametrize("idx", [4, -5, 10, "0", 1.0])
+def test_mlp_index_out_of_range_or_not_an_int_fails_as_sequential(idx):
+    """A bad index fails as nn.Sequential's does, reading or replacing a layer: IndexError naming the index
+    (the MLP's 4 layers end at 3 and -4), TypeError for a non-integer; an index in range counts from the
+    end when negative (oracle: nn.Sequential's own errors and layers)."""
+    model = torchbp.MLP([3, 4, 2])
+    reference = sequential_like(model)
+    with pytest.raises((IndexError, TypeError)) as expected:
+        reference[idx]
+    for access in (lambda: model[idx], lambda: model.__setitem__(idx, nn.ReLU())):
+        with pytest.raises(expected.type, match=re.escape(str(expected.value))):
+            access()
+    assert model[-4] is model[0] and isinstance(model[-1], torchbp.Sigmoid)
+    model[-1] = nn.ReLU()
+    assert isinstance(model[3], nn.ReLU)
+
+
 @pytest.mark.parametrize("idx", [slice(2, None), slice(None, 3), slice(1, 5, 2), slice(None, None, -1)],
                          ids=["2:", ":3", "1:5:2", "::-1"])
 @pytest.mark.parametrize("sizes", [SIZES, [4] * 7], ids=["shallow", "12-layers"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import operator
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
@@ -279,11 +280,18 @@ class MLP(nn.Module):
         """Layer ``idx``; a slice is an nn.Sequential of those layers under their own names, as nn.Sequential's."""
         if isinstance(idx, slice):
             return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
-        return list(self._modules.values())[idx]
+        return self._modules[self._name(idx)]
 
     def __setitem__(self, idx: int, module: nn.Module) -> None:
         """Replace layer ``idx``, as in nn.Sequential: ``model[1] = nn.ReLU()`` (then it runs layer by layer)."""
-        setattr(self, list(self._modules)[idx], module)
+        setattr(self, self._name(idx), module)
+
+    def _name(self, idx: int) -> str:
+        """The name of layer ``idx``, counted from the end if negative; IndexError past the ends, as nn.Sequential."""
+        size, idx = len(self._modules), operator.index(idx)
+        if not -size <= idx < size:
+            raise IndexError(f"index {idx} is out of range")
+        return list(self._modules)[idx]
 
     def _per_layer(self) -> bool:
         """Whether the network must run layer by layer: not fused, a child replaced, or a child with hooks.
