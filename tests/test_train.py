@@ -462,6 +462,28 @@ def test_threads_reaches_torch_and_is_checked(tmp_path, monkeypatch, capsys):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("momentum", [0.5, 0.9])
+def test_sgd_momentum_under_onecycle_is_the_flags(momentum):
+    """--momentum M with --schedule onecycle: the SGD step's momentum is M at the first and last steps and
+    0.85/0.95 of M at the peak learning rate (OneCycleLR's own cycle, scaled); OneCycleLR's default 0.95
+    once replaced M whatever it was. Oracle: the optimizer's param group read step by step, against the
+    hand-computed values (1e-12)."""
+    import train.mnist
+
+    args = train.mnist.resolve_args(["--optimizer", "sgd", "--lr", "0.1", "--momentum", str(momentum),
+                                     "--schedule", "onecycle"])
+    optimizer = train.mnist.make_optimizer(args, [torch.zeros(1, requires_grad=True)], lr_tensor=False)
+    scheduler = train.mnist.make_scheduler(args, optimizer, total_steps=100)
+    seen = [optimizer.param_groups[0]["momentum"]]
+    for _ in range(99):
+        optimizer.step()
+        scheduler.step()
+        seen.append(optimizer.param_groups[0]["momentum"])
+    assert seen[0] == seen[-1] == pytest.approx(momentum, abs=1e-12)
+    assert min(seen) == pytest.approx(momentum * 0.85 / 0.95, abs=1e-12)
+    assert max(seen) == pytest.approx(momentum, abs=1e-12)
+
+
 def test_flags_at_their_bounds_are_taken():
     """The checks' bounds are inclusive where the values are valid: a hidden width of 1, the largest float32
     target."""

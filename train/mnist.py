@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help=f"global mini-batch size {_recipe_default('batch_size')}")
     p.add_argument("--lr", type=float, help=f"learning rate η (peak η for onecycle) {_recipe_default('lr')}")
     p.add_argument("--optimizer", choices=["sgd", "adam"], help=f"optimizer {_recipe_default('optimizer')}")
-    p.add_argument("--momentum", type=float, help=f"SGD momentum {_recipe_default('momentum')}")
+    p.add_argument("--momentum", type=float, help=f"SGD momentum; with --schedule onecycle the top of its cycle, "
+                   f"0.85/0.95 of it at the peak learning rate {_recipe_default('momentum')}")
     p.add_argument("--schedule", choices=["none", "onecycle"], help=f"learning-rate schedule {_recipe_default('schedule')}")
     p.add_argument("--target-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help=f"one-hot target values, e.g. 0.05 0.95 {_recipe_default('target_range')}")
@@ -354,10 +355,13 @@ def make_optimizer(args, params, lr_tensor: bool):
 def make_scheduler(args, optimizer, total_steps: int):
     if args.schedule == "none":
         return None
-    # Adam: cycle β1 like the momentum; plain SGD has no momentum to cycle.
-    cycle = args.optimizer == "adam" or args.momentum > 0
+    if args.optimizer == "adam":  # β1 cycles between OneCycleLR's own 0.85 and 0.95
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps)
+    # SGD: --momentum is the top of the cycle, down by OneCycleLR's 0.85/0.95 at the peak learning rate
+    # (its own 0.95 would override the flag); plain SGD has no momentum to cycle.
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, total_steps=total_steps, cycle_momentum=cycle
+        optimizer, max_lr=args.lr, total_steps=total_steps, cycle_momentum=args.momentum > 0,
+        max_momentum=args.momentum, base_momentum=args.momentum * 0.85 / 0.95,
     )
 
 
