@@ -120,6 +120,19 @@ def test_evaluate_names_a_json_file_and_a_folder_for_what_they_are(tmp_path, cap
                                        "(its args lack sizes or normalization)\n")
 
 
+def test_evaluate_names_weights_that_do_not_fit_the_checkpoints_own_sizes(tmp_path, capsys):
+    """A checkpoint edited by hand (its sizes [784, 30, 10], its weights [784, 10]'s): one line and exit 2,
+    naming the mismatched weights, as every other bad checkpoint; it was a traceback."""
+    state = _state()
+    state["args"]["sizes"] = [784, 30, 10]
+    checkpoint.save(state, str(tmp_path / "checkpoint.pt"))
+    assert evaluate.main([str(tmp_path / "checkpoint.pt"), "--data-dir", str(tmp_path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"train.evaluate: error: {tmp_path / 'checkpoint.pt'}: its weights do not fit the model "
+                          "its arguments describe: ") and err.count("\n") == 1
+    assert "size mismatch for 0.weight" in err and "Missing key(s)" in err
+
+
 def test_evaluate_help_names_the_module_and_gives_each_default_once(capsys):
     with pytest.raises(SystemExit) as info:
         evaluate.main(["--help"])

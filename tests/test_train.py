@@ -705,6 +705,28 @@ def run_in_process_with(args: list[str]) -> None:
         signal.signal(signal.SIGINT, sigint)
 
 
+def test_resume_names_weights_that_do_not_fit_the_checkpoints_own_sizes(tmp_path, monkeypatch, capsys):
+    """--resume of a checkpoint whose saved sizes were edited: one line and exit 2 naming the mismatched
+    weights, as every other bad checkpoint (it was a load_state_dict traceback)."""
+    import train.mnist
+    from train import checkpoint
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    run_in_process(["--dry-run", "--hidden", "8", "--threads", "1", "--logdir", str(tmp_path)])
+    ckpt = str(tmp_path / "checkpoint.pt")
+    state = checkpoint.load(ckpt)
+    state["args"]["sizes"] = [784, 9, 10]
+    checkpoint.save(state, ckpt)
+    (tmp_path / "metrics.json").unlink()  # as if it stopped before its end: a complete run is not resumed
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        train.mnist.main(["--resume", ckpt])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"train.mnist: error: {ckpt}: its weights do not fit the model its arguments describe: ")
+    assert "size mismatch for 0.weight" in err
+
+
 def test_ctrl_c_before_the_first_step_exits_at_once_and_writes_no_checkpoint(tmp_path, monkeypatch, capsys):
     """Ctrl-C while the data load (or the download, or the model build) runs: Python's own KeyboardInterrupt is
     still the SIGINT handler then, and the run stops there with exit 130, one line, no traceback and no

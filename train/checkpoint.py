@@ -83,3 +83,12 @@ def load(path: str, map_location: str | torch.device = "cpu") -> dict:
     if not isinstance(state, dict) or not {"model", "args", "epoch"} <= state.keys() or not isinstance(state["args"], dict):
         raise CheckpointError(f"{path} is not a train.mnist checkpoint (expected a dict with model, args (a dict), epoch)")
     return state
+
+
+def load_model(model: torch.nn.Module, state: dict, path: str) -> None:
+    """``state["model"]`` into ``model``; a CheckpointError, in one line, where it does not fit (an edited file)."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # torch's message: a title line, then one line per mismatched key
+        details = "; ".join(line.strip() for line in str(e).splitlines()[1:]) or str(e)
+        raise CheckpointError(f"{path}: its weights do not fit the model its arguments describe: {details}") from None

@@ -56,12 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         hint = ""
         if trained_on not in (None, data_dir):
             hint = f"or pass --data-dir {trained_on}, the folder its run trained on"
+        model = torchbp.MLP(run_args["sizes"], fused=True, device=device)
+        checkpoint.load_model(model, state, args.checkpoint)
         test, _, _ = load_test(data_dir, device, run_args["normalization"], hint=hint)
     except (checkpoint.CheckpointError, DataError) as e:
         print(f"train.evaluate: error: {e}", file=sys.stderr)
         return 2
-    model = torchbp.MLP(run_args["sizes"], fused=True, device=device)
-    model.load_state_dict(state["model"])
     with torch.no_grad():
         predicted = model(test.x).argmax(1)  # (10000, 784) -> (10000, 10) -> (10000,)
     matrix = confusion_matrix(predicted, test.y).cpu()

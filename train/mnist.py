@@ -620,10 +620,13 @@ def run_complete(args: argparse.Namespace, state: dict) -> bool:
     return done and os.path.exists(os.path.join(args.logdir, "metrics.json"))
 
 
-def restore(state: dict, model: torchbp.MLP, optimizer: torch.optim.Optimizer,
+def restore(state: dict, path: str, model: torchbp.MLP, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device) -> Progress:
-    """Load a checkpoint into the model, optimizer, scheduler and the RNGs; return its progress."""
-    model.load_state_dict(state["model"])
+    """Load the checkpoint at ``path`` into the model, optimizer, scheduler and the RNGs; return its progress."""
+    try:
+        checkpoint.load_model(model, state, path)
+    except checkpoint.CheckpointError as e:
+        fail(str(e), EXIT_DATA)
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
@@ -924,7 +927,7 @@ def start(args: argparse.Namespace) -> tuple[Run, Progress, MNIST, Batches, torc
     scheduler = make_scheduler(args, optimizer, args.epochs * len(batches))
     progress = Progress(epoch_generator_state=generator.get_state())
     if state is not None:
-        progress = restore(state, model, optimizer, scheduler, device)
+        progress = restore(state, args.resume, model, optimizer, scheduler, device)
     if args.logdir is None:
         args.logdir = default_folder(args.recipe, rank, world_size)
     # A resumed run keeps the events up to its checkpoint's step (that step's logs and evaluation were
