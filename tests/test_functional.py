@@ -743,6 +743,11 @@ BAD_INPUTS = {
                                 "mlp(): weights must be a list or tuple with one tensor per layer, got generator"),
     "mlp weights one tensor": (lambda: F.mlp(_t(5, 3), ws[0], None), TypeError,
                                "mlp(): weights must be a list or tuple with one tensor per layer, got Tensor"),
+    # (a dict would give its keys, a set its tensors in no set order)
+    "mlp weights a dict": (lambda: F.mlp(_t(5, 3), dict(enumerate(ws)), bs), TypeError,
+                           "mlp(): weights must be a list or tuple with one tensor per layer, got dict"),
+    "mlp_cost biases a set": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2), ws, set(bs)), TypeError,
+                              "mlp_cost(): biases must be a list or tuple with one tensor per layer, got set"),
     "mlp_cost biases a generator": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2), ws, (b for b in bs)), TypeError,
                                     "mlp_cost(): biases must be a list or tuple with one tensor per layer, got generator"),
     "mlp integer input": (lambda: F.mlp(_t(5, 3, dtype=torch.int64), ws, bs), F.TensorTypeError,

@@ -31,7 +31,7 @@ Backwards are built from differentiable torch ops, so double backward works.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -176,8 +176,10 @@ def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
 
 
 def _sized(seq: object) -> bool:
-    """A sequence of per-layer tensors, not a generator (read once, no len) nor one tensor (its rows)."""
-    return hasattr(seq, "__len__") and not isinstance(seq, Tensor)
+    """A sequence of per-layer tensors: not a generator (read once, no len), one tensor (its rows), a set (no
+    order), a dict (its keys) nor a string."""
+    return (hasattr(seq, "__len__") and hasattr(seq, "__getitem__")
+            and not isinstance(seq, (Tensor, Mapping, str, bytes)))
 
 
 _NO_TARGET = object()  # _network_ok's "no target to check" (None is a bad target, to be named as such)
