@@ -743,6 +743,16 @@ BAD_INPUTS = {
                                 "mlp(): weights must be a list or tuple with one tensor per layer, got generator"),
     "mlp weights one tensor": (lambda: F.mlp(_t(5, 3), ws[0], None), TypeError,
                                "mlp(): weights must be a list or tuple with one tensor per layer, got Tensor"),
+    # a delta hook is called only in backward: a bad one is refused where it is given
+    "linear hook not callable": (lambda: F.linear(_t(5, 3), w32, b32, delta_hook=3), TypeError,
+                                 "linear(): delta_hook must be a function called as delta_hook(delta), got int"),
+    "mlp hook not callable": (lambda: F.mlp(_t(5, 3), ws, bs, delta_hook="print"), TypeError,
+                              "mlp(): delta_hook must be a function called as delta_hook(l, delta), got str"),
+    "mlp_cost hook not callable": (lambda: F.mlp_cost(_t(5, 3), _t(5, 2), ws, bs, delta_hook=[]), TypeError,
+                                   "mlp_cost(): delta_hook must be a function called as delta_hook(l, delta), got list"),
+    "mlp_sgd_epoch hook not callable": (
+        lambda: sgd.mlp_sgd_epoch(_t(5, 3), _t(5, 2), [w.requires_grad_() for w in ws], bs, 0.1, 2, delta_hook=1),
+        TypeError, "mlp_sgd_epoch(): delta_hook must be a function called as delta_hook(l, delta), got int"),
     # (a dict would give its keys, a set its tensors in no set order)
     "mlp weights a dict": (lambda: F.mlp(_t(5, 3), dict(enumerate(ws)), bs), TypeError,
                            "mlp(): weights must be a list or tuple with one tensor per layer, got dict"),

@@ -547,6 +547,33 @@ def test_mlp_refuses_every_non_floating_dtype_by_name(dtype):
         torchbp.MLP([4, 3], dtype=dtype)
 
 
+def test_mlp_refuses_a_dtype_that_is_no_torch_dtype_by_name():
+    """A dtype given as a string is refused at construction naming it (it was torch.empty's own message)."""
+    with pytest.raises(TypeError, match=re.escape("MLP: dtype must be a torch.dtype or None, got 'float32'")):
+        torchbp.MLP([4, 3], dtype="float32")
+
+
+def test_register_delta_hook_refuses_what_it_cannot_call():
+    """A hook is called only in backward; one that is no function is refused where it is registered, and
+    none is registered (the layer's backward then runs as without)."""
+    layer = torchbp.Linear(3, 2)
+    with pytest.raises(TypeError, match=re.escape("register_delta_hook(): hook must be a function called as "
+                                                  "hook(module, delta), got int")):
+        layer.register_delta_hook(3)
+    assert not layer._delta_hooks
+    layer(torch.randn(4, 3)).sum().backward()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_mlp_cost_names_a_target_of_the_wrong_shape_as_the_outputs(fused):
+    """A target shaped like the input, not the output: both paths name the output's shape (the per-layer
+    path said "the shape of input (4, 2)", the network's output, which the caller calls no input)."""
+    model = torchbp.MLP([3, 2], fused=fused)
+    with pytest.raises(F.TensorValueError, match=re.escape("target must have shape (4, 2) (the output's), "
+                                                           "got (4, 3)")):
+        model.cost(torch.randn(4, 3), torch.rand(4, 3))
+
+
 def test_mlp_takes_numpy_integer_sizes():
     """sizes from numpy (np.array([784, 30, 10]), say) are ints too: the same network, stored as plain ints."""
     model = torchbp.MLP(np.array([5, 4, 2]))

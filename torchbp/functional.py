@@ -58,10 +58,15 @@ __all__ = [
 REDUCTIONS = ("mean", "sum", "none")
 COSTS = ("quadratic", "cross_entropy")
 
-# A delta hook is called during backward as ``hook(layer_index, delta)`` with
-# hook(l, delta): δ^l, of shape (*, out_features), of layer l (0 for the first); the fused network's
-# backward and the steps by hand (torchbp.sgd) call it.
+# A delta hook, ``hook(l, delta)``, is called during backward with δ^l, of shape (*, out_features), of
+# layer l (0 for the first): the fused network's backward and the steps by hand (torchbp.sgd) call it.
 DeltaHook = Callable[[int, Tensor], None]
+
+
+def _check_hook(fn: str, hook: object, call: str) -> None:
+    """A delta hook is checked where it is given: called only in backward, a bad one would fail there."""
+    if hook is not None and not callable(hook):
+        raise TypeError(f"{fn}(): delta_hook must be a function called as {call}, got {type(hook).__name__}")
 
 
 class TensorValueError(ValueError, RuntimeError):
@@ -370,7 +375,9 @@ def linear(
     r"""``z = a W^T + b`` through :class:`LinearFunction`, like :func:`torch.nn.functional.linear`.
 
     ``delta_hook(delta)``, if given, is called in backward with δ = ∇_z C,
-    the gradient that reaches this layer (eager mode only; it must not modify δ).
+    the gradient that reaches this layer, of shape ``(*, out_features)``:
+    ``(*, 1)`` for a 1-D weight, whose output drops that dimension (eager
+    mode only; it must not modify δ).
     Complex tensors are taken as torch takes them; the backward then gives
     torch's conjugate gradients, δ conj(W) and δ^T conj(a).
 
@@ -381,6 +388,7 @@ def linear(
           or any shape that broadcasts to the output's, ``(*, out_features)`` (then added after the Function)
         - output: ``(*, out_features)``, or ``(*)`` for a 1-D weight
     """
+    _check_hook("linear", delta_hook, "delta_hook(delta)")
     if not _network_ok(input, (weight,), (bias,)):  # the common case in one cheap pass
         _check_tensor("linear", "input", input, min_dim=1, complex_ok=True)
         _check_layer("linear", -1, input, input.shape[-1], weight, bias)
@@ -1104,6 +1112,7 @@ def mlp(
         - input: ``(*, in_features)``; weights[l]: ``(out_l, in_l)``; biases[l]: ``(out_l,)`` or None
         - output: ``(*, out_features)`` of the last layer
     """
+    _check_hook("mlp", delta_hook, "delta_hook(l, delta)")
     x, params, dtype = _check_network("mlp", input, weights, biases)
     function = _pick(MLPFunction, _MLPClassic, _MLP)
     if dtype is None:
@@ -1138,6 +1147,7 @@ def mlp_cost(
         - input: ``(*, in_features)``; target: ``(*, out_features)``
         - output: ``C`` scalar, or ``(*)`` with ``reduction="none"``; ``a^L``: ``(*, out_features)``
     """
+    _check_hook("mlp_cost", delta_hook, "delta_hook(l, delta)")
     x, target, params, dtype = _check_network_cost("mlp_cost", input, target, weights, biases, cost, reduction)
     function = _pick(MLPCostFunction, _MLPCostClassic, _MLPCost)
     if dtype is None:

@@ -106,6 +106,9 @@ class Linear(nn.Linear):
         Python call would break the graph, or stay in it after ``remove()``).
         Returns a handle whose ``remove()`` unregisters it.
         """
+        if not callable(hook):  # (it is called only in backward: a bad one would fail there)
+            raise TypeError(f"register_delta_hook(): hook must be a function called as hook(module, delta), "
+                            f"got {type(hook).__name__}")
         handle = RemovableHandle(self._delta_hooks)
         self._delta_hooks[handle.id] = hook
         return handle
@@ -255,6 +258,8 @@ class MLP(nn.Module):
                                      for n in sizes):
             raise ValueError(f"MLP: sizes must be at least two positive ints (input first), got {list(sizes)}")
         sizes = tuple(int(n) for n in sizes)  # numpy integers, say, as plain ints
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"MLP: dtype must be a torch.dtype or None, got {dtype!r}")
         if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
             # the notes' network and its costs are real; Linear and Sigmoid take complex tensors by themselves
             raise TypeError(f"MLP: dtype must be a floating-point dtype (for a complex network, put torchbp.Linear "
@@ -347,7 +352,12 @@ class MLP(nn.Module):
             F._check_cost("MLP.cost", cost)
             F._check_reduction("MLP.cost", reduction)  # before the forward, as the fused path checks it
             fn = quadratic_cost if cost == "quadratic" else cross_entropy_cost
-            return fn(self(input), target, reduction)
+            a = self(input)
+            if (isinstance(a, Tensor) and isinstance(target, Tensor) and not (a.is_nested or target.is_nested)
+                    and target.shape != a.shape):  # (the cost's message would call the output its input)
+                raise F.TensorValueError(f"MLP.cost(): target must have shape {tuple(a.shape)} (the output's), "
+                                         f"got {tuple(target.shape)}")
+            return fn(a, target, reduction)
         weights, biases, hook = self._params()
         return mlp_cost(input, target, weights, biases, cost, reduction, delta_hook=hook)[0]
 

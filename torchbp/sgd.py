@@ -27,6 +27,7 @@ from torchbp.functional import (
     TensorValueError,
     _activations,
     _as,
+    _check_hook,
     _check_network_cost,
     _cost,
     _output_delta,
@@ -46,7 +47,7 @@ def _sigmoid_backward_(grad: Tensor, a: Tensor) -> Tensor:
 
 def _check_sgd(
     fn: str, input: Tensor, target: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None,
-    lr: float, cost: str, reduction: str,
+    lr: float, cost: str, reduction: str, delta_hook: DeltaHook | None,
 ) -> tuple[Tensor, Tensor, list[Tensor | None], list[bool], float]:
     """(x, target, [W^1, b^1, ..., W^L, b^L], which of them train, lr) for the steps by hand; raises on bad input.
 
@@ -60,6 +61,7 @@ def _check_sgd(
     """
     if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not lr >= 0:
         raise ValueError(f"{fn}(): lr must be a real number >= 0 (not a tensor), got {lr!r}")
+    _check_hook(fn, delta_hook, "delta_hook(l, delta)")
     x, target, params, autocast_dtype = _check_network_cost(fn, input, target, weights, biases, cost, reduction)
     if autocast_dtype is not None:
         raise RuntimeError(
@@ -175,7 +177,9 @@ def mlp_sgd_step(
         - input: ``(*, in_features)``; target: ``(*, out_features)``
         - output: ``C``, scalar (or ``(*)`` with ``reduction="none"``, whose sum is minimised)
     """
-    x, target, params, trains, lr = _check_sgd("mlp_sgd_step", input, target, weights, biases, lr, cost, reduction)
+    x, target, params, trains, lr = _check_sgd(
+        "mlp_sgd_step", input, target, weights, biases, lr, cost, reduction, delta_hook
+    )
     ones = x.new_ones(math.prod(x.shape[:-1]))
     a_L, diff = _sgd_step(x, target, params, trains, lr, cost, reduction, delta_hook, ones)
     return _reduced_cost(cost, a_L, target, reduction, diff)
@@ -210,7 +214,9 @@ def mlp_sgd_epoch(
     if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"{fn}(): batch_size must be a positive int, got {batch_size!r}")
     batch_size = int(batch_size)  # a numpy integer, say, as a plain int
-    x, target, params, trains, lr = _check_sgd(fn, input, target, weights, biases, lr, cost, reduction)
+    x, target, params, trains, lr = _check_sgd(
+        fn, input, target, weights, biases, lr, cost, reduction, delta_hook
+    )
     if x.dim() < 2:
         raise TensorValueError(f"{fn}(): input must have a leading samples dimension, (N, *, in_features), "
                                f"got shape {tuple(x.shape)}")
