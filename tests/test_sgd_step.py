@@ -597,6 +597,38 @@ def test_an_input_or_target_in_a_trained_parameters_memory_trains_as_autograd_do
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("hook", ["register_hook", "register_post_accumulate_grad_hook", "on the base"])
+@pytest.mark.parametrize("method", ["sgd_step", "sgd_epoch"])
+def test_a_trained_parameter_with_gradient_hooks_is_refused(hook, method):
+    """A hook on a parameter's gradient (one that zeroes it, say: backward() + SGD then leave the parameter
+    alone) is never called by a step by hand, which forms no gradient: refused, naming the parameter, with
+    nothing moved (it once moved the parameter silently). On the base of a view that trains, too; a
+    frozen parameter's hooks, which autograd never calls either, are no reason to refuse; nor is a hook
+    removed."""
+    torch.manual_seed(12)
+    model = torchbp.MLP([3, 4, 2], dtype=torch.float64)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.rand(6, 2, dtype=torch.float64)
+    args = (x, y, LR, *([3] if method == "sgd_epoch" else []))
+    weight = model[2].weight
+    if hook == "on the base":
+        flat = torch.zeros(8, dtype=torch.float64, requires_grad=True)
+        handle = flat.register_hook(torch.zeros_like)
+        weights, biases = [model[0].weight, flat.view(2, 4)], [model[0].bias, model[2].bias]
+        call = getattr(sgd, f"mlp_{method}")
+        step = lambda: call(x, y, weights, biases, *args[2:])  # noqa: E731
+    else:
+        handle = getattr(weight, hook)(torch.zeros_like if hook == "register_hook" else lambda p: None)
+        step = lambda: getattr(model, method)(*args)  # noqa: E731
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=re.escape("weights[1] has gradient hooks")):
+        step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    model[0].weight.register_hook(torch.zeros_like)
+    model[0].weight.requires_grad_(False)  # frozen: its hook is never called by autograd either
+    handle.remove()
+    step()
+
+
 def test_steps_by_hand_run_on_the_meta_device():
     """On the meta device (shape dry-runs) every tensor reports address 0, which is no shared memory: sgd_step
     and sgd_epoch run and give a cost of the shape and device torch's ops give on meta (oracle: the cost of

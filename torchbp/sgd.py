@@ -83,6 +83,10 @@ def _check_sgd(
             # parameter, a computed tensor (a parametrization's weight, say) is a temporary and would not
             raise ValueError(f"{fn}(): {_param_name(i)} must be a parameter or a "
                              f"view of one to be trained in place, got one computed by {type(p.grad_fn).__name__}")
+        if train and not torch.compiler.is_compiling() and any(_grad_hooks(t) for t in (p, p._base) if t is not None):
+            raise ValueError(f"{fn}(): {_param_name(i)} has gradient hooks (Tensor.register_hook, "
+                             "register_post_accumulate_grad_hook), which a step by hand, forming no gradient, "
+                             "would not run; train it with mlp_cost(...).backward() and an optimizer")
     if not any(trains):
         # As mlp_cost(...).backward() would: a cost that depends on nothing trainable has no gradient.
         raise ValueError(f"{fn}(): no weight or bias requires grad, so there is nothing to train")
@@ -107,6 +111,11 @@ def _check_sgd(
         else:
             target = target.clone()
     return x, target, [None if p is None else p.detach() for p in params], trains, lr
+
+
+def _grad_hooks(t: Tensor) -> bool:
+    """Whether autograd would call hooks of ``t``'s own with its gradient, or after accumulating it."""
+    return bool(t._backward_hooks or getattr(t, "_post_accumulate_grad_hooks", None))
 
 
 def _param_name(i: int) -> str:
