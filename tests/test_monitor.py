@@ -464,6 +464,35 @@ def test_a_copy_of_a_monitored_model_is_not_monitored():
         assert set(own.pop()) == {"0", "2"}
 
 
+@pytest.mark.parametrize("copies", ["deepcopy", "convert"])
+def test_a_copy_of_a_monitored_parametrized_layer_is_not_monitored(copies):
+    """torch's parametrize gives a parametrized layer a deepcopy of its own, which copied the δ hooks as they
+    were: the copy (copy.deepcopy, convert(inplace=False)) recorded into the original's monitor. Oracle: a
+    monitor records nothing while only the copy runs, and the original and a monitor of the copy's own do
+    record (a hand count of layers); the copy computes what the original does (exactly)."""
+    import copy
+
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    model = nn.Sequential(torchbp.Linear(4, 3), torchbp.Sigmoid(), torchbp.Linear(3, 2), torchbp.Sigmoid())
+    parametrize.register_parametrization(model[0], "weight", Doubled())
+    x = torch.randn(5, 4)
+    with torchbp.DeltaMonitor(model) as monitor:
+        twin = copy.deepcopy(model) if copies == "deepcopy" else torchbp.convert(model)
+        assert torch.equal(twin(x), model(x))
+        twin(x).sum().backward()
+        assert monitor.pop() == {}
+        model(x).sum().backward()
+        assert set(monitor.pop()) == {"0", "2"}
+    with torchbp.DeltaMonitor(twin) as own:
+        twin(x).sum().backward()
+        assert set(own.pop()) == {"0", "2"}
+
+
 def test_ddp_keeps_inner_names(tmp_path):
     """A DistributedDataParallel-wrapped model (gloo, world size 1) is monitored under the inner model's names."""
     import torch.distributed as dist

@@ -142,6 +142,15 @@ class Linear(nn.Linear):
         super().__setstate__(state)
         self.__dict__.setdefault("_delta_hooks", OrderedDict())
 
+    def __deepcopy__(self, memo):
+        # What deepcopy does by itself, through the state above; defined so that torch's parametrize gives
+        # a parametrized layer no __deepcopy__ of its own, which would copy __dict__ as it is, hooks included
+        # (and the parametrized class's __getstate__ refuses pickling: Linear's own is called by name).
+        replica = self.__new__(type(self))
+        memo[id(self)] = replica
+        replica.__setstate__(copy.deepcopy(Linear.__getstate__(self), memo))
+        return replica
+
 
 class Sigmoid(nn.Sigmoid):
     r"""Applies the Sigmoid function element-wise: :math:`\text{Sigmoid}(x) = \sigma(x) = \frac{1}{1 + \exp(-x)}`.
