@@ -1203,6 +1203,32 @@ def test_a_subclass_forward_runs_in_cost_and_is_refused_by_the_steps_by_hand(fus
         model.sgd_step(x, y, 0.5)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("where", ["layer", "mlp"])
+def test_a_forward_set_on_the_instance_runs_and_is_refused_by_the_steps_by_hand(fused, where):
+    """A forward patched on one instance (as tools that wrap layers do), of a Linear or of the MLP: the
+    output and cost go through it, as calling the modules would (the fused node once skipped it). Oracle:
+    nn.Sequential on the same scaled pre-activations or input, 1e-12 in float64. The steps by hand would
+    skip it, and refuse."""
+    torch.manual_seed(9)
+    model = torchbp.MLP([4, 3, 2], fused=fused, dtype=torch.float64)
+    reference = sequential_like(model)
+    x, y = torch.rand(5, 4, dtype=torch.float64), torch.rand(5, 2, dtype=torch.float64)
+    if where == "layer":
+        layer = model[2]
+        layer.forward = lambda input: 2 * torchbp.Linear.forward(layer, input)
+        expected = torch.sigmoid(2 * reference[2](reference[:2](x)))
+        refused = "MLP.sgd_step(): layer 2 has a forward of its own, set on the instance"
+    else:
+        model.forward = lambda input: torchbp.MLP.forward(model, input / 2)
+        expected = reference(x / 2)
+        refused = "MLP.sgd_step(): the instance's forward overrides MLP.forward"
+    close(model(x), expected)
+    close(model.cost(x, y), oracle_cost(expected, y))
+    with pytest.raises(RuntimeError, match=re.escape(refused)):
+        model.sgd_step(x, y, 0.5)
+
+
 def test_mlp_rejects_a_non_bool_fused_and_a_non_sequence_sizes():
     with pytest.raises(TypeError, match=re.escape("MLP: fused must be a bool, got 'no'")):
         torchbp.MLP([3, 2], fused="no")

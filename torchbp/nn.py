@@ -332,11 +332,14 @@ class MLP(nn.Module):
             if type(m) is not built:
                 got = f"{type(m).__module__}.{type(m).__qualname__}"
                 return f"layer {name} is a {got} where it was built with a torchbp.{built.__name__}"
+            if "forward" in m.__dict__:  # (patched on the instance, as tools that wrap layers do)
+                return f"layer {name} has a forward of its own, set on the instance"
         return None
 
     def _forward_overridden(self) -> bool:
-        """Whether a subclass defines its own forward, which the fused cost and the steps by hand would skip."""
-        return type(self).forward is not MLP.forward
+        """Whether a subclass or the instance has its own forward, which the fused cost and the steps by hand
+        would skip."""
+        return type(self).forward is not MLP.forward or "forward" in self.__dict__
 
     def forward(self, input: Tensor) -> Tensor:
         if self._per_layer():
@@ -442,8 +445,8 @@ class MLP(nn.Module):
             raise RuntimeError(f"{fn}(): the MLP has forward or backward hooks (of its own, or registered for "
                                f"every module), which a step by hand would not run; {advice}")
         if self._forward_overridden():
-            raise RuntimeError(f"{fn}(): {type(self).__name__} overrides MLP.forward, which a step by hand "
-                               f"would not run; {advice}")
+            whose = type(self).__name__ if "forward" not in self.__dict__ else "the instance's forward"
+            raise RuntimeError(f"{fn}(): {whose} overrides MLP.forward, which a step by hand would not run; {advice}")
         for name, m in self._modules.items():
             if _has_hooks(m):
                 raise RuntimeError(f"{fn}(): layer {name} ({type(m).__name__}) has forward or backward hooks "
