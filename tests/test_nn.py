@@ -875,10 +875,26 @@ def test_a_complex_model_converts_and_matches_torch():
         torchbp.MLP([4, 3], fused=True).to(torch.cdouble)(x)
 
 
-def test_convert_rejects_uninitialized_lazy_linear():
-    """A LazyLinear has no shape yet: convert() says to run a forward pass first."""
-    with pytest.raises(ValueError, match="LazyLinear has uninitialized parameters"):
-        torchbp.convert(nn.Sequential(nn.LazyLinear(3)))
+@pytest.mark.parametrize("inplace", [False, True])
+def test_convert_rejects_uninitialized_lazy_linear_and_changes_nothing(inplace):
+    """A LazyLinear has no shape yet: convert() says to run a forward pass first, naming the module, and
+    leaves the layers before it as they were (inplace=True once left a half-converted model)."""
+    model = nn.Sequential(nn.Linear(2, 3), nn.Sigmoid(), nn.LazyLinear(3))
+    with pytest.raises(ValueError, match=re.escape("convert(): module '2' is a LazyLinear with uninitialized "
+                                                   "parameters; run one forward pass before converting")):
+        torchbp.convert(model, inplace=inplace)
+    assert [type(m) for m in model] == [nn.Linear, nn.Sigmoid, nn.LazyLinear]
+
+
+def test_convert_refuses_scripted_layers_it_cannot_change():
+    """A torch.jit.script-ed model's Linear is TorchScript: convert() refuses it by name (it returned the
+    model unchanged, silently); a scripted module with no Linear or Sigmoid inside is left alone."""
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(2, 3), nn.Sigmoid()))
+    with pytest.raises(TypeError, match=re.escape("convert(): module '0' is a TorchScript Linear")):
+        torchbp.convert(scripted)
+    model = nn.Sequential(nn.Linear(2, 3), torch.jit.script(nn.Tanh()))
+    converted = torchbp.convert(model)
+    assert type(converted[0]) is torchbp.Linear
 
 
 # --------------------------------------------------------------------------

@@ -472,10 +472,6 @@ def _swap(module: nn.Module) -> None:
     same objects, so an optimizer built on them keeps working), hooks, training mode and any other
     attribute stay, and a module shared by several parents stays one module.
     """
-    if isinstance(module, nn.LazyLinear):
-        raise ValueError(
-            f"convert(): {type(module).__name__} has uninitialized parameters; run one forward pass before converting"
-        )
     # Exact types only: a subclass's forward may differ from nn.Linear's (parametrized layers are subclasses).
     if type(module) is nn.Linear:
         module.__class__ = Linear
@@ -507,8 +503,21 @@ def convert(module: nn.Module, inplace: bool = False) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert(): module must be a torch.nn.Module, got {type(module).__name__}")
+    for name, m in module.named_modules():  # all checked before any changes: no half-converted model
+        _check_convertible(name, m)
     if not inplace:
         module = copy.deepcopy(module)
     for m in module.modules():  # each module once, however many parents share it
         _swap(m)
     return module
+
+
+def _check_convertible(name: str, module: nn.Module) -> None:
+    """Refuse a layer that convert() cannot turn into torchbp's, which it would otherwise leave as it is."""
+    where = f"module {name!r}" if name else "the module"
+    if isinstance(module, nn.LazyLinear):
+        raise ValueError(f"convert(): {where} is a {type(module).__name__} with uninitialized parameters; run one "
+                         "forward pass before converting")
+    if isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", None) in ("Linear", "Sigmoid"):
+        raise TypeError(f"convert(): {where} is a TorchScript {module.original_name} (torch.jit.script), whose class "
+                        "cannot change; convert the model before scripting it (torchbp's layers cannot be scripted)")
