@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -114,7 +115,8 @@ class DeltaMonitor:
     Per layer (named by its qualified module name, as ``model.named_modules()``
     gives it; DistributedDataParallel, DataParallel and ``torch.compile``
     wrappers are looked through, so names are those of the inner model, though
-    a compiled forward's pass is not recorded) and per
+    a compiled forward's pass is not recorded, nor those of DataParallel's
+    replicas on several devices, each a part of the batch) and per
     backward pass, with δ of shape ``(*, out_features)`` read as ``N`` samples
     (all leading dimensions flattened) of ``out_features`` each:
 
@@ -178,7 +180,10 @@ class DeltaMonitor:
         #: The last δ of every layer (detached), filled while ``keep_last`` is True.
         self.last_delta: dict[str, Tensor] = {}
         self._paused = False
-        self._warned_transform = False
+        self._warned: set[str] = set()  # the kinds of pass skipped with a warning so far
+        # Backward passes may run in several threads at once (DataParallel's devices, a user's threads): a
+        # pass's δ is held, and the held ones reduced and counted, one thread at a time.
+        self._lock = threading.Lock()
         self._held: dict[str, list[Tensor]] = {name: [] for name in linears}
         self._held_bytes: dict[str, int] = dict.fromkeys(linears, 0)
         # Per layer: sums of (norm, sample_norm, max_abs) over passes, on δ's device; passes as ints.
@@ -197,28 +202,37 @@ class DeltaMonitor:
             if self._paused or not self._handles:
                 return  # paused, or closed since the forward
             if is_functorch_wrapped_tensor(delta):
-                if not self._warned_transform:  # skipped, but not silently
-                    self._warned_transform = True
-                    warnings.warn("DeltaMonitor: a backward pass under a torch.func transform (grad, jacrev, vmap, "
-                                  "or of a forward run under vmap) is not recorded; this one and any like it are "
-                                  "skipped", stacklevel=2)
+                self._skip("transform", "a backward pass under a torch.func transform (grad, jacrev, vmap, or of "
+                           "a forward run under vmap) is not recorded")
+                return
+            if getattr(module, "_is_replica", False):  # (its δ holds that replica's samples only)
+                self._skip("replica", "the replicas of an nn.DataParallel on several devices each see a part of "
+                           "the batch, which is no pass of its own, and are not recorded (DistributedDataParallel "
+                           "is: each process its own)")
                 return
             if delta.numel() == 0:
                 return  # a pass with no samples: no δ to measure
             if delta.requires_grad:  # backward(create_graph=True): keep no graph alive
                 delta = delta.detach()
-            if self.keep_last:
-                self.last_delta[name] = delta
-            # Only a reference here, no op: the statistics are computed for many passes at once.
-            held.append(delta)
-            self._held_bytes[name] += delta.numel() * delta.element_size()
-            if len(held) >= self.flush_every or self._held_bytes[name] >= self.max_held_bytes:
-                self._flush(name)
+            with self._lock:
+                if self.keep_last:
+                    self.last_delta[name] = delta
+                # Only a reference here, no op: the statistics are computed for many passes at once.
+                held.append(delta)
+                self._held_bytes[name] += delta.numel() * delta.element_size()
+                if len(held) >= self.flush_every or self._held_bytes[name] >= self.max_held_bytes:
+                    self._flush(name)
 
         return hook
 
+    def _skip(self, kind: str, what: str) -> None:
+        """Skip a pass, but not silently: a warning the first time one of this ``kind`` is skipped."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(f"DeltaMonitor: {what}; this one and any like it are skipped", stacklevel=3)
+
     def _flush(self, name: str) -> None:
-        """Add the statistics of the held passes of layer ``name`` to its accumulator."""
+        """Add the statistics of the held passes of layer ``name`` to its accumulator (under the lock)."""
         held = self._held[name]
         if not held:
             return
@@ -282,15 +296,16 @@ class DeltaMonitor:
         Layers without a backward pass since the last pop are left out. The
         only host-device synchronisation of the monitor: one copy per device.
         """
-        for name in self.layer_names:
-            self._flush(name)
-        names = [name for name in self.layer_names if self._passes[name]]
-        sums = to_host({name: self._sums[name] for name in names})  # (3,) per layer
-        result = {name: {stat: value / self._passes[name] for stat, value in zip(STATS, sums[name])}
-                  for name in names}
-        for name in names:
-            self._sums[name].zero_()
-            self._passes[name] = 0
+        with self._lock:
+            for name in self.layer_names:
+                self._flush(name)
+            names = [name for name in self.layer_names if self._passes[name]]
+            sums = to_host({name: self._sums[name] for name in names})  # (3,) per layer
+            result = {name: {stat: value / self._passes[name] for stat, value in zip(STATS, sums[name])}
+                      for name in names}
+            for name in names:
+                self._sums[name].zero_()
+                self._passes[name] = 0
         return result
 
     @contextlib.contextmanager
