@@ -207,6 +207,19 @@ def test_histograms_only_for_layers_with_a_pass_since_the_last_call(tmp_path):
         assert [h.step for h in acc.Histograms(f"delta/hist/{layer}")] == [0]
 
 
+def test_a_float64_histogram_keeps_finite_values_float32_cannot_hold(tmp_path):
+    """A float64 δ's finite entries beyond float32's range (1e39, -1e40) stay in its histogram; they were
+    cast to float32 first, became inf and were dropped as a diverged run's. Oracle: the δ given, by hand."""
+    layer = torchbp.Linear(2, 3, dtype=torch.float64)
+    delta = torch.tensor([[1e39, 2.0, -1e40], [1e-50, 3.0, 4.0]], dtype=torch.float64)
+    with torchbp.DeltaMonitor(layer, keep_last=True) as monitor, SummaryWriter(os.fspath(tmp_path)) as writer:
+        layer(torch.randn(2, 2, dtype=torch.float64)).backward(delta)
+        log_deltas(writer, monitor, 0, hist_every=1)
+    (histogram,) = _read(tmp_path).Histograms("delta/hist/model")
+    h = histogram.histogram_value
+    assert (h.num, h.max, h.min) == (6, 1e39, -1e40)
+
+
 def test_bad_arguments_fail_before_anything_is_popped(tmp_path):
     """A bad writer or model raises before monitor.pop(): the recorded statistics stay in the monitor."""
     model = torchbp.MLP([4, 3, 2])

@@ -188,7 +188,9 @@ def log_deltas(
         # Only layers with a pass since the last call: an older δ is not this step's.
         for layer, delta in monitor.last_delta.items():
             if layer in stats:
-                values = (delta.abs() if delta.is_complex() else delta).float().cpu()  # complex: |δ|
+                values = delta.abs() if delta.is_complex() else delta  # complex: |δ|
+                # float32 for numpy (which has no bfloat16), float64 kept: its finite values stay finite
+                values = values.to(torch.promote_types(values.dtype, torch.float32)).cpu()
                 values = values[values.isfinite()]  # a diverged run's nan/inf: the histogram takes none
                 if values.numel():
                     writer.add_histogram(_tag(f"{prefix}delta/hist", layer), values, step)
