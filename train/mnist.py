@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", choices=["default", "normal"],
                    help=f"default: PyTorch's Kaiming-uniform; normal: weights and biases N(0, 1) {_recipe_default('init')}")
     p.add_argument("--epochs", type=int, help=f"epochs {_recipe_default('epochs')}")
-    p.add_argument("--batch-size", type=int, help=f"global mini-batch size {_recipe_default('batch_size')}")
+    p.add_argument("--batch-size", type=int, help=f"global mini-batch size; an epoch's last, partial one is left "
+                   f"out {_recipe_default('batch_size')}")
     p.add_argument("--lr", type=float, help=f"learning rate η (peak η for onecycle) {_recipe_default('lr')}")
     p.add_argument("--optimizer", choices=["sgd", "adam"], help=f"optimizer {_recipe_default('optimizer')}")
     p.add_argument("--momentum", type=float, help=f"SGD momentum; with --schedule onecycle the top of its cycle, "
