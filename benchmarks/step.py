@@ -81,7 +81,8 @@ def nn_model(sizes: list[int]) -> nn.Sequential:
 
 
 def make_step(variant: str, sizes: list[int], device: torch.device, sgd: dict) -> Step:
-    """A fresh model of ``variant`` (same initial weights for every variant) and its training step."""
+    """A fresh model of ``variant`` and its training step. Every variant's weights are drawn on the CPU from
+    one seed, then moved: the same initial weights on CUDA too, whose generator draws other numbers."""
     kind, _, mode = variant.partition("+")
     torch.manual_seed(0)
     if kind == "nn":
@@ -92,14 +93,14 @@ def make_step(variant: str, sizes: list[int], device: torch.device, sgd: dict) -
             return 0.5 * ((a - y) ** 2).sum(-1).mean()  # the notes' C = ½‖a − y‖², mean over samples
 
     elif kind in ("bp", "fused"):
-        model = torchbp.MLP(sizes, fused=kind == "fused", device=device)
+        model = torchbp.MLP(sizes, fused=kind == "fused").to(device)
         quadratic = torchbp.QuadraticCost()
 
         def cost(x: Tensor, y: Tensor) -> Tensor:
             return quadratic(model(x), y)
 
     elif kind == "fused_cost":
-        model = torchbp.MLP(sizes, fused=True, device=device)
+        model = torchbp.MLP(sizes, fused=True).to(device)
         cost = model.cost
     elif kind == "network_py" and not mode and device.type == "cpu":
         from benchmarks.network_py import Network
@@ -108,7 +109,7 @@ def make_step(variant: str, sizes: list[int], device: torch.device, sgd: dict) -
         net = Network([m.weight for m in init.linears], [m.bias for m in init.linears])
         return lambda x, y: net.update_mini_batch(x.numpy(), y.numpy(), LEARNING_RATE)
     elif kind == "sgd_step" and mode in ("", "compile"):
-        model = torchbp.MLP(sizes, device=device)
+        model = torchbp.MLP(sizes).to(device)
         sgd_step = torch.compile(model.sgd_step, fullgraph=True) if mode else model.sgd_step
         return lambda x, y: sgd_step(x, y, LEARNING_RATE)
     else:
@@ -203,7 +204,7 @@ def make_steps(variant: str, sizes: list[int], device: torch.device, sgd: dict, 
     """A fresh model of ``variant`` and a function that trains it on consecutive mini-batches of ``(x, y)``."""
     if variant == "sgd_epoch":
         torch.manual_seed(0)
-        model = torchbp.MLP(sizes, device=device)
+        model = torchbp.MLP(sizes).to(device)
         return lambda x, y: model.sgd_epoch(x, y, LEARNING_RATE, batch)
     step = make_step(variant, sizes, device, sgd)
 
