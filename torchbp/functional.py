@@ -624,7 +624,8 @@ def _apply_cost(
     if unit_interval:  # the cross-entropy's a (logits, say, would give nan) and y (labels, pixels)
         _assert_unit_interval(fn, "input", a, "a sigmoid's output")
         _assert_unit_interval(fn, "target", y, "a probability")
-    # Autocast computes losses in float32 (mse_loss and binary_cross_entropy are on its float32 list).
+    # Autocast computes losses in float32 (mse_loss is on its float32 list, binary_cross_entropy on the
+    # CPU's; CUDA's refuses binary_cross_entropy as unsafe, which this float32 computation is not).
     autocast = _autocast_dtype(a) is not None
     if autocast:
         a, y = _cast(torch.float32, a, y)
