@@ -353,20 +353,25 @@ def test_compile_fullgraph_matches_eager(path, fresh_dynamo):
 def test_compiled_sgd_step_matches_eager(fresh_dynamo):
     """torch.compile(fullgraph=True) of MLP.sgd_step: the in-place updates land on the parameters as in eager mode.
 
-    New data and a new lr at each step, as a schedule gives: after a recompile Dynamo makes lr a symbolic
-    float, and inductor once moved W by the wrong amount (up to 3e-2 here) when an addmm_ and an addmv_
-    shared it as their alpha.
+    New data and a new lr at each step, as a schedule gives: after one recompile lr is an input of the
+    graph, not one graph per lr (a float alpha pinned it: 4 graphs for 4 lrs, and eager mode after 8), and
+    inductor once moved W by the wrong amount (up to 3e-2 here) when an addmm_ and an addmv_ shared a
+    symbolic alpha.
     """
+    from torch._dynamo.utils import counters
+
     torch.manual_seed(6)
     eager = torchbp.MLP(SIZES, dtype=torch.float64)
     compiled_model = copy.deepcopy(eager)
     step = torch.compile(compiled_model.sgd_step, fullgraph=True)
+    graphs = counters["stats"]["unique_graphs"]
     for i, lr in enumerate([0.5, 0.1, 0.2, 1.0]):
         x = torch.randn(N, SIZES[0], dtype=torch.float64)
         y = torch.rand(N, SIZES[-1], dtype=torch.float64)
         close(step(x, y, lr), eager.sgd_step(x, y, lr), COMPILE_TOL, f"cost of step {i}")
         for (name, p), q in zip(compiled_model.named_parameters(), eager.parameters()):
             close(p, q, COMPILE_TOL, f"{name} after step {i} (lr {lr})")
+    assert counters["stats"]["unique_graphs"] - graphs <= 2  # the first lr's graph, then one for any lr
     # An empty batch moves nothing: the mean's 1/N is nan there, and a compiled update would spread it.
     before = copy.deepcopy(compiled_model.state_dict())
     step(torch.randn(0, SIZES[0], dtype=torch.float64), torch.rand(0, SIZES[-1], dtype=torch.float64), 0.5)

@@ -280,8 +280,9 @@ def _sgd_step(
     diff = a_y - target
     delta = _as(_output_delta(cost, a_y, diff), a_L.dtype)
     step = lr * weight if n else 0.0  # with no samples no parameter moves (the mean's weight is nan)
-    # Inductor miscompiles an addmm_ and an addmv_ that share a symbolic alpha (a float lr it made dynamic
-    # after a recompile: W moved by the wrong amount); compiled, each update is a product and a sub_.
+    # Compiled, each update is a product, scaled, and a sub_: Dynamo pins a float alpha to its value (one
+    # graph per lr of a schedule), where a tensor times lr leaves lr an input of the graph; and inductor
+    # once miscompiled an addmm_ and an addmv_ sharing a symbolic alpha (W moved by the wrong amount).
     compiling = torch.compiler.is_compiling()
     for l in range(len(params) // 2, 0, -1):  # l = L, ..., 1
         weight_l, bias_l = params[2 * l - 2], params[2 * l - 1]
@@ -293,13 +294,13 @@ def _sgd_step(
         if trains[2 * l - 2]:
             # W^l ← W^l − η δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
             if compiling:
-                weight_l.sub_(delta_t @ _rows(a[l - 1]), alpha=step)
+                weight_l.sub_((delta_t @ _rows(a[l - 1])) * step)
             else:
                 weight_l.addmm_(delta_t, _rows(a[l - 1]), alpha=-step)
         if trains[2 * l - 1]:
             # b^l ← b^l − η δ^l, summed over samples: (out, N) @ (N,) -> (out,)
             if compiling:
-                bias_l.sub_(delta_t @ ones, alpha=step)
+                bias_l.sub_((delta_t @ ones) * step)
             else:
                 bias_l.addmv_(delta_t, ones, alpha=-step)
         delta = delta_t = None  # δ^l is spent
