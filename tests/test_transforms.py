@@ -350,6 +350,30 @@ def test_compile_fullgraph_matches_eager(path, fresh_dynamo):
     close(c_eager, expected, 1e-12, "eager vs torch.nn")
 
 
+def test_compiled_fused_cost_of_batches_past_a_block_compiles_once_for_every_size(fresh_dynamo, monkeypatch):
+    """Batches larger than the fused backward's block of samples (made 8 here): compiled, the backward takes
+    all the samples at once, so after one recompile the graph takes any batch size (a loop over blocks fixed
+    the size: one graph per batch size). Gradients equal the per-layer path's in eager mode (1e-12)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(F, "_BLOCK_ELEMENTS", 8 * 8)  # the widest layer is 8 wide: blocks of 8 samples
+    torch.manual_seed(16)
+    model = torchbp.MLP([5, 8, 3], fused=True, dtype=torch.float64)
+    reference = torchbp.MLP([5, 8, 3], dtype=torch.float64)
+    reference.load_state_dict(model.state_dict())
+    cost = torch.compile(lambda x, y: model.cost(x, y), fullgraph=True)
+    graphs = counters["stats"]["unique_graphs"]
+    for n in (40, 48, 56):
+        x, y = torch.randn(n, 5, dtype=torch.float64), torch.rand(n, 3, dtype=torch.float64)
+        model.zero_grad()
+        reference.zero_grad()
+        cost(x, y).backward()
+        reference.cost(x, y).backward()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            close(p.grad, q.grad, 1e-12, f"{name} at batch {n}")
+    assert counters["stats"]["unique_graphs"] - graphs <= 2
+
+
 def test_compiled_sgd_step_matches_eager(fresh_dynamo):
     """torch.compile(fullgraph=True) of MLP.sgd_step: the in-place updates land on the parameters as in eager mode.
 
