@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help=f"folder holding MNIST/raw/ (default: {DATA_DIR}; with --resume, the run's)")
     p.add_argument("--download", action="store_true", help="download MNIST into --data-dir if missing (default: False)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the training step (forward, cost, backward and optimizer step; the hand-written "
+                   help="torch.compile the training step (forward, cost and backward; the optimizer's fused step, "
+                        "which torch does not trace, runs as it is; the hand-written "
                         "MLP.sgd_step where plain SGD runs by hand, which is then slower than the eager "
                         "MLP.sgd_epoch spans it replaces); --no-compile resumes a compiled run eagerly "
                         "(default: False)")
@@ -344,7 +345,8 @@ def accuracy(model: torchbp.MLP, split: Split) -> float:
 
 
 def make_optimizer(args, params, lr_tensor: bool):
-    # A tensor lr lets a compiled optimizer step follow the schedule without recompiling.
+    # A tensor lr, as torch's docs advise for a compiled step with a schedule: a float lr traced into the
+    # graph would recompile at every change. (torch runs a fused optimizer's step outside the graph today.)
     lr = torch.tensor(args.lr) if lr_tensor else args.lr
     # fused=True: one kernel per parameter for the whole update (2-3x faster than
     # the default foreach step on CPU for [784, 512, 10]; same arithmetic every run).
