@@ -41,6 +41,27 @@ def test_step_benchmark_times_every_variant_and_writes_json(tmp_path, capsys):
         assert f"| 784-30-10@10 | {variant} |" in printed
 
 
+@pytest.mark.parametrize("mode", ["compile", "graphs"])
+def test_compiled_variants_train_as_the_eager_one(mode):
+    """make_step's compiled branch, which the CUDA-graph variants (+graphs: mode="reduce-overhead") take on a
+    GPU, on the CPU: three steps move the parameters as the eager variant's do (float32; 1e-5, as the
+    compiler reorders arithmetic), from the same initial weights."""
+    torch._dynamo.reset()
+    sizes, cpu = [20, 8, 4], torch.device("cpu")
+    x, y = step.data(16, sizes, cpu)
+    eager, compiled = (step.make_step(v, sizes, cpu, {}) for v in ("fused_cost", f"fused_cost+{mode}"))
+    params = [[p for group in s.optimizer.param_groups for p in group["params"]] for s in (eager, compiled)]
+    assert all(torch.equal(p, q) for p, q in zip(*params))
+    initial = [p.detach().clone() for p in params[0]]
+    for _ in range(3):
+        eager(x, y)
+        compiled(x, y)
+    assert not any(torch.equal(p, i) for p, i in zip(params[0], initial))  # the steps moved every one
+    for p, q in zip(*params):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_without_nn_the_ratios_are_to_the_first_variant_and_say_so(capsys):
     """No nn in --variants: the first variant is the baseline, named in the ratio column's title (a column
     titled "× nn eager" held ratios to another variant)."""
