@@ -1349,6 +1349,32 @@ def test_linear_with_zero_features_backpropagates_on_3d_input_like_nn_linear(n_i
 
 
 @pytest.mark.parametrize("cls", [nn.Linear, torchbp.Linear], ids=["nn.Linear", "torchbp.Linear"])
+def test_a_linear_subclass_with_a_state_of_its_own_deep_copies_as_an_nn_linear_one(cls):
+    """A subclass that leaves a lock out of its own __getstate__ deep-copies (and so convert() copies it),
+    as an nn.Linear subclass does: torchbp.Linear's __deepcopy__ once took Linear's state by name and
+    failed on the lock. Oracle: the nn.Linear subclass; the copy computes what the original does."""
+    import threading
+
+    class Locked(cls):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.lock = threading.Lock()
+
+        def __getstate__(self):
+            return {key: value for key, value in super().__getstate__().items() if key != "lock"}
+
+        def __setstate__(self, state):
+            super().__setstate__(state)
+            self.lock = threading.Lock()
+
+    layer = Locked(3, 2)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(4, 3)
+    assert torch.equal(twin(x), layer(x)) and twin.lock is not layer.lock
+    torchbp.convert(nn.Sequential(layer))
+
+
+@pytest.mark.parametrize("cls", [nn.Linear, torchbp.Linear], ids=["nn.Linear", "torchbp.Linear"])
 def test_a_copy_of_a_compiled_linear_is_a_module_of_its_own(cls):
     """After module.compile(), nn.Linear's copies drop the compiled call (it would run the original's
     forward), and torch.save works; torchbp.Linear, which also drops its δ hooks from copies, the same.

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
+from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from torchbp import functional as F
@@ -144,11 +145,12 @@ class Linear(nn.Linear):
 
     def __deepcopy__(self, memo):
         # What deepcopy does by itself, through the state above; defined so that torch's parametrize gives
-        # a parametrized layer no __deepcopy__ of its own, which would copy __dict__ as it is, hooks included
-        # (and the parametrized class's __getstate__ refuses pickling: Linear's own is called by name).
+        # a parametrized layer no __deepcopy__ of its own, which would copy __dict__ as it is, hooks included.
+        # Its parametrized class's __getstate__ refuses pickling: the state is then the layer's own class's.
+        own = type(self).__bases__[0] if parametrize.is_parametrized(self) else type(self)
         replica = self.__new__(type(self))
         memo[id(self)] = replica
-        replica.__setstate__(copy.deepcopy(Linear.__getstate__(self), memo))
+        replica.__setstate__(copy.deepcopy(own.__getstate__(self), memo))
         return replica
 
 
