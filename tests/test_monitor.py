@@ -550,6 +550,20 @@ def test_a_copy_of_a_monitored_parametrized_layer_is_not_monitored(copies):
         assert set(own.pop()) == {"0", "2"}
 
 
+def test_a_monitor_deep_copies_with_a_lock_of_its_own():
+    """copy.deepcopy of a DeltaMonitor, or of an object holding one (a trainer's state), works as before the
+    monitor had a lock, which is not copied but made anew; the original still records (a hand count)."""
+    import copy
+
+    model = torchbp.MLP([4, 3, 2])
+    x, y = torch.randn(5, 4), torch.rand(5, 2)
+    with torchbp.DeltaMonitor(model) as monitor:
+        holder = copy.deepcopy({"monitor": monitor})
+        assert holder["monitor"]._lock is not monitor._lock and holder["monitor"].pop() == {}
+        model.cost(x, y).backward()
+        assert set(monitor.pop()) == {"0", "2"}
+
+
 def test_ddp_keeps_inner_names(tmp_path):
     """A DistributedDataParallel-wrapped model (gloo, world size 1) is monitored under the inner model's names."""
     import torch.distributed as dist

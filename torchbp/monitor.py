@@ -333,6 +333,14 @@ class DeltaMonitor:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __getstate__(self) -> dict:
+        # (a lock is neither copied nor pickled: a copy gets a lock of its own)
+        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __repr__(self) -> str:
         return (
             f"DeltaMonitor(layers={list(self.layer_names)}, reduction={self.reduction!r}, "
