@@ -179,8 +179,11 @@ def mlp_sgd_step(
     with ``reduction="none"``) followed by ``torch.optim.SGD(params, lr=lr).step()``:
     a weight or bias that does not require grad stays as it is, as a frozen
     parameter does there. A tensor passed twice (tied weights) is refused,
-    since each layer moves its own as soon as it is done. Eager or
-    ``torch.compile`` (``delta_hook`` in eager mode only); not under autocast.
+    since each layer moves its own as soon as it is done; an input or target
+    in a trained parameter's memory is read as it was before the step. Eager or
+    ``torch.compile`` (``delta_hook`` in eager mode only; compiled, the memory
+    is not checked: addresses are no part of a graph, so a tied weight or an
+    input in a parameter's memory is read after the step moved it); not under autocast.
 
     Shape:
         - input: ``(*, in_features)``; target: ``(*, out_features)``
