@@ -77,13 +77,15 @@ def _check_sgd(
         raise ValueError(f"{fn}(): lr must be finite and at most {torch.finfo(dtype).max:.4g} (the largest "
                          f"{dtype}, the parameters' dtype), got {lr!r}")
     trains = [p is not None and p.requires_grad for p in params]
+    # (tensor hooks and addresses are checked in eager calls: while torch.compile traces, no part of a graph)
+    eager = not torch.compiler.is_compiling()
     for i, (p, train) in enumerate(zip(params, trains)):
         if train and not (p.is_leaf or p._is_view() and p._base.is_leaf):
             # the step moves it in place: a view of a parameter (a flat parameter buffer) moves the
             # parameter, a computed tensor (a parametrization's weight, say) is a temporary and would not
             raise ValueError(f"{fn}(): {_param_name(i)} must be a parameter or a "
                              f"view of one to be trained in place, got one computed by {type(p.grad_fn).__name__}")
-        if train and not torch.compiler.is_compiling() and any(_grad_hooks(t) for t in (p, p._base) if t is not None):
+        if train and eager and any(_grad_hooks(t) for t in (p, p._base) if t is not None):
             raise ValueError(f"{fn}(): {_param_name(i)} has gradient hooks (Tensor.register_hook, "
                              "register_post_accumulate_grad_hook), which a step by hand, forming no gradient, "
                              "would not run; train it with mlp_cost(...).backward() and an optimizer")
@@ -94,9 +96,8 @@ def _check_sgd(
         # The step moves each parameter as soon as its layer is done; a tied one would be read again after.
         raise ValueError(f"{fn}(): weights and biases must be distinct tensors, got one passed twice "
                          "(tied weights); train those with mlp_cost(...).backward() and an optimizer")
-    # (not while torch.compile traces: addresses are no part of a graph; an eager call checks them)
     n = len(params)
-    while not torch.compiler.is_compiling():
+    while eager:
         shared = _shared_memory([*params, x, target], [*trains, False, False])
         if shared is None:
             break
