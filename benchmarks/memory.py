@@ -55,6 +55,17 @@ def _cpu_step_peak(step, x, y) -> int:
     return peak
 
 
+def _cuda_step_peak(step, x, y, device: torch.device) -> int:
+    """Peak bytes ``step`` adds on ``device`` over what is allocated before it, from the caching allocator's
+    statistics (after the queued kernels: CUDA runs them asynchronously)."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step(x, y)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
 def measure(variant: str, sizes: list[int], batch: int, device: torch.device) -> dict:
     """Bytes the step adds over what is live before it, for ``variant``, in this process."""
     x, y = data(batch, sizes, device)
@@ -64,13 +75,8 @@ def measure(variant: str, sizes: list[int], batch: int, device: torch.device) ->
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step(x, y)
-        torch.cuda.synchronize(device)
         return {"variant": variant, "method": "torch.cuda.max_memory_allocated",
-                "peak_extra_bytes": torch.cuda.max_memory_allocated(device) - before}
+                "peak_extra_bytes": _cuda_step_peak(step, x, y, device)}
     return {"variant": variant, "method": "torch.profiler allocation timeline",
             "peak_extra_bytes": _cpu_step_peak(step, x, y)}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -187,3 +188,62 @@ def test_step_benchmark_rotates_the_order_and_pairs_the_ratios():
 def test_benchmarks_take_a_numbered_cuda_device():
     """--device cuda:1 as torch.device spells it (the runs use only its type and index)."""
     assert step.parse_args(["--device", "cuda:1"]).device == "cuda:1"
+
+
+class _FakeCuda:
+    """torch.cuda's calls the benchmarks make, recorded, with a caching allocator that counts bytes: the CUDA
+    branches run on a CPU machine (the order of the calls is what a GPU run depends on)."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple] = []
+        self.allocated = self.peak = 0
+        for name in ("synchronize", "memory_allocated", "reset_peak_memory_stats", "max_memory_allocated"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+
+    def synchronize(self, device):
+        self.calls.append(("synchronize", device))
+
+    def memory_allocated(self, device):
+        self.calls.append(("memory_allocated", device))
+        return self.allocated
+
+    def reset_peak_memory_stats(self, device):
+        self.calls.append(("reset_peak_memory_stats", device))
+        self.peak = self.allocated
+
+    def max_memory_allocated(self, device):
+        self.calls.append(("max_memory_allocated", device))
+        return self.peak
+
+    def alloc(self, nbytes: int) -> None:
+        self.allocated += nbytes
+        self.peak = max(self.peak, self.allocated)
+
+
+def test_the_cuda_timer_waits_for_the_queued_kernels_before_each_reading(monkeypatch):
+    """On CUDA a reading of the clock comes after torch.cuda.synchronize: kernels run asynchronously, and
+    a clock read at once would time the launches only."""
+    cuda, device = _FakeCuda(monkeypatch), torch.device("cuda:1")
+    now = step.timer(device)
+    first = now()
+    assert cuda.calls == [("synchronize", device)]
+    assert now() >= first and cuda.calls == [("synchronize", device)] * 2
+    assert step.timer(torch.device("cpu")) is time.perf_counter  # the CPU's ops are synchronous
+
+
+def test_the_cuda_memory_figure_is_the_steps_peak_over_what_was_allocated_before(monkeypatch):
+    """The CUDA branch of benchmarks.memory: the peak counts from the allocation before the step (the model,
+    the data), reset after it is read, with the queue drained on both sides of the step."""
+    cuda, device = _FakeCuda(monkeypatch), torch.device("cuda")
+    cuda.alloc(1000)  # the weights and the batch, live before the step
+    cuda.peak = 5000  # an earlier step's peak, which the figure must not count
+
+    def fake_step(x, y):
+        cuda.alloc(300)  # a^1 ... saved for backward
+        cuda.alloc(200)  # the gradients
+        cuda.alloc(-300)  # the activations freed after backward
+
+    assert memory._cuda_step_peak(fake_step, None, None, device) == 500
+    assert [name for name, _ in cuda.calls] == [
+        "synchronize", "memory_allocated", "reset_peak_memory_stats", "synchronize", "max_memory_allocated"]
+    assert all(d == device for _, d in cuda.calls)

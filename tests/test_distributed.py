@@ -57,3 +57,27 @@ def test_one_process_needs_no_process_group():
     assert distributed.mean_over_ranks(total, 1) is total
     assert distributed.from_rank0("x", 1) == "x"
     distributed.shutdown(1)
+
+
+def test_a_cuda_rank_binds_its_local_gpu_before_joining_with_nccl(monkeypatch):
+    """The CUDA branch of init, on a CPU machine with torch's calls recorded: under torchrun each process
+    takes GPU LOCAL_RANK (set before the group forms, as nccl requires) and the nccl backend; in one process
+    it joins nothing."""
+    import torch.distributed as dist
+
+    from train import distributed
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init_process_group", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 5)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 8)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second GPU of the second node
+    assert distributed.init(use_cuda=True) == (5, 8, torch.device("cuda:1"))
+    assert calls == [("set_device", 1), ("init_process_group", "nccl")]
+
+    calls.clear()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.init(use_cuda=True) == (0, 1, torch.device("cuda"))
+    assert calls == []

@@ -553,6 +553,37 @@ def test_a_cuda_run_resumed_without_cuda_says_which_flag_resumes_it_here(tmp_pat
     assert info.value.code == 2 and "give --device cpu to resume it on the CPU" in capsys.readouterr().err
 
 
+def test_a_cuda_run_keeps_its_cuda_generator_in_the_checkpoint_and_sets_it_back(tmp_path, monkeypatch):
+    """The CUDA branch of the checkpoint's RNG states, on the CPU with torch.cuda's generator calls recorded:
+    a CUDA run saves its device's generator beside the CPU's, and a resume on CUDA sets it back on that
+    device; a CPU run saves none, and a CUDA checkpoint resumed on the CPU leaves CUDA alone."""
+    import types
+
+    import train.mnist
+
+    run_in_process(["--dry-run", "--hidden", "8", "--device", "cpu", "--logdir", str(tmp_path)])
+    ckpt = str(tmp_path / "checkpoint.pt")
+    assert torch.load(ckpt, weights_only=True)["cuda_rng_state"] is None
+    args = train.mnist.resolve_args(["--hidden", "8", "--logdir", str(tmp_path)])
+    model = train.mnist.build_model(args, torch.device("cpu"))
+    optimizer = train.mnist.make_optimizer(args, model.parameters(), lr_tensor=False)
+    cuda_state, device = torch.arange(16, dtype=torch.uint8), torch.device("cuda:1")
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: calls.append(("get", d)) or cuda_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: calls.append(("set", s, d)))
+    run = types.SimpleNamespace(main_rank=True, model=model, optimizer=optimizer, scheduler=None, device=device,
+                                world_size=1, args=args, ckpt_path=ckpt)
+    train.mnist.save_checkpoint(run, train.mnist.Progress())
+    saved = torch.load(ckpt, weights_only=True)
+    assert calls == [("get", device)] and torch.equal(saved["cuda_rng_state"], cuda_state)
+    calls.clear()
+    train.mnist.restore(saved, ckpt, model, optimizer, None, device)
+    assert [(c[0], c[2]) for c in calls] == [("set", device)] and torch.equal(calls[0][1], cuda_state)
+    calls.clear()
+    train.mnist.restore(saved, ckpt, model, optimizer, None, torch.device("cpu"))
+    assert calls == []
+
+
 def test_resuming_a_finished_dry_run_says_it_is_one_batch_long(tmp_path, monkeypatch, capsys):
     """A --dry-run run is complete after its one batch, whatever --epochs says; the message does not ask
     for the --epochs that was given."""
