@@ -550,18 +550,30 @@ def test_a_copy_of_a_monitored_parametrized_layer_is_not_monitored(copies):
         assert set(own.pop()) == {"0", "2"}
 
 
-def test_a_monitor_deep_copies_with_a_lock_of_its_own():
-    """copy.deepcopy of a DeltaMonitor, or of an object holding one (a trainer's state), works as before the
-    monitor had a lock, which is not copied but made anew; the original still records (a hand count)."""
+def test_a_copied_monitor_holds_what_was_recorded_and_is_closed():
+    """copy.deepcopy of a DeltaMonitor, or of an object holding one (a trainer's state), and pickle give the
+    statistics recorded so far, closed: the hooks stay with the original, which alone records on (a copy
+    that said it was attached recorded nothing). The lock is made anew. Oracle: a monitor of the first
+    pass alone."""
     import copy
+    import pickle
 
     model = torchbp.MLP([4, 3, 2])
-    x, y = torch.randn(5, 4), torch.rand(5, 2)
-    with torchbp.DeltaMonitor(model) as monitor:
-        holder = copy.deepcopy({"monitor": monitor})
-        assert holder["monitor"]._lock is not monitor._lock and holder["monitor"].pop() == {}
+    x, x2, y = torch.randn(5, 4), 3 * torch.randn(5, 4), torch.rand(5, 2)
+    with torchbp.DeltaMonitor(model) as first_only:
         model.cost(x, y).backward()
-        assert set(monitor.pop()) == {"0", "2"}
+        expected = first_only.pop()
+    with torchbp.DeltaMonitor(model) as monitor:
+        model.cost(x, y).backward()
+        copies = [copy.deepcopy({"monitor": monitor})["monitor"], pickle.loads(pickle.dumps(monitor))]
+        model.cost(x2, y).backward()  # the original's alone
+        both = monitor.pop()
+    assert set(both) == {"0", "2"} and both != expected
+    for twin in copies:
+        assert twin._lock is not monitor._lock and "attached=False" in repr(twin)
+        with pytest.raises(RuntimeError, match="closed"):
+            twin.__enter__()
+        assert twin.pop() == expected
 
 
 def test_ddp_keeps_inner_names(tmp_path):

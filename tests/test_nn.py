@@ -221,6 +221,16 @@ def test_mlp_index_out_of_range_or_not_an_int_fails_as_sequential(idx):
     assert isinstance(model[3], nn.ReLU)
 
 
+def test_mlp_refuses_deleting_a_layer_by_name():
+    """del model[i] (which nn.Sequential takes) is refused in words, not with Python's bare AttributeError
+    '__delitem__' of a class that has __setitem__ only; the MLP is left whole."""
+    model = torchbp.MLP([3, 4, 2])
+    for idx in (-1, slice(2, None)):
+        with pytest.raises(TypeError, match=re.escape("MLP does not support deleting layers (nn.Sequential does)")):
+            del model[idx]
+    assert len(model) == 4
+
+
 @pytest.mark.parametrize("idx", [slice(2, None), slice(None, 3), slice(1, 5, 2), slice(None, None, -1)],
                          ids=["2:", ":3", "1:5:2", "::-1"])
 @pytest.mark.parametrize("sizes", [SIZES, [4] * 7], ids=["shallow", "12-layers"])
@@ -895,6 +905,19 @@ def test_convert_refuses_scripted_layers_it_cannot_change():
     model = nn.Sequential(nn.Linear(2, 3), torch.jit.script(nn.Tanh()))
     converted = torchbp.convert(model)
     assert type(converted[0]) is torchbp.Linear
+
+
+def test_convert_refuses_a_layer_whose_forward_is_set_on_the_instance():
+    """A Linear or Sigmoid whose forward a tool replaced on the instance would keep running that forward (which
+    calls nn.Linear's) after its class changed: torchbp's backward would never run, and a DeltaMonitor would
+    record nothing, silently. convert() names it and changes no module; the patched layer's own type is kept."""
+    for patched in (nn.Linear(2, 3), nn.Sigmoid()):
+        model = nn.Sequential(nn.Linear(3, 2), patched)
+        patched.forward = type(patched).forward.__get__(patched)  # as accelerate's add_hook_to_module does
+        what = type(patched).__name__
+        with pytest.raises(TypeError, match=re.escape(f"convert(): module '1' is an nn.{what} with a forward of its own")):
+            torchbp.convert(model, inplace=True)
+        assert [type(m) for m in model] == [nn.Linear, type(patched)]
 
 
 # --------------------------------------------------------------------------

@@ -52,7 +52,8 @@ What is recorded where:
   a pass of its own, with its own N; ``norm`` is then a micro-batch's
   ‖∇_b C‖ scaled as the cost you backpropagate, not the accumulated step's.
 - Copies of the model (``copy.deepcopy``, pickle) are not monitored; a
-  monitor records the modules it was given.
+  monitor records the modules it was given. A copy of the monitor holds
+  what it had recorded, closed.
 """
 
 from __future__ import annotations
@@ -320,7 +321,11 @@ class DeltaMonitor:
             self._paused = was_paused
 
     def close(self) -> None:
-        """Remove the hooks. What was recorded so far can still be popped."""
+        """Remove the hooks. What was recorded so far can still be popped.
+
+        A backward after ``close()`` records nothing, even that of a forward run before it (where a plain
+        delta hook removed in between still sees that backward).
+        """
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -334,8 +339,12 @@ class DeltaMonitor:
         self.close()
 
     def __getstate__(self) -> dict:
-        # (a lock is neither copied nor pickled: a copy gets a lock of its own)
-        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
+        # A copy (copy.deepcopy, pickle) holds what was recorded, closed: the hooks stay with the original
+        # monitor, which alone records into it (a copy that said it was attached recorded nothing).
+        # A lock is neither copied nor pickled: a copy gets a lock of its own.
+        state = {key: value for key, value in self.__dict__.items() if key != "_lock"}
+        state["_handles"] = []
+        return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

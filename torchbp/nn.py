@@ -25,8 +25,9 @@ from torchbp import sgd
 from torchbp.functional import cross_entropy_cost, linear, mlp, mlp_cost, quadratic_cost, sigmoid
 
 # torch.fx traces into the forward of every module but torch.nn's own; through these the forwards below
-# each leave one call in its graph (torchvision's create_feature_extractor, FX quantization) instead of
-# torchbp's argument checks meeting a Proxy. fx.wrap takes names of this module's globals.
+# each leave one call in its graph (torchvision's create_feature_extractor; FX quantization traces them, and
+# leaves the calls in float) instead of torchbp's argument checks meeting a Proxy. fx.wrap takes names of this
+# module's globals.
 for _name in ("linear", "sigmoid", "quadratic_cost", "cross_entropy_cost", "mlp", "mlp_cost"):
     torch.fx.wrap(_name)
 del _name
@@ -253,6 +254,10 @@ class MLP(nn.Module):
     Shape:
         - Input: :math:`(*, \text{sizes}[0])`
         - Output: :math:`(*, \text{sizes}[-1])`
+
+    Attributes:
+        sizes: the widths the network was built with, a tuple; a layer replaced
+            later (``model[0] = ...``) does not change them
     """
 
     def __init__(
@@ -301,6 +306,11 @@ class MLP(nn.Module):
     def __setitem__(self, idx: int, module: nn.Module) -> None:
         """Replace layer ``idx``, as in nn.Sequential: ``model[1] = nn.ReLU()`` (then it runs layer by layer)."""
         setattr(self, self._name(idx), module)
+
+    def __delitem__(self, idx: int | slice) -> None:
+        # (without it Python's `del model[i]` fails with a bare AttributeError: __delitem__)
+        raise TypeError("MLP does not support deleting layers (nn.Sequential does); replace a layer with "
+                        "model[idx] = module, or build the layers you want in an nn.Sequential")
 
     def _name(self, idx: int) -> str:
         """The name of layer ``idx``, counted from the end if negative; IndexError past the ends, as nn.Sequential."""
@@ -520,6 +530,10 @@ def _check_convertible(name: str, module: nn.Module) -> None:
     if isinstance(module, nn.LazyLinear):
         raise ValueError(f"convert(): {where} is a {type(module).__name__} with uninitialized parameters; run one "
                          "forward pass before converting")
+    if type(module) in (nn.Linear, nn.Sigmoid) and "forward" in module.__dict__:
+        raise TypeError(f"convert(): {where} is an nn.{type(module).__name__} with a forward of its own, set on the "
+                        "instance (as tools that wrap layers do), which would still run instead of torchbp's; convert "
+                        "the model before wrapping its layers")
     if isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", None) in ("Linear", "Sigmoid"):
         raise TypeError(f"convert(): {where} is a TorchScript {module.original_name} (torch.jit.script), whose class "
                         "cannot change; convert the model before scripting it (torchbp's layers cannot be scripted)")
