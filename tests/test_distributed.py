@@ -26,6 +26,7 @@ def _rank(rank: int, store: str, report: str) -> None:
         "any_rank_none_true": distributed.any_rank(False, device, 2),
         "mean": distributed.mean_over_ranks(torch.tensor([1.0 + rank, 10.0 * rank]), 2).tolist(),
         "from_rank0": distributed.from_rank0(f"runs/from-rank-{rank}", 2),
+        "gather": distributed.gather(torch.tensor([1.0 + rank, 10.0 * rank]), 2).tolist(),
         "identical_same": distributed.identical_on_all_ranks([torch.ones(3), torch.zeros(2)], 2),
         "identical_different": distributed.identical_on_all_ranks([torch.ones(3), torch.full((2,), rank)], 2),
     }
@@ -42,6 +43,7 @@ def test_collectives_of_two_ranks(tmp_path):
             "any_rank_none_true": False,
             "mean": [1.5, 5.0],  # ([1, 0] + [2, 10]) / 2
             "from_rank0": "runs/from-rank-0",
+            "gather": [[1.0, 0.0], [2.0, 10.0]],  # rank 0's row, then rank 1's
             "identical_same": True,
             "identical_different": False,
         }
@@ -56,6 +58,7 @@ def test_one_process_needs_no_process_group():
     total = torch.tensor([3.0])
     assert distributed.mean_over_ranks(total, 1) is total
     assert distributed.from_rank0("x", 1) == "x"
+    assert distributed.gather(total, 1).tolist() == [[3.0]]
     distributed.shutdown(1)
 
 

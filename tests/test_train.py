@@ -425,6 +425,53 @@ def test_two_process_ddp_matches_the_single_process_run(tmp_path):
         assert layout_writes(tmp_path / name) == 1, name
 
 
+def _ddp_rank(rank: int, port: int, argv: list[str], stop_at_step: int, report: str) -> None:
+    """One of two ranks of train.mnist (what torchrun would start), stopped as by Ctrl-C at a log step if asked."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import train.mnist
+
+    log_step = train.mnist.log_step
+
+    def log_step_then_stop(run, progress, *args):
+        if progress.step == stop_at_step and rank == 1:
+            run.stop.requested = True  # what SIGINT's handler does; the ranks agree to stop at this log step
+        return log_step(run, progress, *args)
+
+    train.mnist.log_step = log_step_then_stop
+    Path(report).write_text(str(train.mnist.main(argv)))
+
+
+def run_two_ranks(tmp_path: Path, argv: list[str], stop_at_step: int = -1) -> list[int]:
+    import socket
+
+    from ranks import run_ranks
+
+    with socket.socket() as s:  # a free port for the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reports = [tmp_path / f"rank{r}-{port}.txt" for r in range(2)]
+    run_ranks(_ddp_rank, [(r, port, argv, stop_at_step, str(reports[r])) for r in range(2)])
+    return [int(report.read_text()) for report in reports]
+
+
+def test_two_process_run_stopped_mid_epoch_resumes_bitwise(tmp_path):
+    """Two ranks stopped at a log step inside epoch 2, then resumed in two processes: the weights and every
+    epoch's train loss equal the uninterrupted two-rank run's, bit for bit. Each rank goes on adding to its
+    own loss sums (resumed from their mean, the ranks once rounded epoch 2's loss differently)."""
+    args = ["--data-dir", DATA_DIR, "--recipe", "nielsen", "--hidden", "16", "--batch-size", "20",
+            "--limit-train", "6000", "--epochs", "2", "--log-every", "25"]
+    assert run_two_ranks(tmp_path, [*args, "--logdir", str(tmp_path / "whole")]) == [0, 0]
+    assert run_two_ranks(tmp_path, [*args, "--logdir", str(tmp_path / "stopped")], stop_at_step=350) == [130, 130]
+    state = load(tmp_path / "stopped" / "checkpoint.pt")
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 50)
+    assert run_two_ranks(tmp_path, ["--resume", str(tmp_path / "stopped" / "checkpoint.pt")]) == [0, 0]
+    final, reference = load(tmp_path / "stopped" / "checkpoint.pt"), load(tmp_path / "whole" / "checkpoint.pt")
+    assert_same_weights(final["model"], reference["model"])
+    assert [h["train_loss"] for h in final["history"]] == [h["train_loss"] for h in reference["history"]]
+
+
 def scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of every ``tag`` scalar in the event files of ``logdir``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -50,6 +50,15 @@ def mean_over_ranks(total: Tensor, world_size: int) -> Tensor:
     return total / torch.distributed.get_world_size()  # the number of values summed
 
 
+def gather(t: Tensor, world_size: int) -> Tensor:
+    """Every rank's ``t``, stacked in rank order on every rank: (world_size, *t.shape) (one all-gather)."""
+    if world_size == 1:
+        return t.unsqueeze(0)
+    gathered = [torch.empty_like(t) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, t.contiguous())
+    return torch.stack(gathered)
+
+
 def from_rank0(value: Any, world_size: int) -> Any:
     """Rank 0's ``value`` on every rank (a picklable object: a run folder's name, say)."""
     if world_size == 1:

@@ -569,7 +569,8 @@ class Progress:
     step: int = 0  # optimizer steps taken, over all epochs
     batch_in_epoch: int = 0  # steps taken in the current epoch (a mid-epoch checkpoint resumes after them)
     # The float32 sums of the losses of the current epoch's steps and of the steps since the last log
-    # step, as the device added them (a resumed run goes on adding to the same float32 number).
+    # step, as the device added them (a resumed run goes on adding to the same float32 number); after a
+    # stop mid-epoch, every rank's own, (world_size,).
     epoch_loss_sum: Tensor = dataclasses.field(default_factory=lambda: torch.zeros(()))
     loss_since_log: Tensor = dataclasses.field(default_factory=lambda: torch.zeros(()))
     steps_since_log: int = 0
@@ -624,7 +625,8 @@ def run_complete(args: argparse.Namespace, state: dict) -> bool:
 
 
 def restore(state: dict, path: str, model: torchbp.MLP, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device) -> Progress:
+            scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device, rank: int = 0,
+            world_size: int = 1) -> Progress:
     """Load the checkpoint at ``path`` into the model, optimizer, scheduler and the RNGs; return its progress."""
     try:
         checkpoint.load_model(model, state, path)
@@ -634,8 +636,12 @@ def restore(state: dict, path: str, model: torchbp.MLP, optimizer: torch.optim.O
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     progress = Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress) if f.name in state})
-    # (a float in checkpoints written before the loss sums were kept in float32)
-    progress.epoch_loss_sum = torch.as_tensor(progress.epoch_loss_sum, dtype=torch.float32)
+    for name in ("epoch_loss_sum", "loss_since_log"):
+        # (a float in checkpoints written before the loss sums were kept in float32)
+        sums = torch.as_tensor(getattr(progress, name), dtype=torch.float32)
+        if sums.dim() == 1:  # every rank's own, from a stop mid-epoch: this rank's, or in another number of
+            sums = sums[rank] if len(sums) == world_size else sums.mean()  # processes their mean
+        setattr(progress, name, sums)
     torch.set_rng_state(state["torch_rng_state"])
     if state.get("cuda_rng_state") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng_state"], device)
@@ -783,7 +789,8 @@ def train(run: Run, progress: Progress, batches: Batches, generator: torch.Gener
     if bar is not None:
         bar.close()
     # (the epoch's and the since-log sums: a checkpoint keeps what the whole global batches cost)
-    epoch_loss, loss_since_log = mean_over_ranks(run, torch.stack([epoch_loss, loss_since_log]))
+    own_sums = torch.stack([epoch_loss, loss_since_log])
+    epoch_loss, loss_since_log = mean_over_ranks(run, own_sums)
     loss_sum = epoch_loss.item()
     if not math.isfinite(loss_sum):
         diverged(run, f"the training loss is {loss_sum} in epoch {progress.epoch + 1}")
@@ -791,7 +798,10 @@ def train(run: Run, progress: Progress, batches: Batches, generator: torch.Gener
         stopped = agree_to_stop(run)  # a Ctrl-C since the last log step stops the run at this epoch's end
     progress.loss_since_log, progress.steps_since_log = loss_since_log.cpu(), n_since_log
     if stopped and progress.batch_in_epoch < run.steps_per_epoch:
-        progress.epoch_loss_sum = epoch_loss.cpu()
+        # Mid-epoch, each rank goes on adding to its own sums, as the uninterrupted run does (resumed from
+        # their mean, the ranks would round the rest of the epoch differently): the checkpoint keeps every
+        # rank's, (world_size,) each.
+        progress.epoch_loss_sum, progress.loss_since_log = distributed.gather(own_sums, run.world_size).T.cpu()
         return None, True
     train_loss = loss_sum / progress.batch_in_epoch
     progress.epoch += 1
@@ -930,7 +940,7 @@ def start(args: argparse.Namespace) -> tuple[Run, Progress, MNIST, Batches, torc
     scheduler = make_scheduler(args, optimizer, args.epochs * len(batches))
     progress = Progress(epoch_generator_state=generator.get_state())
     if state is not None:
-        progress = restore(state, args.resume, model, optimizer, scheduler, device)
+        progress = restore(state, args.resume, model, optimizer, scheduler, device, rank, world_size)
     if args.logdir is None:
         args.logdir = default_folder(args.recipe, rank, world_size)
     # A resumed run keeps the events up to its checkpoint's step (that step's logs and evaluation were
