@@ -41,6 +41,32 @@ def test_a_saved_checkpoint_has_the_permissions_a_plain_open_gives(tmp_path, uma
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "plain"], "no temp file is left"
 
 
+def test_a_write_that_fails_midway_leaves_the_previous_file_and_no_temp_file(tmp_path):
+    """metrics.json as checkpoint.pt: a write that fails after its first bytes (as a kill would) leaves the
+    file that was there, whole, and removes its temp file."""
+    path = tmp_path / "metrics.json"
+    checkpoint.write_atomically(str(path), lambda f: f.write(b'{"test_accuracy": 0.98}'))
+
+    def half_then_fail(f):
+        f.write(b'{"test_acc')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.write_atomically(str(path), half_then_fail)
+    assert json.loads(path.read_text()) == {"test_accuracy": 0.98}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_the_temp_files_of_a_killed_write_are_removed_and_nothing_else(tmp_path):
+    """What a SIGKILL mid-write leaves (the temp file, never renamed) goes; other files stay, dot files too."""
+    kept = ["checkpoint.pt", "metrics.json", ".checkpoint.pt.bak", ".notes-1.tmp", "events.out.tfevents.1.x"]
+    left = [".checkpoint-80aacef831c230cd.tmp", ".metrics-0123456789abcdef.tmp"]
+    for name in kept + left:
+        (tmp_path / name).write_bytes(b"x")
+    checkpoint.remove_leftovers(str(tmp_path), ("checkpoint.pt", "metrics.json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
 # ------------------------------------------------------------------ checkpoint.load
 
 

@@ -216,12 +216,19 @@ def test_resume_with_more_epochs_continues_a_run_without_schedule_as_if_it_had_b
     assert train.mnist.main([*args, "--epochs", "2", "--logdir", str(tmp_path / "two")]) == 0
     assert train.mnist.main([*args, "--epochs", "1", "--logdir", str(tmp_path / "one")]) == 0
     ckpt = tmp_path / "one" / "checkpoint.pt"
+    (tmp_path / "one" / ".checkpoint-0123456789abcdef.tmp").write_bytes(b"PK")  # a write killed midway
     assert train.mnist.main(["--resume", str(ckpt), "--epochs", "2", "--threads", "1"]) == 0
+    assert not list((tmp_path / "one").glob("*.tmp")), "the resume removes what a killed write left"
     extended, oracle = load(ckpt), load(tmp_path / "two" / "checkpoint.pt")
     assert_same_weights(extended["model"], oracle["model"])
     assert extended["args"]["epochs"] == 2 and extended["epoch"] == 2
     strip = lambda history: [{k: v for k, v in h.items() if k != "train_seconds"} for h in history]  # noqa: E731
     assert strip(extended["history"]) == strip(oracle["history"])
+    # TensorBoard shows the run as it ended: its HPARAMS (a run's first hparams record) say epochs=2, the
+    # misclassified digits are the final model's; the 1-epoch run's final records are gone
+    assert hparams_records(tmp_path / "one") == [(extended["step"], 2.0)]
+    assert [step for step, _ in scalars(tmp_path / "one", "hparam/test_accuracy")] == [extended["step"]]
+    assert [step for step, _ in images(tmp_path / "one", "test/misclassified")] == [extended["step"]]
 
     # the fast recipe: Adam under a one-cycle schedule
     assert train.mnist.main(["--data-dir", DATA_DIR, "--dry-run", "--hidden", "8", "--epochs", "1",
@@ -481,6 +488,30 @@ def scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
+def hparams_records(logdir: Path) -> list[tuple[int, float]]:
+    """(step, epochs) of every hparams session record in the event files of ``logdir``."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import metadata
+
+    records = []
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == metadata.SESSION_START_INFO_TAG:
+                    info = metadata.parse_session_start_info_plugin_data(value.metadata.plugin_data.content)
+                    records.append((event.step, info.hparams["epochs"].number_value))
+    return records
+
+
+def images(logdir: Path, tag: str) -> list[tuple[int, bytes]]:
+    """(step, encoded image) of every ``tag`` image in the event files of ``logdir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(logdir), size_guidance={"images": 0})
+    accumulator.Reload()
+    return [(e.step, e.encoded_image_string) for e in accumulator.Images(tag)]
+
+
 def layout_writes(logdir: Path) -> int:
     """How many custom-scalars layouts the event files of ``logdir`` hold."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
@@ -717,8 +748,9 @@ def test_runs_started_together_get_run_folders_of_their_own(tmp_path):
     for seed, folder in folders.items():
         assert folder.startswith(os.path.join("runs", "fast-"))
         assert json.loads((tmp_path / folder / "metrics.json").read_text())["args"]["seed"] == seed
-        # events.out.tfevents.<time>.<host>.<pid>.<n>: one process wrote them all, this run
-        writers = {p.name.rsplit(".", 2)[1] for p in (tmp_path / folder).glob("events.out.tfevents.*")}
+        # events.out.tfevents.<time>.<host>.<pid>.<n>[.final]: one process wrote them all, this run
+        writers = {p.name.removesuffix(".final").rsplit(".", 2)[1]
+                   for p in (tmp_path / folder).glob("events.out.tfevents.*")}
         assert writers == {str(procs[seed].pid)}
 
 

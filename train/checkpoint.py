@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import pickle
 import secrets
+from collections.abc import Callable
+from typing import BinaryIO
 
 import torch
 
@@ -22,19 +24,25 @@ class CheckpointError(Exception):
 
 
 def save(state: dict, path: str) -> None:
-    """Write ``state`` to ``path`` atomically: a crash mid-write leaves the previous file intact.
+    """Write ``state`` with torch.save to ``path``, atomically (:func:`write_atomically`)."""
+    write_atomically(path, lambda f: torch.save(state, f))
+
+
+def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """``write(file)`` into ``path`` atomically: a crash mid-write leaves the previous file intact.
 
     Temp file in the same folder (same filesystem, so the rename is atomic),
     flushed and fsync'ed, then ``os.replace``; the folder is fsync'ed too so the
-    rename itself survives a power cut.
+    rename itself survives a power cut. Temp files a killed process left behind
+    (``.<name>-<hex>.tmp``) are removed by :func:`remove_leftovers`.
     """
-    folder = os.path.dirname(os.path.abspath(path))
+    folder, name = os.path.split(os.path.abspath(path))
     # open(..., "xb") rather than mkstemp: the file gets the permissions a plain open() gives
     # (0o666 less the umask), where mkstemp's 0o600 would hide checkpoints from the user's group.
-    tmp = os.path.join(folder, f".checkpoint-{secrets.token_hex(8)}.tmp")
+    tmp = os.path.join(folder, f".{_stem(name)}-{secrets.token_hex(8)}.tmp")
     try:
         with open(tmp, "xb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -47,6 +55,18 @@ def save(state: dict, path: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_leftovers(folder: str, names: tuple[str, ...]) -> None:
+    """Remove the temp files of :func:`write_atomically` for ``names`` that a killed process left in ``folder``."""
+    stems = tuple(f".{_stem(name)}-" for name in names)
+    for entry in os.listdir(folder):
+        if entry.startswith(stems) and entry.endswith(".tmp"):
+            os.remove(os.path.join(folder, entry))
+
+
+def _stem(name: str) -> str:
+    return name.rsplit(".", 1)[0]  # checkpoint.pt -> checkpoint, as the temp files were always named
 
 
 def load(path: str, map_location: str | torch.device = "cpu") -> dict:

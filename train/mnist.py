@@ -131,6 +131,7 @@ RECIPES: dict[str, dict] = {
     ),
 }
 EXIT_DATA, EXIT_INTERRUPTED, EXIT_DIVERGED = 2, 130, 1
+FINAL_EVENTS = ".final"  # the suffix of the event file holding a finished run's hparams and misclassified digits
 Step = Callable[[Tensor, Tensor], Tensor]  # one optimisation step on a batch (x, y); returns its cost
 
 
@@ -504,13 +505,19 @@ def default_folder(recipe: str, rank: int, world_size: int) -> str:
 
 
 def open_writer(logdir: str, purge_step: int | None) -> SummaryWriter:
-    """The run folder's SummaryWriter (rank 0 only)."""
+    """The run folder's SummaryWriter (rank 0 only); a resumed run's (``purge_step`` given) drops the final
+    records of its run so far, which its own end writes anew."""
     from torch.utils.tensorboard import SummaryWriter
 
     try:
         os.makedirs(logdir, exist_ok=True)
     except OSError as e:  # what --logdir's check cannot see ahead (a read-only mount, /proc)
         fail(f"--logdir {logdir} cannot be created: {e.strerror}", EXIT_DATA)
+    if purge_step is not None:
+        for name in os.listdir(logdir):
+            if name.startswith("events.out.tfevents.") and name.endswith(FINAL_EVENTS):
+                os.remove(os.path.join(logdir, name))
+        checkpoint.remove_leftovers(logdir, ("checkpoint.pt", "metrics.json"))  # of a run killed mid-write
     # purge_step: events a killed run wrote after its last checkpoint are dropped from the plots
     return SummaryWriter(logdir, purge_step=purge_step)
 
@@ -841,6 +848,8 @@ def interrupted_mid_epoch(run: Run, progress: Progress) -> int:
 
 def finish(run: Run, progress: Progress, data: MNIST, test: Split, ranks_identical: bool | None) -> None:
     """Final metrics: misclassified digits, hparams and metrics.json (rank 0)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
     from torchvision.utils import make_grid
 
     args, writer, history, step = run.args, run.writer, progress.history, progress.step
@@ -862,28 +871,33 @@ def finish(run: Run, progress: Progress, data: MNIST, test: Split, ranks_identic
         args=vars(args),
         history=history,
     )
-    predicted = predict(run.model, test.x)
-    wrong = (predicted != test.y).nonzero().flatten()[:64]
-    if len(wrong):
-        # back to [0, 1] pixels: (k, 784) -> (k, 1, 28, 28)
-        images = (test.x[wrong] * data.std + data.mean).clamp(0, 1).reshape(-1, 1, 28, 28).cpu()
-        writer.add_image("test/misclassified", make_grid(images, nrow=8, pad_value=1.0), step)
-        labels = [f"{p}({t})" for p, t in zip(predicted[wrong].tolist(), test.y[wrong].tolist())]
-        rows = [" ".join(labels[i : i + 8]) for i in range(0, len(labels), 8)]
-        writer.add_text("test/misclassified_labels",
-                        "predicted(true), row by row as in the image grid:\n\n    " + "\n    ".join(rows), step)
-    hparams = {k: (str(v) if isinstance(v, list) else v) for k, v in vars(args).items()
-               if isinstance(v, (int, float, str, bool, list))}
-    writer.add_hparams(
-        hparams,
-        {"hparam/test_accuracy": metrics["test_accuracy"], "hparam/best_val_accuracy": best_val,
-         "hparam/train_seconds": train_seconds},
-        run_name=".",  # keep the hparams in this run's folder, not in a timestamped subfolder
-        global_step=step,  # a run resumed for more epochs adds its final metrics at its new last step
-    )
     writer.close()
-    with open(os.path.join(args.logdir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    # The final model's records go to an event file of their own, which a resume deletes: a run resumed for
+    # more epochs writes its own at its new last step (TensorBoard's HPARAMS shows a run's first hparams
+    # record, and purge_step keeps those of the checkpoint's step).
+    with SummaryWriter(args.logdir, filename_suffix=FINAL_EVENTS) as final:
+        predicted = predict(run.model, test.x)
+        wrong = (predicted != test.y).nonzero().flatten()[:64]
+        if len(wrong):
+            # back to [0, 1] pixels: (k, 784) -> (k, 1, 28, 28)
+            images = (test.x[wrong] * data.std + data.mean).clamp(0, 1).reshape(-1, 1, 28, 28).cpu()
+            final.add_image("test/misclassified", make_grid(images, nrow=8, pad_value=1.0), step)
+            labels = [f"{p}({t})" for p, t in zip(predicted[wrong].tolist(), test.y[wrong].tolist())]
+            rows = [" ".join(labels[i : i + 8]) for i in range(0, len(labels), 8)]
+            final.add_text("test/misclassified_labels",
+                           "predicted(true), row by row as in the image grid:\n\n    " + "\n    ".join(rows), step)
+        hparams = {k: (str(v) if isinstance(v, list) else v) for k, v in vars(args).items()
+                   if isinstance(v, (int, float, str, bool, list))}
+        results = {"hparam/test_accuracy": metrics["test_accuracy"], "hparam/best_val_accuracy": best_val,
+                   "hparam/train_seconds": train_seconds}
+        # (SummaryWriter.add_hparams's records, written here: it would open a writer of its own)
+        for record in hparams_summaries(hparams, results):
+            final.file_writer.add_summary(record, step)
+        for tag, value in results.items():
+            final.add_scalar(tag, value, step)
+    # (atomically: a run killed mid-write would leave a part of it, and a file there means the run is complete)
+    checkpoint.write_atomically(os.path.join(args.logdir, "metrics.json"),
+                                lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     print(f"test accuracy {metrics['test_accuracy']:.2%} (best val {best_val:.2%}, "
           f"best test {metrics['best_test_accuracy']:.2%}); {train_seconds:.1f} s of training, "
           f"{metrics['steps_per_second']:.1f} steps/s; run folder {args.logdir}")
