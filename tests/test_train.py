@@ -253,6 +253,9 @@ def test_resume_with_more_epochs_continues_a_run_without_schedule_as_if_it_had_b
     (["--target-range", "0", "1e39"], "--target-range LOW HIGH must be finite float32 numbers with LOW < HIGH, "
                                       "got 0.0 1e+39"),
     (["--hidden", "8", "0"], "--hidden widths must be positive, got [8, 0]"),
+    # known from the flags: refused before the data loads, naming the flag that made the set small
+    (["--limit-train", "100"], "--batch-size (128) exceeds the training set of --limit-train (100 images)"),
+    (["--limit-train", "1", "--batch-size", "2"], "--batch-size (2) exceeds the training set of --limit-train (1 image)"),
     (["--target-range", "-1" + "0" * 39 + ".0", "0"], "--target-range LOW HIGH must be finite float32 numbers"),
     (["--no-monitor", "--delta-hist-every", "100"], "--delta-hist-every 100 needs the δ monitor that --no-monitor turns off"),
     (["--lr", "1e39"], "--lr must be a positive, finite float32 number, got 1e+39"),

@@ -83,6 +83,22 @@ def test_the_books_figures_appear_only_beside_a_run_in_the_books_setting(flags, 
     assert ("hold for --cost cross-entropy --init gaussian-scaled --samples 1000; this run's settings differ" in out) != book
 
 
+def test_an_output_that_cannot_be_written_is_named_in_one_line(synthetic_mnist, tmp_path, capsys, monkeypatch):
+    """What the flags' checks cannot see ahead (a full disk, /proc): exit 2 naming the path and the reason,
+    no traceback, for the JSON file and for the TensorBoard folder alike."""
+    import errno
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", os.fspath(tmp_path / "run"))
+
+    monkeypatch.setattr(vanishing, "write_tensorboard", no_space)
+    assert vanishing.main(["--seeds", "1", "--samples", "10", "--logdir", os.fspath(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"train.vanishing: error: cannot write {tmp_path / 'run'}: No space left on device\n"
+    monkeypatch.setattr("builtins.open", no_space)
+    assert vanishing.main(["--seeds", "1", "--samples", "10", "--json", os.fspath(tmp_path / "x.json")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--samples", "70000"], "argument --samples: must be in 1..60000, got 70000"),
     (["--samples", "0"], "argument --samples: must be in 1..60000, got 0"),

@@ -73,7 +73,8 @@ epoch; that is also where a non-finite loss is detected (so a NaN is caught
 up to ``--log-every`` steps late; the last checkpoint, from the end of the
 previous epoch, stays good).
 
-Ctrl-C finishes the current step, writes the checkpoint with the position
+Ctrl-C finishes the current step (with ``--recipe nielsen``, the steps by hand
+up to the next log step, which run as one call), writes the checkpoint with the position
 inside the epoch (resume continues from the next step, with the same batch
 order), flushes TensorBoard and exits 130; before the first step (loading the
 data, building the model) it stops at once and writes no checkpoint. Under torchrun the ranks agree on
@@ -166,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalization", choices=["unit", "standard"],
                    help=f"unit: pixels in [0, 1]; standard: zero mean, unit variance {_recipe_default('normalization')}")
     p.add_argument("--seed", type=int_in(-2**63, 2**64 - 1), default=0, metavar="N",
-                   help="seed of the initialisation and batch order, -2^63..2^64-1 as torch takes it (default: 0)")
+                   help="seed of the initialisation and batch order, -2^63..2^64-1 as torch takes it; torch's CPU "
+                        "generator keeps its low 32 bits, so seeds equal modulo 2^32 give the same run (default: 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda when available (default: auto)")
     p.add_argument("--threads", type=int, metavar="N",
@@ -271,6 +273,9 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.limit_train is not None and not 1 <= args.limit_train <= 50_000:
         parser.error(f"--limit-train must be in 1..50000, got {args.limit_train}")
+    if args.limit_train is not None and args.batch_size > args.limit_train:
+        parser.error(f"--batch-size ({args.batch_size}) exceeds the training set of --limit-train "
+                     f"({counted(args.limit_train, 'image')}): one mini-batch needs that many")
     check_threads(parser, args.threads)
     if args.delta_hist_every and args.no_monitor:
         parser.error(f"--delta-hist-every {args.delta_hist_every} needs the δ monitor that --no-monitor turns off")
@@ -405,7 +410,8 @@ def load_data(args: argparse.Namespace, device: torch.device, rank: int, world_s
     if args.limit_train is not None:
         train_split = Split(train_split.x[: args.limit_train], train_split.y[: args.limit_train])
     if args.batch_size > len(train_split):
-        fail(f"--batch-size ({args.batch_size}) exceeds the training set ({len(train_split)} images)", EXIT_DATA)
+        fail(f"--batch-size ({args.batch_size}) exceeds the training set ({counted(len(train_split), 'image')})",
+             EXIT_DATA)
     # Targets gathered with the images: (N,) labels -> (N, 10) one-hot in [low, high]
     train_targets = Split(train_split.x, one_hot(train_split.y, *args.target_range))
     batches = Batches(train_targets, args.batch_size, rank, world_size)
