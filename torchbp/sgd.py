@@ -73,7 +73,7 @@ def _check_sgd(
     # float32 in the step.
     lr = float(lr)
     if not lr <= torch.finfo(dtype).max:
-        # lr scales every update as the alpha of an addmm_, a number of the parameters' dtype
+        # lr scales every update as the alpha of an add_, a number of the parameters' dtype
         raise ValueError(f"{fn}(): lr must be finite and at most {torch.finfo(dtype).max:.4g} (the largest "
                          f"{dtype}, the parameters' dtype), got {lr!r}")
     trains = [p is not None and p.requires_grad for p in params]
@@ -173,9 +173,9 @@ def mlp_sgd_step(
     Nielsen's ``update_mini_batch``: the forward keeps a^0..a^L, the backward
     is the notes' recursion from δ^L = ∇_a C ∘ φ'(z^L), and every parameter
     moves in place by ``−lr · ∇C`` as soon as its layer's δ^l is known. No
-    graph is built, no ``.grad`` is touched and, in eager mode, ∇_W C is never
-    stored: the update ``W ← W − lr δ^T a`` is one ``addmm_`` (compiled: a
-    product and a ``sub_``). Returns the cost before the step. Equal to
+    graph is built and no ``.grad`` is touched: each layer's ∇_W C = δ^T a and
+    ∇_b C live only until its ``W ← W − lr ∇_W C`` (one ``add_``, the parameter
+    rounded once, as an optimizer rounds it). Returns the cost before the step. Equal to
     ``torchbp.functional.mlp_cost(...)[0].backward()`` (``.sum().backward()``
     with ``reduction="none"``) followed by ``torch.optim.SGD(params, lr=lr).step()``:
     a weight or bias that does not require grad stays as it is, as a frozen
@@ -193,8 +193,7 @@ def mlp_sgd_step(
     x, target, params, trains, lr = _check_sgd(
         "mlp_sgd_step", input, target, weights, biases, lr, cost, reduction, delta_hook
     )
-    ones = x.new_ones(math.prod(x.shape[:-1]))
-    a_L, diff = _sgd_step(x, target, params, trains, lr, cost, reduction, delta_hook, ones)
+    a_L, diff = _sgd_step(x, target, params, trains, lr, cost, reduction, delta_hook, math.prod(x.shape[:-1]))
     return _reduced_cost(cost, a_L, target, reduction, diff)
 
 
@@ -234,15 +233,13 @@ def mlp_sgd_epoch(
         raise TensorValueError(f"{fn}(): input must have a leading samples dimension, (N, *, in_features), "
                                f"got shape {tuple(x.shape)}")
     per_row = math.prod(x.shape[1:-1])  # samples in each of input's rows: 1 for (N, in_features)
-    ones = x.new_ones(min(batch_size, len(x)) * per_row)  # one per sample of a whole mini-batch
     outputs = []  # each step's a^L, from the parameters before its update
     # Every mini-batch as a view, all made in one call: (N, *, in) -> (B, *, in), B = batch_size but for
     # a shorter last one. (No samples, no mini-batch: split would still give one empty chunk.)
     batches = zip(x.split(batch_size), target.split(batch_size)) if len(x) else ()
     for x_batch, y_batch in batches:
-        samples = len(x_batch) * per_row
         outputs.append(_sgd_step(x_batch, y_batch, params, trains, lr, cost, reduction, delta_hook,
-                                 ones if samples == len(ones) else ones[:samples])[0])
+                                 len(x_batch) * per_row)[0])
     if not outputs:
         return x.new_empty(x.shape[:-1] if reduction == "none" else 0)
     # The costs wait for the end: a few ops over the whole epoch instead of a reduction in every step.
@@ -258,23 +255,35 @@ def mlp_sgd_epoch(
     return torch.cat((per_step, _reduce(c[whole:], reduction).reshape(1)))
 
 
+def _update(param: Tensor, grad: Tensor, step: float, compiling: bool) -> None:
+    """``param ← param − step · grad`` in place, ``grad`` a sum over samples formed beforehand.
+
+    The parameter is rounded once, as an optimizer's step rounds it: an addmm_ or addmv_ into the parameter
+    itself (as this step once did) adds the samples block by block on the CPU, rounding the parameter each
+    time, and a small step moved it less or not at all (float32, 65,536 samples: a bias left unmoved by an
+    update of 8 ulps). Compiled, the update is a product and a sub_: Dynamo pins a float alpha to its value
+    (one graph per lr of a schedule), where a tensor times lr leaves lr an input of the graph.
+    """
+    if compiling:
+        param.sub_(grad * step)
+    else:
+        param.add_(grad, alpha=-step)
+
+
 def _sgd_step(
     x: Tensor, target: Tensor, params: Sequence[Tensor | None], trains: Sequence[bool], lr: float, cost: str,
-    reduction: str, delta_hook: DeltaHook | None, ones: Tensor,
+    reduction: str, delta_hook: DeltaHook | None, n: int,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`mlp_sgd_step` on checked arguments, under ``torch.no_grad()``; ``ones`` holds one 1 per sample.
+    """:func:`mlp_sgd_step` on checked arguments, under ``torch.no_grad()``; ``n`` counts the samples.
 
     Only the parameters that ``trains`` marks move; the recursion goes down as far as the lowest of them.
 
     Returns a^L, the output before the step, and a^L − y: the caller forms the cost from them (an
-    epoch forms all its steps' costs at once, after the last). Each op of a small step costs more in
-    dispatch than in arithmetic, so the step takes as few as it can: each bias update sums over
-    samples in one ``addmv_`` with ``ones`` rather than a reduction and an update.
+    epoch forms all its steps' costs at once, after the last).
     """
     # a^0..a^L, each a^l written over its z^l; a^0..a^{L-1} are dropped as their layers finish
     a = [x, *_activations(x, params, overwrite_z=True)]
     a_L = a[-1]  # goes back to the caller, for the cost
-    n = len(ones)  # samples: the caller counted them for ones
     # dC/dC_n multiplies every δ^l, so it rides on the step size instead of costing a pass over δ
     weight = _per_sample_weight(n, reduction)
     # δ^L per sample, from ∇_a C = a^L − y: dC/dC_n enters through the step size
@@ -284,9 +293,6 @@ def _sgd_step(
     diff = a_y - target
     delta = _as(_output_delta(cost, a_y, diff), a_L.dtype)
     step = lr * weight if n else 0.0  # with no samples no parameter moves (the mean's weight is nan)
-    # Compiled, each update is a product, scaled, and a sub_: Dynamo pins a float alpha to its value (one
-    # graph per lr of a schedule), where a tensor times lr leaves lr an input of the graph; and inductor
-    # once miscompiled an addmm_ and an addmv_ sharing a symbolic alpha (W moved by the wrong amount).
     compiling = torch.compiler.is_compiling()
     for l in range(len(params) // 2, 0, -1):  # l = L, ..., 1
         weight_l, bias_l = params[2 * l - 2], params[2 * l - 1]
@@ -294,20 +300,13 @@ def _sgd_step(
             delta_hook(l - 1, delta * weight)  # the δ^l of the reduced cost, as autograd would see it
         # (W^l)^T δ^l, taken before W^l moves, where a layer below trains: (*, out) @ (out, in) -> (*, in)
         back = delta @ weight_l if any(trains[: 2 * l - 2]) else None
-        delta_t = _rows(delta).mT  # δ^l with samples as columns, as in the notes: (out, N)
         if trains[2 * l - 2]:
             # W^l ← W^l − η δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
-            if compiling:
-                weight_l.sub_((delta_t @ _rows(a[l - 1])) * step)
-            else:
-                weight_l.addmm_(delta_t, _rows(a[l - 1]), alpha=-step)
+            _update(weight_l, _rows(delta).mT @ _rows(a[l - 1]), step, compiling)
         if trains[2 * l - 1]:
-            # b^l ← b^l − η δ^l, summed over samples: (out, N) @ (N,) -> (out,)
-            if compiling:
-                bias_l.sub_((delta_t @ ones) * step)
-            else:
-                bias_l.addmv_(delta_t, ones, alpha=-step)
-        delta = delta_t = None  # δ^l is spent
+            # b^l ← b^l − η δ^l, summed over samples: (N, out) -> (out,)
+            _update(bias_l, _rows(delta).sum(0), step, compiling)
+        delta = None  # δ^l is spent
         if back is None:
             break  # no layer below trains
         # δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l, written over (W^l)^T δ^l: no graph needs it
