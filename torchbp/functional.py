@@ -753,7 +753,8 @@ def cross_entropy_cost(input: Tensor, target: Tensor, reduction: str = "mean") -
     Equal to :func:`torch.nn.functional.binary_cross_entropy` summed over
     features and averaged over samples, guards included: each ln is clamped
     at −100 and the gradient's a(1 − a) at 1e-12, so an output saturated at
-    exactly 0 or 1 gives a finite cost and gradient.
+    exactly 0 or 1 gives a finite cost and gradient (in float32 and float64;
+    in float16 the gradient's 1/a(1 − a) overflows to ±inf there, as torch's does).
 
     Shape:
         - input, target: ``(*, features)``, the same shape
@@ -1159,8 +1160,9 @@ def mlp_cost(
     The composition ``cross_entropy_cost(mlp(...))`` goes through ``∇_a C``,
     whose ``a(1 − a)`` torch's guard clamps at 1e-12: where an output
     saturates (in float32 a = 1 past z ≈ 17, and a(1 − a) < 1e-12 below
-    z ≈ −28, a = 0 past z ≈ −88) its δ^L shrinks to 0 and that output
-    stops learning, while here it still gets ``a^L − y``.
+    z ≈ −28, a = 0 past z ≈ −88) its δ^L shrinks to 0 (in float16, where
+    the guard's 1/a(1 − a) overflows, it is nan) and that output stops
+    learning, while here it still gets ``a^L − y``.
     Elsewhere the two agree to rounding; the cost's value is the same.
     Forward-mode AD (``torch.func.jvp``) takes the same δ^L.
 

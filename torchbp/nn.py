@@ -394,7 +394,9 @@ class MLP(nn.Module):
         (:func:`torchbp.sgd.mlp_sgd_step`): the parameters change in place,
         their ``.grad`` is left alone, delta hooks see every δ^l. The same
         update as ``self.cost(input, target).backward()`` then
-        ``torch.optim.SGD(self.parameters(), lr).step()``, in a fraction of the time.
+        ``torch.optim.SGD(self.parameters(), lr).step()``, in a fraction of the time
+        (that of a fused MLP's cost: an unfused one's differs where a
+        cross-entropy output saturates, see :func:`torchbp.functional.mlp_cost`).
 
         No module is called, so the step refuses a network whose layers or
         itself have forward or backward hooks, a layer whose weight or bias

@@ -92,10 +92,14 @@ def _check_sgd(
     if not any(trains):
         # As mlp_cost(...).backward() would: a cost that depends on nothing trainable has no gradient.
         raise ValueError(f"{fn}(): no weight or bias requires grad, so there is nothing to train")
-    if len({id(p) for p in params if p is not None}) < sum(p is not None for p in params):
-        # The step moves each parameter as soon as its layer is done; a tied one would be read again after.
-        raise ValueError(f"{fn}(): weights and biases must be distinct tensors, got one passed twice "
-                         "(tied weights); train those with mlp_cost(...).backward() and an optimizer")
+    first: dict[int, int] = {}  # id -> the first index it is passed at
+    for j, p in enumerate(params):
+        i = first.setdefault(id(p), j) if p is not None else j
+        if i != j:
+            # The step moves each parameter as soon as its layer is done; a tied one would be read again after.
+            raise ValueError(f"{fn}(): weights and biases must be distinct tensors, got {_param_name(i)} passed "
+                             f"again as {_param_name(j)} (tied weights); train those with mlp_cost(...).backward() "
+                             "and an optimizer")
     n = len(params)
     while eager:
         shared = _shared_memory([*params, x, target], [*trains, False, False])
