@@ -27,6 +27,10 @@ def _ddp_epoch(stop_at_step: int, monkeypatch=None, other_rank_stops_at_log: int
             stop.requested = len(steps) == stop_at_step or stop.requested
             return torch.ones(())
 
+        if monkeypatch is not None:  # the group of one stands in for both ranks: the other holds this one's sums
+            gather = train.mnist.distributed.gather
+            monkeypatch.setattr(train.mnist.distributed, "gather", lambda t, world_size: gather(t, 1).expand(
+                world_size, *t.shape))
         if other_rank_stops_at_log is not None:
             any_rank = train.mnist.distributed.any_rank
             monkeypatch.setattr(train.mnist.distributed, "any_rank", lambda flag, *args: any_rank(
@@ -49,6 +53,8 @@ def test_a_stop_on_another_rank_stops_this_one_at_the_next_log_step(monkeypatch)
     steps, train_loss, stopped, progress = _ddp_epoch(0, monkeypatch, other_rank_stops_at_log=4)
     assert steps == [2] * 4 and stopped and train_loss is None
     assert (progress.epoch, progress.step, progress.batch_in_epoch) == (0, 4, 4)
+    # every rank's own loss sums, each rank to go on from its own: 4 steps of cost 1, none since the log step
+    assert progress.epoch_loss_sum.tolist() == [4.0, 4.0] and progress.loss_since_log.tolist() == [0.0, 0.0]
 
 
 def test_ddp_ctrl_c_after_an_epochs_last_log_step_stops_at_its_end():

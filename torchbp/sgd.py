@@ -7,9 +7,9 @@ the notes' recursion
     δ^L       = ∇_a C ∘ φ'(z^L)
     δ^{l-1}   = φ'(z^{l-1}) ∘ (W^l)^T δ^l
 
-and each layer's parameters move as soon as its δ^l is known,
-``W^l ← W^l − η δ^l (a^{l-1})^T`` and ``b^l ← b^l − η δ^l`` (summed over the
-mini-batch), each one in-place op in eager mode. :class:`torchbp.MLP` offers them as
+and then every parameter moves, ``W^l ← W^l − η δ^l (a^{l-1})^T`` and
+``b^l ← b^l − η δ^l`` (summed over the mini-batch), all in one in-place op in
+eager mode. :class:`torchbp.MLP` offers them as
 :meth:`~torchbp.MLP.sgd_step` and :meth:`~torchbp.MLP.sgd_epoch`.
 """
 
@@ -96,7 +96,7 @@ def _check_sgd(
     for j, p in enumerate(params):
         i = first.setdefault(id(p), j) if p is not None else j
         if i != j:
-            # The step moves each parameter as soon as its layer is done; a tied one would be read again after.
+            # Its gradient is the sum over its uses, which the step forms for no parameter.
             raise ValueError(f"{fn}(): weights and biases must be distinct tensors, got {_param_name(i)} passed "
                              f"again as {_param_name(j)} (tied weights); train those with mlp_cost(...).backward() "
                              "and an optimizer")
@@ -109,8 +109,9 @@ def _check_sgd(
         if j < n:  # tied through .data or one storage: the same hazard as a tensor passed twice
             raise ValueError(f"{fn}(): {_param_name(i)} and {_param_name(j)} share memory (tied weights); "
                              "train those with mlp_cost(...).backward() and an optimizer")
-        # An input or target in a trained parameter's memory would be read after the step has moved it:
-        # the step reads a copy, as autograd forms every gradient before an optimizer moves anything.
+        # An input or target in a trained parameter's memory would be read after a step has moved it (an
+        # epoch's later steps read theirs): the steps read a copy, as autograd forms every gradient before an
+        # optimizer moves anything.
         if j == n:
             x = x.clone()
         else:
@@ -175,20 +176,21 @@ def mlp_sgd_step(
     r"""One step of plain SGD on the network, backpropagation by hand and no autograd at all.
 
     Nielsen's ``update_mini_batch``: the forward keeps a^0..a^L, the backward
-    is the notes' recursion from δ^L = ∇_a C ∘ φ'(z^L), and every parameter
-    moves in place by ``−lr · ∇C`` as soon as its layer's δ^l is known. No
-    graph is built and no ``.grad`` is touched: each layer's ∇_W C = δ^T a and
-    ∇_b C live only until its ``W ← W − lr ∇_W C`` (one ``add_``, the parameter
-    rounded once, as an optimizer rounds it). Returns the cost before the step. Equal to
+    is the notes' recursion from δ^L = ∇_a C ∘ φ'(z^L), and then every
+    parameter moves in place by ``−lr · ∇C``. No graph is built and no
+    ``.grad`` is touched: each layer's ∇_W C = δ^T a and ∇_b C live only until
+    the step's ``p ← p − lr ∇_p C`` (one foreach op in eager mode, each parameter
+    rounded once, as torch.optim.SGD rounds it). Returns the cost before the step. Equal to
     ``torchbp.functional.mlp_cost(...)[0].backward()`` (``.sum().backward()``
     with ``reduction="none"``) followed by ``torch.optim.SGD(params, lr=lr).step()``:
     a weight or bias that does not require grad stays as it is, as a frozen
-    parameter does there. A tensor passed twice (tied weights) is refused,
-    since each layer moves its own as soon as it is done; an input or target
-    in a trained parameter's memory is read as it was before the step. Eager or
-    ``torch.compile`` (``delta_hook`` in eager mode only; compiled, the memory
-    is not checked: addresses are no part of a graph, so a tied weight or an
-    input in a parameter's memory is read after the step moved it); not under autocast.
+    parameter does there. A tensor passed twice, or two sharing memory (tied
+    weights), is refused: its gradient would be the sum over its uses, which
+    the step does not form. An input or target in a trained parameter's memory
+    is read as it was before the step. Eager or ``torch.compile``
+    (``delta_hook`` in eager mode only; compiled, the memory is not checked:
+    addresses are no part of a graph, so parameters sharing memory are not
+    refused); not under autocast.
 
     Shape:
         - input: ``(*, in_features)``; target: ``(*, out_features)``
@@ -259,19 +261,21 @@ def mlp_sgd_epoch(
     return torch.cat((per_step, _reduce(c[whole:], reduction).reshape(1)))
 
 
-def _update(param: Tensor, grad: Tensor, step: float, compiling: bool) -> None:
-    """``param ← param − step · grad`` in place, ``grad`` a sum over samples formed beforehand.
+def _update(params: list[Tensor], grads: list[Tensor], step: float, compiling: bool) -> None:
+    """``p ← p − step · g`` in place for every parameter ``p`` and its sum over samples ``g``, formed beforehand.
 
-    The parameter is rounded once, as an optimizer's step rounds it: an addmm_ or addmv_ into the parameter
-    itself (as this step once did) adds the samples block by block on the CPU, rounding the parameter each
-    time, and a small step moved it less or not at all (float32, 65,536 samples: a bias left unmoved by an
-    update of 8 ulps). Compiled, the update is a product and a sub_: Dynamo pins a float alpha to its value
-    (one graph per lr of a schedule), where a tensor times lr leaves lr an input of the graph.
+    Each parameter is rounded once, as torch.optim.SGD's step rounds it (eager, the same foreach op): an
+    addmm_ or addmv_ into the parameter itself (as this step once did) adds the samples block by block on
+    the CPU, rounding the parameter each time, and a small step moved it less or not at all (float32,
+    65,536 samples: a bias left unmoved by an update of 8 ulps). Compiled, each update is a product and a
+    sub_: Dynamo pins a float alpha to its value (one graph per lr of a schedule), where a tensor times lr
+    leaves lr an input of the graph.
     """
     if compiling:
-        param.sub_(grad * step)
+        for p, g in zip(params, grads):
+            p.sub_(g * step)
     else:
-        param.add_(grad, alpha=-step)
+        torch._foreach_add_(params, grads, alpha=-step)
 
 
 def _sgd_step(
@@ -297,7 +301,8 @@ def _sgd_step(
     diff = a_y - target
     delta = _as(_output_delta(cost, a_y, diff), a_L.dtype)
     step = lr * weight if n else 0.0  # with no samples no parameter moves (the mean's weight is nan)
-    compiling = torch.compiler.is_compiling()
+    # The parameters move together at the end, in one op: each layer's (W^l)^T δ^l is taken first anyway.
+    moving, grads = [], []
     for l in range(len(params) // 2, 0, -1):  # l = L, ..., 1
         weight_l, bias_l = params[2 * l - 2], params[2 * l - 1]
         if delta_hook is not None:
@@ -306,14 +311,17 @@ def _sgd_step(
         back = delta @ weight_l if any(trains[: 2 * l - 2]) else None
         if trains[2 * l - 2]:
             # W^l ← W^l − η δ^l (a^{l-1})^T, summed over samples: (out, N) @ (N, in) -> (out, in)
-            _update(weight_l, _rows(delta).mT @ _rows(a[l - 1]), step, compiling)
+            moving.append(weight_l)
+            grads.append(_rows(delta).mT @ _rows(a[l - 1]))
         if trains[2 * l - 1]:
             # b^l ← b^l − η δ^l, summed over samples: (N, out) -> (out,)
-            _update(bias_l, _rows(delta).sum(0), step, compiling)
+            moving.append(bias_l)
+            grads.append(_rows(delta).sum(0))
         delta = None  # δ^l is spent
         if back is None:
             break  # no layer below trains
         # δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l, written over (W^l)^T δ^l: no graph needs it
         delta = _sigmoid_backward_(back, a[l - 1])
         a[l - 1] = None  # a^{l-1} is spent too: layer l-1 holds a^0..a^{l-2}, δ^{l-1} and its (W^{l-1})^T δ^{l-1}
+    _update(moving, grads, step, torch.compiler.is_compiling())
     return a_L, diff
