@@ -223,12 +223,12 @@ class _FakeCuda:
 def test_the_cuda_timer_waits_for_the_queued_kernels_before_each_reading(monkeypatch):
     """On CUDA a reading of the clock comes after torch.cuda.synchronize: kernels run asynchronously, and
     a clock read at once would time the launches only."""
-    cuda, device = _FakeCuda(monkeypatch), torch.device("cuda:1")
-    now = step.timer(device)
-    first = now()
-    assert cuda.calls == [("synchronize", device)]
-    assert now() >= first and cuda.calls == [("synchronize", device)] * 2
     assert step.timer(torch.device("cpu")) is time.perf_counter  # the CPU's ops are synchronous
+    cuda, device = _FakeCuda(monkeypatch), torch.device("cuda:1")
+    monkeypatch.setattr(time, "perf_counter", lambda: cuda.calls.append(("perf_counter",)) or len(cuda.calls))
+    now = step.timer(device)
+    assert now() == 2 and now() == 4
+    assert cuda.calls == [("synchronize", device), ("perf_counter",)] * 2
 
 
 def test_the_cuda_memory_figure_is_the_steps_peak_over_what_was_allocated_before(monkeypatch):

@@ -59,7 +59,8 @@ def test_a_write_that_fails_midway_leaves_the_previous_file_and_no_temp_file(tmp
 
 def test_the_temp_files_of_a_killed_write_are_removed_and_nothing_else(tmp_path):
     """What a SIGKILL mid-write leaves (the temp file, never renamed) goes; other files stay, dot files too."""
-    kept = ["checkpoint.pt", "metrics.json", ".checkpoint.pt.bak", ".notes-1.tmp", "events.out.tfevents.1.x"]
+    kept = ["checkpoint.pt", "metrics.json", ".checkpoint.pt.bak", ".notes-1.tmp", "events.out.tfevents.1.x",
+            ".checkpoint-backup-before-edit.tmp", ".metrics-notes.tmp", ".checkpoint-0123456789abcdef0.tmp"]
     left = [".checkpoint-80aacef831c230cd.tmp", ".metrics-0123456789abcdef.tmp"]
     for name in kept + left:
         (tmp_path / name).write_bytes(b"x")

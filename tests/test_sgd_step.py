@@ -40,6 +40,30 @@ def assert_equals_book(model: torchbp.MLP, book) -> None:
 
 
 @pytest.mark.parametrize("method", ["sgd_step", "sgd_epoch"])
+def test_a_float16_step_over_many_samples_stays_finite_as_autograd_does(method):
+    """float16, 200,000 samples, each δ^L = a − y about 1 (cross-entropy, an output near 1, target 0): the
+    sums over samples are those of the mean's δ^L, as autograd forms them, far inside float16's range; the
+    unscaled sums (about 196,000 > 65,504) went to inf, and the parameters with them. Oracle: the fused
+    cost + torch.optim.SGD, to float16's rounding."""
+    model = torchbp.MLP([1, 1], dtype=torch.float16)
+    with torch.no_grad():
+        model[0].weight.fill_(0.5)
+        model[0].bias.fill_(4.0)
+    reference = torchbp.MLP([1, 1], fused=True, dtype=torch.float16)
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.ones(200_000, 1, dtype=torch.float16), torch.zeros(200_000, 1, dtype=torch.float16)
+    reference.cost(x, y, "cross_entropy").backward()
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    if method == "sgd_step":
+        model.sgd_step(x, y, 0.1, "cross_entropy")
+    else:
+        model.sgd_epoch(x, y, 0.1, len(x), "cross_entropy")
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q, rtol=0, atol=4e-3)  # a float16 ulp at 4 is 4e-3
+
+
+@pytest.mark.parametrize("method", ["sgd_step", "sgd_epoch"])
 def test_a_small_step_over_many_samples_moves_every_parameter_as_torch_sgd_does(method):
     """float32, 65,536 samples, lr 1e-3: each parameter's update is as close to the float64 truth as
     autograd + torch.optim.SGD's (relative error at most 1.5 times SGD's, which is 1e-4 to 4e-3 here). The

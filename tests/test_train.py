@@ -205,7 +205,8 @@ def test_a_used_logdir_is_refused_and_a_resume_reads_the_runs_own_data(tmp_path,
     assert train.evaluate.main([str(ckpt)]) == 0, capsys.readouterr().err  # the same for train.evaluate
 
 
-def test_resume_with_more_epochs_continues_a_run_without_schedule_as_if_it_had_been_that_long(tmp_path, capsys):
+def test_resume_with_more_epochs_continues_a_run_without_schedule_as_if_it_had_been_that_long(tmp_path, capsys,
+                                                                                              monkeypatch):
     """Nielsen's recipe (constant η, no schedule): 1 epoch, then --resume --epochs 2, gives bit for bit the
     weights and epoch metrics of a 2-epoch run (oracle), and the longer run's checkpoint keeps epochs=2.
     A one-cycle run cannot be stretched, nor can a run be shortened below the epochs it has started."""
@@ -216,6 +217,13 @@ def test_resume_with_more_epochs_continues_a_run_without_schedule_as_if_it_had_b
     assert train.mnist.main([*args, "--epochs", "2", "--logdir", str(tmp_path / "two")]) == 0
     assert train.mnist.main([*args, "--epochs", "1", "--logdir", str(tmp_path / "one")]) == 0
     ckpt = tmp_path / "one" / "checkpoint.pt"
+    finished = sorted((tmp_path / "one").glob("*.final"))
+    # an extension that fails in its first epoch leaves the finished run as it was, its final records too
+    with monkeypatch.context() as patch:
+        patch.setattr(train.mnist, "train", lambda *args: sys.exit(1))
+        with pytest.raises(SystemExit):
+            train.mnist.main(["--resume", str(ckpt), "--epochs", "2", "--threads", "1"])
+    assert sorted((tmp_path / "one").glob("*.final")) == finished and len(finished) == 1
     (tmp_path / "one" / ".checkpoint-0123456789abcdef.tmp").write_bytes(b"PK")  # a write killed midway
     assert train.mnist.main(["--resume", str(ckpt), "--epochs", "2", "--threads", "1"]) == 0
     assert not list((tmp_path / "one").glob("*.tmp")), "the resume removes what a killed write left"

@@ -754,7 +754,8 @@ def cross_entropy_cost(input: Tensor, target: Tensor, reduction: str = "mean") -
     features and averaged over samples, guards included: each ln is clamped
     at −100 and the gradient's a(1 − a) at 1e-12, so an output saturated at
     exactly 0 or 1 gives a finite cost and gradient (in float32 and float64;
-    in float16 the gradient's 1/a(1 − a) overflows to ±inf there, as torch's does).
+    in float16 the guard's 1/a(1 − a) overflows: the gradient there is ±inf,
+    or 0 where a = y, where torch's is ±inf or nan).
 
     Shape:
         - input, target: ``(*, features)``, the same shape

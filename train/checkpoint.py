@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import secrets
 from collections.abc import Callable
 from typing import BinaryIO
@@ -58,10 +59,11 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
 
 
 def remove_leftovers(folder: str, names: tuple[str, ...]) -> None:
-    """Remove the temp files of :func:`write_atomically` for ``names`` that a killed process left in ``folder``."""
-    stems = tuple(f".{_stem(name)}-" for name in names)
+    """Remove the temp files of :func:`write_atomically` for ``names`` that a killed process left in ``folder``:
+    ``.<stem>-<16 hex digits>.tmp``, and nothing else."""
+    ours = re.compile("|".join(rf"\.{re.escape(_stem(name))}-[0-9a-f]{{16}}\.tmp" for name in names))
     for entry in os.listdir(folder):
-        if entry.startswith(stems) and entry.endswith(".tmp"):
+        if ours.fullmatch(entry):
             os.remove(os.path.join(folder, entry))
 
 

@@ -511,8 +511,8 @@ def default_folder(recipe: str, rank: int, world_size: int) -> str:
 
 
 def open_writer(logdir: str, purge_step: int | None) -> SummaryWriter:
-    """The run folder's SummaryWriter (rank 0 only); a resumed run's (``purge_step`` given) drops the final
-    records of its run so far, which its own end writes anew."""
+    """The run folder's SummaryWriter (rank 0 only); a resumed run's (``purge_step`` given) first removes the
+    temp files of a write its run was killed in."""
     from torch.utils.tensorboard import SummaryWriter
 
     try:
@@ -520,9 +520,6 @@ def open_writer(logdir: str, purge_step: int | None) -> SummaryWriter:
     except OSError as e:  # what --logdir's check cannot see ahead (a read-only mount, /proc)
         fail(f"--logdir {logdir} cannot be created: {e.strerror}", EXIT_DATA)
     if purge_step is not None:
-        for name in os.listdir(logdir):
-            if name.startswith("events.out.tfevents.") and name.endswith(FINAL_EVENTS):
-                os.remove(os.path.join(logdir, name))
         checkpoint.remove_leftovers(logdir, ("checkpoint.pt", "metrics.json"))  # of a run killed mid-write
     # purge_step: events a killed run wrote after its last checkpoint are dropped from the plots
     return SummaryWriter(logdir, purge_step=purge_step)
@@ -631,10 +628,16 @@ def resume_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict | No
 
 
 def run_complete(args: argparse.Namespace, state: dict) -> bool:
-    """Whether the checkpoint ends the run (its last epoch done) and the run's final metrics are written."""
+    """Whether the checkpoint ends the run (its last epoch done) and the run's final metrics, of that epoch, are
+    written (a run resumed for more epochs and stopped before its end has the shorter run's)."""
     epochs = 1 if args.dry_run else args.epochs
-    done = state["epoch"] >= epochs and not state.get("batch_in_epoch", 0)
-    return done and os.path.exists(os.path.join(args.logdir, "metrics.json"))
+    if state["epoch"] < epochs or state.get("batch_in_epoch", 0):
+        return False
+    try:
+        with open(os.path.join(args.logdir, "metrics.json")) as f:
+            return json.load(f).get("epochs") == state["epoch"]
+    except (OSError, ValueError, AttributeError):  # none, or not what finish() writes
+        return False
 
 
 def restore(state: dict, path: str, model: torchbp.MLP, optimizer: torch.optim.Optimizer,
@@ -878,9 +881,12 @@ def finish(run: Run, progress: Progress, data: MNIST, test: Split, ranks_identic
         history=history,
     )
     writer.close()
-    # The final model's records go to an event file of their own, which a resume deletes: a run resumed for
-    # more epochs writes its own at its new last step (TensorBoard's HPARAMS shows a run's first hparams
-    # record, and purge_step keeps those of the checkpoint's step).
+    # The final model's records go to an event file of their own, which replaces the one a run resumed for
+    # more epochs wrote at its shorter end (TensorBoard's HPARAMS shows a run's first hparams record, and
+    # purge_step keeps those of the checkpoint's step); removed only once the new one is written, so that
+    # a failed extension leaves the finished run's records.
+    earlier = [name for name in os.listdir(args.logdir)
+               if name.startswith("events.out.tfevents.") and name.endswith(FINAL_EVENTS)]
     with SummaryWriter(args.logdir, filename_suffix=FINAL_EVENTS) as final:
         predicted = predict(run.model, test.x)
         wrong = (predicted != test.y).nonzero().flatten()[:64]
@@ -901,6 +907,8 @@ def finish(run: Run, progress: Progress, data: MNIST, test: Split, ranks_identic
             final.file_writer.add_summary(record, step)
         for tag, value in results.items():
             final.add_scalar(tag, value, step)
+    for name in earlier:
+        os.remove(os.path.join(args.logdir, name))
     # (atomically: a run killed mid-write would leave a part of it, and a file there means the run is complete)
     checkpoint.write_atomically(os.path.join(args.logdir, "metrics.json"),
                                 lambda f: f.write(json.dumps(metrics, indent=2).encode()))

@@ -190,14 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     if not book:
         flags = " ".join(f"--{flag} {value}" for flag, value in BOOK_SETTING.items())
         print(f"\n(The book's figures, ch. 5, hold for {flags}; this run's settings differ, so the table leaves them out.)")
+    writing = args.json  # what is being written, for an error that names no file (a failed write or close)
     try:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({arch: s["mean"] for arch, s in summary.items()}, f, indent=2)
-        logdir = args.logdir or new_run_folder("vanishing")  # a folder of its own, even for parallel runs
+        # a folder of its own, even for parallel runs
+        logdir = writing = args.logdir or new_run_folder("vanishing")
         write_tensorboard(logdir, summary, table)
     except OSError as error:  # what the flags' checks cannot see ahead (a read-only mount, /proc, a full disk)
-        print(f"train.vanishing: error: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
+        print(f"train.vanishing: error: cannot write {error.filename or writing}: {error.strerror}", file=sys.stderr)
         return 2
     print(f"\nTensorBoard: tensorboard --logdir {logdir}")
     return 0
