@@ -673,6 +673,24 @@ def test_a_cuda_run_keeps_its_cuda_generator_in_the_checkpoint_and_sets_it_back(
     assert calls == []
 
 
+def test_a_run_is_complete_only_with_the_final_metrics_of_its_checkpoints_epoch(tmp_path):
+    """A run resumed for more epochs and killed after its last epoch's checkpoint, before its end, still has
+    the shorter run's metrics.json: not complete (a resume then writes its end); nor with a damaged one."""
+    import argparse
+
+    import train.mnist
+
+    args = argparse.Namespace(dry_run=False, epochs=2, logdir=str(tmp_path))
+    metrics, state = tmp_path / "metrics.json", {"epoch": 2, "batch_in_epoch": 0}
+    assert not train.mnist.run_complete(args, state)  # no metrics.json
+    for written, complete in (({"epochs": 1}, False), ({"epochs": 2}, True), ([2], False)):
+        metrics.write_text(json.dumps(written))
+        assert train.mnist.run_complete(args, state) is complete, written
+    metrics.write_text('{"test_accuracy": 0.9')  # cut short
+    assert not train.mnist.run_complete(args, state)
+    assert not train.mnist.run_complete(args, {"epoch": 1, "batch_in_epoch": 0})
+
+
 def test_resuming_a_finished_dry_run_says_it_is_one_batch_long(tmp_path, monkeypatch, capsys):
     """A --dry-run run is complete after its one batch, whatever --epochs says; the message does not ask
     for the --epochs that was given."""
