@@ -261,9 +261,8 @@ def mlp_sgd_epoch(
     return torch.cat((per_step, _reduce(c[whole:], reduction).reshape(1)))
 
 
-def _update(params: list[Tensor], grads: list[Tensor], lr: float, compiling: bool) -> None:
-    """``p ← p − lr · g`` in place for every parameter ``p`` and its gradient ``g``, a sum over samples formed
-    beforehand.
+def _update(params: list[Tensor], grads: list[Tensor], step: float, compiling: bool) -> None:
+    """``p ← p − step · g`` in place for every parameter ``p`` and its sum over samples ``g``, formed beforehand.
 
     Each parameter is rounded once, as torch.optim.SGD's step rounds it (eager, the same foreach op): an
     addmm_ or addmv_ into the parameter itself (as this step once did) adds the samples block by block on
@@ -274,9 +273,9 @@ def _update(params: list[Tensor], grads: list[Tensor], lr: float, compiling: boo
     """
     if compiling:
         for p, g in zip(params, grads):
-            p.sub_(g * lr)
+            p.sub_(g * step)
     else:
-        torch._foreach_add_(params, grads, alpha=-lr)
+        torch._foreach_add_(params, grads, alpha=-step)
 
 
 def _sgd_step(
@@ -293,20 +292,23 @@ def _sgd_step(
     # a^0..a^L, each a^l written over its z^l; a^0..a^{L-1} are dropped as their layers finish
     a = [x, *_activations(x, params, overwrite_z=True)]
     a_L = a[-1]  # goes back to the caller, for the cost
-    # δ^L of the reduced cost, from ∇_a C = a^L − y scaled by each sample's dC/dC_n, as mlp_cost's backward
-    # forms it: the sums over samples below are then the gradient itself (unscaled, a float16 sum over many
-    # samples overflowed). The cost's dtype is the target's, promoted (a float64 target of a float32 network
-    # gives a float64 a^L − y), and δ^L goes down in the network's dtype.
+    # dC/dC_n multiplies every δ^l, so it rides on the step size instead of costing an op per step; but
+    # float16 cannot hold a sum of many samples' δ (65,504 at most: it overflowed, and the parameters with
+    # it), so there it scales δ^L itself, as mlp_cost's backward does, and the sums are the gradient.
     weight = _per_sample_weight(n, reduction)
+    scaled = weight != 1 and a_L.dtype == torch.float16
+    # δ^L per sample, from ∇_a C = a^L − y (the cost's dtype is the target's, promoted: a float64 target of a
+    # float32 network gives a float64 a^L − y, and δ^L goes down in the network's dtype, as in mlp_cost's backward)
     a_y = _as(a_L, target.dtype)
     diff = a_y - target
-    delta = _as(_output_delta(cost, a_y, diff if weight == 1 else diff * weight), a_L.dtype)
+    delta = _as(_output_delta(cost, a_y, diff * weight if scaled else diff), a_L.dtype)
+    step = lr if scaled else lr * weight if n else 0.0  # no samples, no step (the mean's weight is nan)
     # The parameters move together at the end, in one op: each layer's (W^l)^T δ^l is taken first anyway.
     moving, grads = [], []
     for l in range(len(params) // 2, 0, -1):  # l = L, ..., 1
         weight_l, bias_l = params[2 * l - 2], params[2 * l - 1]
         if delta_hook is not None:
-            delta_hook(l - 1, delta)  # the δ^l of the reduced cost, as autograd sees it
+            delta_hook(l - 1, delta if scaled else delta * weight)  # the δ^l of the reduced cost, as autograd sees it
         # (W^l)^T δ^l, taken before W^l moves, where a layer below trains: (*, out) @ (out, in) -> (*, in)
         back = delta @ weight_l if any(trains[: 2 * l - 2]) else None
         if trains[2 * l - 2]:
@@ -323,5 +325,5 @@ def _sgd_step(
         # δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l, written over (W^l)^T δ^l: no graph needs it
         delta = _sigmoid_backward_(back, a[l - 1])
         a[l - 1] = None  # a^{l-1} is spent too: layer l-1 holds a^0..a^{l-2}, δ^{l-1} and its (W^{l-1})^T δ^{l-1}
-    _update(moving, grads, lr, torch.compiler.is_compiling())
+    _update(moving, grads, step, torch.compiler.is_compiling())
     return a_L, diff
