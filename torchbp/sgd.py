@@ -261,7 +261,7 @@ def mlp_sgd_epoch(
     return torch.cat((per_step, _reduce(c[whole:], reduction).reshape(1)))
 
 
-def _update(params: list[Tensor], grads: list[Tensor], step: float, compiling: bool) -> None:
+def _update(params: list[Tensor], grads: list[Tensor], step: float) -> None:
     """``p ← p − step · g`` in place for every parameter ``p`` and its sum over samples ``g``, formed beforehand.
 
     Each parameter is rounded once, as torch.optim.SGD's step rounds it (eager, the same foreach op): an
@@ -271,7 +271,7 @@ def _update(params: list[Tensor], grads: list[Tensor], step: float, compiling: b
     sub_: Dynamo pins a float alpha to its value (one graph per lr of a schedule), where a tensor times lr
     leaves lr an input of the graph.
     """
-    if compiling:
+    if torch.compiler.is_compiling():
         for p, g in zip(params, grads):
             p.sub_(g * step)
     else:
@@ -325,5 +325,5 @@ def _sgd_step(
         # δ^{l-1} = φ'(z^{l-1}) ∘ (W^l)^T δ^l, written over (W^l)^T δ^l: no graph needs it
         delta = _sigmoid_backward_(back, a[l - 1])
         a[l - 1] = None  # a^{l-1} is spent too: layer l-1 holds a^0..a^{l-2}, δ^{l-1} and its (W^{l-1})^T δ^{l-1}
-    _update(moving, grads, step, torch.compiler.is_compiling())
+    _update(moving, grads, step)
     return a_L, diff
