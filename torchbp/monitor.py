@@ -213,7 +213,8 @@ class DeltaMonitor:
                            "the batch, which is no pass of its own, and are not recorded (DistributedDataParallel "
                            "is: each process its own)")
                 return
-            if delta.numel() == 0:
+            nbytes = delta.nbytes
+            if nbytes == 0:
                 return  # a pass with no samples: no δ to measure
             if delta.requires_grad:  # backward(create_graph=True): keep no graph alive
                 delta = delta.detach()
@@ -222,7 +223,7 @@ class DeltaMonitor:
                     self.last_delta[name] = delta
                 # Only a reference here, no op: the statistics are computed for many passes at once.
                 held.append(delta)
-                self._held_bytes[name] += delta.numel() * delta.element_size()
+                self._held_bytes[name] += nbytes
                 if len(held) >= self.flush_every or self._held_bytes[name] >= self.max_held_bytes:
                     self._flush(name)
 
@@ -254,28 +255,29 @@ class DeltaMonitor:
         # (A model moved by .to() between pops gives δ of both kinds in one window.)
         groups: dict[tuple, list[Tensor]] = {}
         for delta in held:
-            groups.setdefault((tuple(delta.shape), delta.dtype, delta.device), []).append(delta)
+            groups.setdefault((delta.shape, delta.dtype, delta.device), []).append(delta)
         for deltas in groups.values():
             out = deltas[0].shape[-1]
             delta = torch.stack(deltas).reshape(len(deltas), -1, out)  # (K, *, out) -> (K, N, out)
             n = delta.shape[1]
             # Sums over N samples in at least float32: a float16 Σ overflows at 65504, bf16 rounds.
             dtype = torch.promote_types(delta.dtype, torch.float32)
-            # ∇_b C = Σ_n δ_n per pass: (K, N, out) -> (K, out) -> (K,) norms, summed over passes
-            norm = torch.linalg.vector_norm(delta.sum(1, dtype=dtype), dim=1).sum()
-            acc = self._accumulator(name, norm.dtype, delta.device)  # (real: complex δ has real norms)
-            # Σ_n ‖δ_n‖: (K, N, out) -> (K, N) -> summed; with a mean-reduced cost that is N · mean_n ‖δ_n‖
-            sample_norm = torch.linalg.vector_norm(delta, dim=2, dtype=dtype).sum()
+            # ∇_b C = Σ_n δ_n per pass: (K, N, out) -> (K, out) -> (K,) norms
+            norm = torch.linalg.vector_norm(delta.sum(1, dtype=dtype), dim=1)
+            # Σ_n ‖δ_n‖ per pass: (K, N, out) -> (K, N) -> (K,); with a mean-reduced cost, N · mean_n ‖δ_n‖
+            sample_norm = torch.linalg.vector_norm(delta, dim=2, dtype=dtype).sum(1)
             if self.reduction == "sum":
                 sample_norm = sample_norm / n
-            # max |δ| per pass: (K, N·out) -> (K,), summed over passes (max(max, −min): much
-            # faster on CPU than the inf-norm; exact in δ's own dtype)
+            # max |δ| per pass: (K, N·out) -> (K,) (max(max, −min): much faster on CPU than the
+            # inf-norm; exact in δ's own dtype)
             flat = delta.reshape(len(deltas), -1)
             if flat.is_complex():  # complex δ has no order: the largest modulus
-                max_abs = flat.abs().amax(1).to(norm.dtype).sum()
+                max_abs = flat.abs().amax(1)
             else:
-                max_abs = torch.maximum(flat.amax(1), flat.amin(1).neg()).to(dtype).sum()
-            acc.add_(torch.stack([norm, sample_norm, max_abs]))
+                max_abs = flat.amax(1).maximum(flat.amin(1).neg_())
+            # (3, K) -> (3,): each statistic summed over the passes (real: complex δ has real norms)
+            sums = torch.stack([norm, sample_norm, max_abs.to(norm.dtype)]).sum(1)
+            self._accumulator(name, sums.dtype, delta.device).add_(sums)
 
     def _accumulator(self, name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
         """Layer ``name``'s sums of (norm, sample_norm, max_abs), wide enough for ``dtype``, on ``device``.
