@@ -433,6 +433,14 @@ def test_a_bad_reduction_of_mlp_cost_is_refused_before_the_forward():
     assert calls == []
 
 
+def test_the_fx_check_is_the_one_that_does_not_warn():
+    """Where torch has is_fx_symbolic_tracing, that is the check (is_fx_tracing logs a warning each process
+    and is true under torch.export too)."""
+    fx = torch.fx._symbolic_trace
+    if hasattr(fx, "is_fx_symbolic_tracing"):
+        assert torchbp.nn._fx_tracing is fx.is_fx_symbolic_tracing
+
+
 @pytest.mark.parametrize("blocks", [False, True], ids=["whole", "in-blocks"])
 def test_a_frozen_first_layer_keeps_no_input_as_nn_does(blocks, monkeypatch):
     """W^1 frozen: the fused node keeps no a^0 = x (only ∇_{W^1} C reads it), so x may change in place between

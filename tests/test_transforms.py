@@ -287,6 +287,36 @@ def test_fx_symbolic_trace_gives_the_same_outputs_and_gradients(model):
         close(g, e)
 
 
+class _OnBuffer(nn.Module):
+    """A torchbp network fed a buffer: while fx traces, its input is a tensor, not a Proxy."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.register_buffer("tokens", torch.randn(N, SIZES[0], dtype=torch.float64))
+
+    def forward(self, x):
+        return self.net(self.tokens) + x
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_fx_symbolic_trace_of_a_hooked_layer_fed_a_buffer_keeps_no_hook(fused):
+    """torch.fx.symbolic_trace of a hooked torchbp network whose input is a buffer, not a Proxy: the trace
+    succeeds and its graph calls no hook (the unfused trace once failed to put the hook into the graph; a
+    fused one computed the call at trace time, its graph holding the hook); the eager model still calls it."""
+    torch.manual_seed(25)
+    module = _OnBuffer(torchbp.MLP(SIZES, fused=fused, dtype=torch.float64))
+    seen = []
+    handle = module.net[0].register_delta_hook(lambda m, delta: seen.append(delta))
+    traced = torch.fx.symbolic_trace(module)
+    x = torch.randn(N, SIZES[-1], dtype=torch.float64)
+    traced(x).pow(2).sum().backward()
+    assert not seen
+    module(x).pow(2).sum().backward()
+    assert len(seen) == 1
+    handle.remove()
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace")
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 def test_jit_trace_of_a_hooked_model_keeps_no_hook(fused):

@@ -34,16 +34,18 @@ del _name
 
 __all__ = ["Linear", "Sigmoid", "QuadraticCost", "CrossEntropyCost", "MLP", "convert"]
 
+# is_fx_symbolic_tracing where torch has it: is_fx_tracing, the older one, is true under torch.export too,
+# and newer versions log a warning when it is called
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 
-def _tracing(input: object) -> bool:
-    """Whether torch.compile, torch.export, torch.fx or torch.jit.trace traces the forward ``input`` enters:
-    a δ hook, a Python call in backward, stays out of the graph.
 
-    torch.fx's symbolic tracer hands the forward a ``Proxy`` for every tensor it traces; asking for its
-    flag instead (``is_fx_symbolic_tracing``, a thread-local read that raises and catches an
-    AttributeError when unset) cost µs on every forward of a hooked layer.
+def _tracing() -> bool:
+    """Whether torch.compile, torch.export, torch.fx or torch.jit.trace traces this forward: a δ hook, a
+    Python call in backward, stays out of the graph.
+
+    (Asked of fx's own flag: a layer's input need not be a Proxy while fx traces, a buffer's is not.)
     """
-    return torch.compiler.is_compiling() or isinstance(input, torch.fx.Proxy) or torch.jit.is_tracing()
+    return torch.compiler.is_compiling() or _fx_tracing() or torch.jit.is_tracing()
 
 
 # hook(module, delta): called in backward with δ = ∇_z C of the Linear ``module``.
@@ -95,7 +97,7 @@ class Linear(nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         # LinearFunction's backward hands its grad_output, δ^l, to the hooks; none while none is registered.
-        return linear(input, self.weight, self.bias, delta_hook=self._backward_delta_hook(input))
+        return linear(input, self.weight, self.bias, delta_hook=self._backward_delta_hook())
 
     def register_delta_hook(self, hook: DeltaHook) -> RemovableHandle:
         """Call ``hook(module, delta)`` in every backward pass with δ = ∇_z C, shape ``(*, out_features)``.
@@ -116,14 +118,14 @@ class Linear(nn.Linear):
         self._delta_hooks[handle.id] = hook
         return handle
 
-    def _backward_delta_hook(self, input: object) -> Callable[[Tensor], None] | None:
+    def _backward_delta_hook(self) -> Callable[[Tensor], None] | None:
         """The delta hooks registered now, as one call for the backward of this forward; None if none.
 
         As for nn.Module's full backward hooks, the hooks that see a backward are those registered
         when its forward ran: one registered later waits for the next forward, one removed later
         still sees this backward.
         """
-        if not self._delta_hooks or _tracing(input):
+        if not self._delta_hooks or _tracing():
             return None
         hooks = tuple(self._delta_hooks.values())
 
@@ -359,7 +361,7 @@ class MLP(nn.Module):
             for module in self._modules.values():
                 input = module(input)
             return input
-        weights, biases, hook = self._params(input)
+        weights, biases, hook = self._params()
         return mlp(input, weights, biases, delta_hook=hook)
 
     def cost(self, input: Tensor, target: Tensor, cost: str = "quadratic", reduction: str = "mean") -> Tensor:
@@ -383,7 +385,7 @@ class MLP(nn.Module):
                 raise F.TensorValueError(f"MLP.cost(): target must have shape {tuple(a.shape)} (the output's), "
                                          f"got {tuple(target.shape)}")
             return fn(a, target, reduction)
-        weights, biases, hook = self._params(input)
+        weights, biases, hook = self._params()
         return mlp_cost(input, target, weights, biases, cost, reduction, delta_hook=hook)[0]
 
     def sgd_step(
@@ -406,7 +408,7 @@ class MLP(nn.Module):
         the step would move, a layer replaced since the MLP was built, or a
         subclass's own ``forward``. Train those with :meth:`cost` and an optimizer.
         """
-        weights, biases, hook = self._params(input, by_hand="MLP.sgd_step")
+        weights, biases, hook = self._params(by_hand="MLP.sgd_step")
         return sgd.mlp_sgd_step(input, target, weights, biases, lr, cost, reduction, delta_hook=hook)
 
     def sgd_epoch(
@@ -421,13 +423,11 @@ class MLP(nn.Module):
         smaller mini-batch takes a step of its own. Output shape ``(steps,)``,
         or ``(N, *)`` with ``reduction="none"``. Refuses what :meth:`sgd_step` refuses.
         """
-        weights, biases, hook = self._params(input, by_hand="MLP.sgd_epoch")
+        weights, biases, hook = self._params(by_hand="MLP.sgd_epoch")
         return sgd.mlp_sgd_epoch(input, target, weights, biases, lr, batch_size, cost, reduction, delta_hook=hook)
 
-    def _params(
-        self, input: object, by_hand: str = ""
-    ) -> tuple[list[Tensor], list[Tensor | None], F.DeltaHook | None]:
-        """W^1..W^L, b^1..b^L and, while any layer has a delta hook, the hook for the fused backward of ``input``.
+    def _params(self, by_hand: str = "") -> tuple[list[Tensor], list[Tensor | None], F.DeltaHook | None]:
+        """W^1..W^L, b^1..b^L and, while any layer has a delta hook, the hook for the fused backward.
 
         An autograd backward runs only with grad mode on, so the hook goes along only then;
         the steps by hand (``by_hand``, the caller's name) run their backward under ``torch.no_grad()``
@@ -444,7 +444,7 @@ class MLP(nn.Module):
             weights.append(params["weight"] if "weight" in params else m.weight)
             biases.append(params["bias"] if "bias" in params else m.bias)
             hooked = hooked or bool(m._delta_hooks)
-        if not (hooked and (by_hand or torch.is_grad_enabled())) or _tracing(input):
+        if not (hooked and (by_hand or torch.is_grad_enabled())) or _tracing():
             return weights, biases, None
         # The hooks registered now, layer by layer, as Linear._backward_delta_hook takes them.
         hooks = [tuple(m._delta_hooks.values()) for m in linears]
