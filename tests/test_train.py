@@ -74,11 +74,31 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 def test_dry_run_trains_one_batch_and_writes_the_run_folder(tmp_path):
+    """One step, which is a log step whatever --log-every says: the dry run tries the step logging too (the
+    loss, lr, δ statistics and gradient norms at step 1; before, a dry run logged none of them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     result = run("--dry-run", "--hidden", "8", "--logdir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 1 and metrics["epochs"] == 1
     assert load(tmp_path / "checkpoint.pt")["step"] == 1
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    for tag in ("train/loss", "train/lr", "delta/norm/0", "delta/norm/2", "grad/weight_norm/0"):
+        assert [e.step for e in events.Scalars(tag)] == [1], tag
+    assert "log-every" not in result.stderr
+
+
+def test_a_run_shorter_than_log_every_says_it_logs_no_step(tmp_path):
+    """2 steps with --log-every 100: no step is a log step, and a note on stderr says so (the run itself is
+    as before: each epoch's loss and accuracies)."""
+    result = run("--hidden", "8", "--limit-train", "256", "--batch-size", "128", "--epochs", "1",
+                 "--logdir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert ("note: --log-every 100 is more than this run's 2 steps: it logs no step's loss, δ statistics or "
+            "gradient norms") in result.stderr
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 2
 
 
 def test_short_run_metrics_checkpoint_and_tensorboard(tmp_path):
@@ -902,7 +922,7 @@ def test_resuming_in_another_number_of_processes_says_it_is_not_bit_for_bit(tmp_
     assert state["world_size"] == 1
     capsys.readouterr()
     run_in_process(["--resume", str(ckpt), "--epochs", "2"])
-    assert "note:" not in capsys.readouterr().err
+    assert "process(es)" not in capsys.readouterr().err
     checkpoint.save({**load(ckpt), "world_size": 2}, str(ckpt))  # as a two-process torchrun writes it
     run_in_process(["--resume", str(ckpt), "--epochs", "3"])
     err = capsys.readouterr().err
@@ -1018,7 +1038,7 @@ def test_ddp_a_ctrl_c_after_the_epoch_end_agreement_waits_for_the_ranks_next_one
     run = train.mnist.Run(args=argparse.Namespace(), model=None, optimizer=None, scheduler=None, train_step=None,
                           fast_step=None, writer=None, stop=types.SimpleNamespace(requested=False),
                           device=torch.device("cpu"), rank=1, world_size=2, epochs=3, steps_per_epoch=10,
-                          interactive=False)
+                          log_every=10, interactive=False)
     progress = train.mnist.Progress(epoch_generator_state=torch.Generator().get_state())
     assert train.mnist.train_epochs(run, progress, None, None, None, None, None) == 130
     assert calls == [0, 1]

@@ -38,7 +38,7 @@ def _ddp_epoch(stop_at_step: int, monkeypatch=None, other_rank_stops_at_log: int
         run = train.mnist.Run(
             args=argparse.Namespace(log_every=4, no_monitor=True, delta_hist_every=0), model=None, optimizer=None,
             scheduler=None, train_step=step, fast_step=step, writer=None, stop=stop, device=torch.device("cpu"),
-            rank=1, world_size=2, epochs=3, steps_per_epoch=len(batches), interactive=False,
+            rank=1, world_size=2, epochs=3, steps_per_epoch=len(batches), log_every=4, interactive=False,
         )
         progress = train.mnist.Progress(epoch_generator_state=torch.Generator().manual_seed(0).get_state())
         train_loss, stopped = train.mnist.train(run, progress, batches, torch.Generator())

@@ -186,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: None)")
     p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N of the 50,000 images (default: all)")
     p.add_argument("--dry-run", action="store_true",
-                   help="one training batch (at the full run's first learning rate) and a one-batch evaluation "
-                        "(default: False)")
+                   help="one training batch (at the full run's first learning rate), logged as a log step, and a "
+                        "one-batch evaluation (default: False)")
     p.add_argument("--data-dir", help=f"folder holding MNIST/raw/ (default: {DATA_DIR}; with --resume, the run's)")
     p.add_argument("--download", action="store_true", help="download MNIST into --data-dir if missing (default: False)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
@@ -542,6 +542,7 @@ class Run:
     world_size: int
     epochs: int  # 1 under --dry-run
     steps_per_epoch: int  # 1 under --dry-run
+    log_every: int  # 1 under --dry-run: its one step logs, so that the dry run tries the logging too
     interactive: bool  # rank 0 writing to a terminal: a tqdm progress bar per epoch
     fast_steps: Step | None = None  # see make_steps
 
@@ -758,7 +759,7 @@ def train(run: Run, progress: Progress, batches: Batches, generator: torch.Gener
     stopped = False
     t0 = time.perf_counter()
     while progress.batch_in_epoch < run.steps_per_epoch:
-        to_log = args.log_every - progress.step % args.log_every  # steps up to and including the next log step
+        to_log = run.log_every - progress.step % run.log_every  # steps up to and including the next log step
         # δ is recorded on the log steps only: the monitor is attached for that one step, its
         # forward and backward (eager under --compile too, where hooks would break the graph),
         # so the other steps pay nothing for it. Its statistics are those of the log step's batch.
@@ -774,7 +775,7 @@ def train(run: Run, progress: Progress, batches: Batches, generator: torch.Gener
             cost = run.fast_steps(*batches.span(progress.batch_in_epoch, n))
         else:
             cost = run.fast_step(*batches.span(progress.batch_in_epoch))
-        logs = (progress.step + n) % args.log_every == 0
+        logs = (progress.step + n) % run.log_every == 0
         # The lr this step used, logged with it: read before the scheduler moves it on.
         lr = float(run.optimizer.param_groups[0]["lr"]) if logs and run.main_rank else None
         if run.scheduler is not None:
@@ -958,6 +959,10 @@ def start(args: argparse.Namespace) -> tuple[Run, Progress, MNIST, Batches, torc
     data, batches, val, test = load_data(args, device, rank, world_size)
     steps_per_epoch = 1 if args.dry_run else len(batches)
     epochs = 1 if args.dry_run else args.epochs
+    if not args.dry_run and epochs * steps_per_epoch < args.log_every and rank == 0:
+        print(f"train.mnist: note: --log-every {args.log_every} is more than this run's "
+              f"{counted(epochs * steps_per_epoch, 'step')}: it logs no step's loss, δ statistics or gradient "
+              f"norms, only each epoch's loss and accuracies", file=sys.stderr)
 
     torch.manual_seed(args.seed)
     model = build_model(args, device)
@@ -977,7 +982,8 @@ def start(args: argparse.Namespace) -> tuple[Run, Progress, MNIST, Batches, torc
     train_step, fast_step, fast_steps = make_steps(args, model, step_module, optimizer, scheduler, world_size)
     run = Run(args=args, model=model, optimizer=optimizer, scheduler=scheduler, train_step=train_step,
               fast_step=fast_step, writer=writer, stop=Stop(), device=device, rank=rank, world_size=world_size,
-              epochs=epochs, steps_per_epoch=steps_per_epoch, interactive=sys.stdout.isatty() and rank == 0,
+              epochs=epochs, steps_per_epoch=steps_per_epoch, log_every=1 if args.dry_run else args.log_every,
+              interactive=sys.stdout.isatty() and rank == 0,
               fast_steps=fast_steps)
     return run, progress, data, batches, generator, val, test
 
