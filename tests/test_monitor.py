@@ -153,21 +153,6 @@ def test_variable_length_sequences_as_a_jagged_nested_tensor():
         assert_close(monitor.pop(), oracle_stats(ref, torch.cat(rows), y, reduction="sum"))
 
 
-def test_a_model_moved_to_another_device_between_flushes_keeps_training():
-    """δ of the same shape from two devices in one flush window (a model moved by .to() between pops; the
-    meta device stands in for a GPU here) are reduced apart: the flush once stacked them together and
-    raised inside the backward, and every later backward raised again on the same held δ."""
-    model = torchbp.MLP([4, 3], dtype=DT)
-    x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 3, dtype=DT)
-    monitor = torchbp.DeltaMonitor(model, flush_every=2)
-    model.cost(x, y).backward()  # held: one δ on the CPU
-    model.to("meta")
-    for _ in range(3):  # the second pass flushes a CPU δ and a meta δ together
-        model.cost(x.to("meta"), y.to("meta")).backward()
-    assert monitor._passes["0"] == 4 and not monitor._held["0"]
-    monitor.close()
-
-
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 def test_a_backward_calls_the_hooks_registered_when_its_forward_ran(fused):
     """As nn.Module's full backward hooks: a monitor attached after the forward records nothing of that
@@ -551,10 +536,11 @@ def test_a_copy_of_a_monitored_parametrized_layer_is_not_monitored(copies):
 
 
 def test_a_copied_monitor_holds_what_was_recorded_and_is_closed():
-    """copy.deepcopy of a DeltaMonitor, or of an object holding one (a trainer's state), and pickle give the
-    statistics recorded so far, closed: the hooks stay with the original, which alone records on (a copy
-    that said it was attached recorded nothing). The lock is made anew. Oracle: a monitor of the first
-    pass alone."""
+    """copy.deepcopy of a DeltaMonitor, or of an object holding one (a trainer's state), copy.copy and pickle
+    give the statistics recorded so far, closed: the hooks stay with the original, which alone records on (a
+    copy that said it was attached recorded nothing; copy.copy's shared the original's sums, so it saw the
+    original's later passes and its pop() emptied the original's). The lock is made anew. Oracle: a monitor
+    of the first pass alone."""
     import copy
     import pickle
 
@@ -565,7 +551,8 @@ def test_a_copied_monitor_holds_what_was_recorded_and_is_closed():
         expected = first_only.pop()
     with torchbp.DeltaMonitor(model) as monitor:
         model.cost(x, y).backward()
-        copies = [copy.deepcopy({"monitor": monitor})["monitor"], pickle.loads(pickle.dumps(monitor))]
+        copies = [copy.deepcopy({"monitor": monitor})["monitor"], pickle.loads(pickle.dumps(monitor)),
+                  copy.copy(monitor)]
         model.cost(x2, y).backward()  # the original's alone
         both = monitor.pop()
     assert set(both) == {"0", "2"} and both != expected
@@ -680,6 +667,64 @@ def test_nested_pauses_restore_the_outer_one():
             assert monitor.pop() == {}
         model.cost(x, y).backward()
         assert set(monitor.pop()) == {"0", "2"}
+
+
+def test_pauses_overlapping_across_threads_keep_the_monitor_paused_until_the_last_ends():
+    """Thread A pauses, thread B pauses, A's block ends while B's has not: B's backward is still not recorded
+    (a saved-and-restored flag resumed recording at A's end), and recording resumes after B's. A pause holds
+    for every thread's passes (a backward may run in a thread of autograd's own)."""
+    import threading
+
+    model = torchbp.MLP([4, 3, 2])
+    x, y = torch.randn(5, 4), torch.rand(5, 2)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    with torchbp.DeltaMonitor(model) as monitor:
+        def thread_a():
+            with monitor.paused():
+                a_in.set()
+                b_in.wait()
+            a_out.set()
+
+        def thread_b():
+            a_in.wait()
+            with monitor.paused():
+                b_in.set()
+                a_out.wait()
+                model.cost(x, y).backward()
+
+        threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert monitor.pop() == {}
+        model.cost(x, y).backward()
+        assert set(monitor.pop()) == {"0", "2"}
+
+
+def test_passes_on_the_meta_device_are_not_recorded():
+    """A model moved to the meta device (a shape check) between flushes, and back: its passes there have no
+    values, so none is held or counted, nothing raises inside the backward, and the CPU passes before and
+    after are recorded as if the meta ones had not run (the sums once followed the model to meta, and every
+    later pop() raised; before that, stacking a CPU δ with a meta one raised in the backward). Oracle: a
+    monitor of the two CPU passes alone."""
+    torch.manual_seed(9)
+    model = torchbp.MLP([4, 3, 2], dtype=DT)
+    x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)
+    with torchbp.DeltaMonitor(model) as cpu_only:
+        model.cost(x, y).backward()
+        model.cost(2 * x, y).backward()
+        expected = cpu_only.pop()
+    with torchbp.DeltaMonitor(model, flush_every=2) as monitor:
+        model.cost(x, y).backward()  # held: one δ on the CPU
+        state = model.state_dict()
+        model.to("meta")
+        for _ in range(3):
+            model.cost(x.to("meta"), y.to("meta")).backward()
+        assert monitor._passes["0"] == 0 and len(monitor._held["0"]) == 1
+        model.to_empty(device="cpu").load_state_dict(state)
+        model.cost(2 * x, y).backward()
+        assert monitor.pop() == expected
 
 
 def test_statistics_are_taken_once_the_held_deltas_reach_max_held_bytes():

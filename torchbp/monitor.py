@@ -38,7 +38,9 @@ What is recorded where:
   nothing is recorded, and nothing warns.
 - ``torch.autograd.gradcheck`` / ``gradgradcheck``: their backward passes are
   real and are recorded; wrap them in ``with monitor.paused():`` to skip them.
-- ``backward(create_graph=True)``: recorded; δ is detached first.
+- ``backward(create_graph=True)``: recorded; δ is detached first. The
+  backward of a gradient penalty then formed runs every Linear's backward
+  again: a second pass, whose δ is the penalty's ∂/∂z, counted alongside.
 - A Linear applied k times in one forward gets k δ per backward pass; each
   counts as one pass in the averages.
 - A backward asked for some parameters only (``torch.autograd.grad(C, params)``,
@@ -59,6 +61,7 @@ What is recorded where:
 from __future__ import annotations
 
 import contextlib
+import copy
 import numbers
 import threading
 import warnings
@@ -180,7 +183,7 @@ class DeltaMonitor:
         self.layer_names: tuple[str, ...] = tuple(linears)
         #: The last δ of every layer (detached), filled while ``keep_last`` is True.
         self.last_delta: dict[str, Tensor] = {}
-        self._paused = False
+        self._paused = 0  # paused() blocks open now, in any thread
         self._warned: set[str] = set()  # the kinds of pass skipped with a warning so far
         # Backward passes may run in several threads at once (DataParallel's devices, a user's threads): a
         # pass's δ is held, and the held ones reduced and counted, one thread at a time.
@@ -214,8 +217,8 @@ class DeltaMonitor:
                            "is: each process its own)")
                 return
             nbytes = delta.nbytes
-            if nbytes == 0:
-                return  # a pass with no samples: no δ to measure
+            if nbytes == 0 or delta.is_meta:
+                return  # a pass with no samples, or with no values (the meta device's): no δ to measure
             if delta.requires_grad:  # backward(create_graph=True): keep no graph alive
                 delta = delta.detach()
             with self._lock:
@@ -315,12 +318,19 @@ class DeltaMonitor:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[DeltaMonitor]:
-        """Within this block backward passes are not recorded (e.g. around ``gradcheck``)."""
-        was_paused, self._paused = self._paused, True
+        """Within this block backward passes are not recorded (e.g. around ``gradcheck``).
+
+        Those of every thread: a backward may run in another thread than its caller's (autograd runs
+        a CUDA backward in a thread of the device's own). Blocks may nest and overlap across threads;
+        recording resumes when the last one ends.
+        """
+        with self._lock:
+            self._paused += 1
         try:
             yield self
         finally:
-            self._paused = was_paused
+            with self._lock:
+                self._paused -= 1
 
     def close(self) -> None:
         """Remove the hooks. What was recorded so far can still be popped.
@@ -339,6 +349,10 @@ class DeltaMonitor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def __copy__(self) -> DeltaMonitor:
+        # What it had recorded, its own: a shallow copy would share (and add to) the original's sums.
+        return copy.deepcopy(self)
 
     def __getstate__(self) -> dict:
         # A copy (copy.deepcopy, pickle) holds what was recorded, closed: the hooks stay with the original
