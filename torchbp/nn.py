@@ -39,13 +39,19 @@ __all__ = ["Linear", "Sigmoid", "QuadraticCost", "CrossEntropyCost", "MLP", "con
 _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 
 
+# While an fx Tracer runs it patches nn.Module.__call__ (to decide which modules are leaves): a cheaper first
+# test than fx's flag, a thread-local read that raises and catches an AttributeError when unset (µs a step).
+_module_call = nn.Module.__call__
+
+
 def _tracing() -> bool:
     """Whether torch.compile, torch.export, torch.fx or torch.jit.trace traces this forward: a δ hook, a
     Python call in backward, stays out of the graph.
 
     (Asked of fx's own flag: a layer's input need not be a Proxy while fx traces, a buffer's is not.)
     """
-    return torch.compiler.is_compiling() or _fx_tracing() or torch.jit.is_tracing()
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or nn.Module.__call__ is not _module_call and _fx_tracing())
 
 
 # hook(module, delta): called in backward with δ = ∇_z C of the Linear ``module``.
