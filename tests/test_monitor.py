@@ -315,6 +315,10 @@ def test_bad_arguments_fail_fast():
         torchbp.DeltaMonitor(model, reduction="none")
     with pytest.raises(ValueError, match="no torchbp.Linear"):
         torchbp.DeltaMonitor(nn.Sequential(nn.Linear(2, 2)))
+    # converted, but its Linear is a subclass that convert() leaves alone: the message says why
+    with pytest.raises(ValueError, match=r"convert\(\) first \(which converts torch\.nn\.Linear layers, not "
+                                         r"subclasses of it"):
+        torchbp.DeltaMonitor(torchbp.convert(nn.MultiheadAttention(8, 2)))
     with pytest.raises(TypeError, match="model"):
         torchbp.DeltaMonitor("model")
 

@@ -215,8 +215,12 @@ def test_sgd_step_rejects_bad_input():
         model.sgd_step(torch.randn(2, 4), torch.rand(2, 4), LR)
     with pytest.raises(ValueError, match=r"cost must be one of \('quadratic', 'cross_entropy'\), got 'hinge'"):
         model.sgd_step(torch.randn(2, 4), torch.rand(2, 3), LR, cost="hinge")
-    for lr in (-0.1, float("nan"), torch.tensor(0.1), True):
+    for lr in (-0.1, float("nan")):
         with pytest.raises(ValueError, match=r"lr must be a real number >= 0 \(not a tensor\), got "):
+            model.sgd_step(torch.randn(2, 4), torch.rand(2, 3), lr)
+    # not a number at all: a TypeError, as the README promises for a non-tensor argument of the wrong type
+    for lr, name in ((torch.tensor(0.1), "Tensor"), (True, "bool"), ("0.1", "str"), (None, "NoneType")):
+        with pytest.raises(TypeError, match=rf"lr must be a real number >= 0 \(not a tensor\), got {name} "):
             model.sgd_step(torch.randn(2, 4), torch.rand(2, 3), lr)
     # An lr the parameters' dtype cannot hold (it becomes addmm_'s alpha in that dtype) is refused by name,
     # before any parameter moves; float64 parameters take it.
@@ -442,8 +446,11 @@ def test_sgd_epoch_delta_hooks_see_every_steps_delta():
 def test_sgd_epoch_rejects_bad_input():
     model = torchbp.MLP([4, 3])
     x, y = torch.randn(4, 4), torch.rand(4, 3)
-    for batch_size in (0, -1, 2.0, True, None):
+    for batch_size in (0, -1):
         with pytest.raises(ValueError, match=r"mlp_sgd_epoch\(\): batch_size must be a positive int, got "):
+            model.sgd_epoch(x, y, LR, batch_size)
+    for batch_size, name in ((2.0, "float"), (True, "bool"), (None, "NoneType"), ("2", "str")):
+        with pytest.raises(TypeError, match=rf"mlp_sgd_epoch\(\): batch_size must be a positive int, got {name} "):
             model.sgd_epoch(x, y, LR, batch_size)
     with pytest.raises(ValueError, match=r"mlp_sgd_epoch\(\): input must have a leading samples dimension, "
                                          r"\(N, \*, in_features\), got shape \(4,\)"):

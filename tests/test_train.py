@@ -276,18 +276,24 @@ def test_resume_with_more_epochs_continues_a_run_without_schedule_as_if_it_had_b
     (["--hidden", "30", "--sizes", "784", "30", "10"], "--hidden and --sizes both give the layer widths"),
     (["--optimizer", "adam", "--momentum", "0.9"], "--momentum is SGD's; --optimizer adam has none, got --momentum 0.9"),
     (["--recipe", "nielsen", "--momentum", "-1"], "--momentum must be a finite number >= 0, got -1.0"),
-    (["--target-range", "1", "0"], "--target-range LOW HIGH must be finite float32 numbers with LOW < HIGH, got 1.0 0.0"),
+    (["--target-range", "1", "0"], "--target-range LOW HIGH must be finite float32 numbers with LOW < HIGH once "
+                                   "rounded to float32, got 1.0 0.0"),
+    # one number in float32, the targets' dtype: every target the same, nothing to learn
+    (["--target-range", "0.5", "0.50000001"], "--target-range LOW HIGH must be finite float32 numbers with LOW < HIGH "
+                                              "once rounded to float32, got 0.5 0.50000001"),
     # the targets are float32: a larger one failed in one_hot after the data had loaded
-    (["--target-range", "0", "1e39"], "--target-range LOW HIGH must be finite float32 numbers with LOW < HIGH, "
-                                      "got 0.0 1e+39"),
+    (["--target-range", "0", "1e39"], "--target-range LOW HIGH must be finite float32 numbers with LOW < HIGH "
+                                      "once rounded to float32, got 0.0 1e+39"),
     (["--hidden", "8", "0"], "--hidden widths must be positive, got [8, 0]"),
     # known from the flags: refused before the data loads, naming the flag that made the set small
     (["--limit-train", "100"], "--batch-size (128) exceeds the training set of --limit-train (100 images)"),
     (["--limit-train", "1", "--batch-size", "2"], "--batch-size (2) exceeds the training set of --limit-train (1 image)"),
     (["--target-range", "-1" + "0" * 39 + ".0", "0"], "--target-range LOW HIGH must be finite float32 numbers"),
     (["--no-monitor", "--delta-hist-every", "100"], "--delta-hist-every 100 needs the δ monitor that --no-monitor turns off"),
-    (["--lr", "1e39"], "--lr must be a positive, finite float32 number, got 1e+39"),
-    (["--lr", "0"], "--lr must be a positive, finite float32 number, got 0.0"),
+    (["--lr", "1e39"], "--lr must be a positive, finite float32 number (not 0 once rounded to float32), got 1e+39"),
+    (["--lr", "0"], "--lr must be a positive, finite float32 number (not 0 once rounded to float32), got 0.0"),
+    # 0 in float32, the weights' dtype: no parameter would ever move
+    (["--lr", "1e-50"], "--lr must be a positive, finite float32 number (not 0 once rounded to float32), got 1e-50"),
     (["--log-every", "100", "--delta-hist-every", "150"],
      "--delta-hist-every must be 0 or a multiple of --log-every (100), got 150"),
     (["--resume", "x.pt", "--epochs", "20", "--lr", "1", "--seed", "2"],

@@ -174,7 +174,8 @@ class DeltaMonitor:
         if not linears:
             raise ValueError(
                 f"DeltaMonitor: model ({type(model).__name__}) holds no torchbp.Linear; "
-                "build it from torchbp modules or pass it through torchbp.convert() first"
+                "build it from torchbp modules or pass it through torchbp.convert() first (which converts "
+                "torch.nn.Linear layers, not subclasses of it: parametrized ones, MultiheadAttention's projection)"
             )
         self.reduction = reduction
         self.keep_last = keep_last

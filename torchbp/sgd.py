@@ -59,7 +59,9 @@ def _check_sgd(
     every op autograd's bookkeeping, its detached alias does not, and updating the alias in place (same
     storage, same version counter) updates the parameter.
     """
-    if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not lr >= 0:
+    if not isinstance(lr, numbers.Real) or isinstance(lr, bool):
+        raise TypeError(f"{fn}(): lr must be a real number >= 0 (not a tensor), got {type(lr).__name__} {lr!r}")
+    if not lr >= 0:
         raise ValueError(f"{fn}(): lr must be a real number >= 0 (not a tensor), got {lr!r}")
     _check_hook(fn, delta_hook, "delta_hook(l, delta)")
     x, target, params, autocast_dtype = _check_network_cost(fn, input, target, weights, biases, cost, reduction)
@@ -230,7 +232,9 @@ def mlp_sgd_epoch(
         - output: ``(steps,)``, ``steps = ceil(N / batch_size)``; ``(N, *)`` with ``reduction="none"``
     """
     fn = "mlp_sgd_epoch"
-    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
+        raise TypeError(f"{fn}(): batch_size must be a positive int, got {type(batch_size).__name__} {batch_size!r}")
+    if batch_size < 1:
         raise ValueError(f"{fn}(): batch_size must be a positive int, got {batch_size!r}")
     batch_size = int(batch_size)  # a numpy integer, say, as a plain int
     x, target, params, trains, lr = _check_sgd(

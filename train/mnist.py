@@ -283,19 +283,27 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         # histograms are taken from the log steps' δ, the only steps the monitor sees
         parser.error(f"--delta-hist-every must be 0 or a multiple of --log-every ({args.log_every}), "
                      f"got {args.delta_hist_every}")
-    # the weights are float32: a larger η cannot even be multiplied into an update
-    if not 0 < args.lr <= torch.finfo(torch.float32).max:
-        parser.error(f"--lr must be a positive, finite float32 number, got {args.lr}")
+    largest = torch.finfo(torch.float32).max
+    # the weights are float32: a larger η cannot even be multiplied into an update, one that rounds to 0 there
+    # (below 1.4e-45) moves nothing
+    if not 0 < as_float32(args.lr) <= largest:
+        parser.error(f"--lr must be a positive, finite float32 number (not 0 once rounded to float32), got {args.lr}")
     if not 0 <= args.momentum < math.inf:
         parser.error(f"--momentum must be a finite number >= 0, got {args.momentum}")
     if args.momentum and args.optimizer != "sgd":
         parser.error(f"--momentum is SGD's; --optimizer {args.optimizer} has none, got --momentum {args.momentum}")
     low, high = args.target_range
-    largest = torch.finfo(torch.float32).max  # the targets are float32
-    if not -largest <= low < high <= largest:
-        # the predicted digit is the largest output: the target of the true class must be the larger
-        parser.error(f"--target-range LOW HIGH must be finite float32 numbers with LOW < HIGH, got {low} {high}")
+    # the predicted digit is the largest output: the target of the true class must be the larger, in float32
+    # (the targets'), where 0.5 and 0.50000001 are one number
+    if not -largest <= as_float32(low) < as_float32(high) <= largest:
+        parser.error(f"--target-range LOW HIGH must be finite float32 numbers with LOW < HIGH once rounded to "
+                     f"float32, got {low} {high}")
     return args
+
+
+def as_float32(value: float) -> float:
+    """``value`` rounded to float32, as the weights and targets hold it (inf above its range, 0 below)."""
+    return torch.tensor(value, dtype=torch.float32).item()
 
 
 class CostOf(nn.Module):
