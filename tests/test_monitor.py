@@ -453,32 +453,34 @@ def test_dataparallel_replicas_are_skipped_with_one_warning(fused):
         assert set(monitor.pop()) == {"0", "2"}
 
 
-def test_backward_passes_in_several_threads_are_each_recorded_whole():
-    """Backward passes run in two threads at once (as DataParallel's devices, or a user's threads, run them):
-    a δ held while the other thread reduced the held ones was counted and never added (averages 18-23% off in
-    every one of 5 runs). Oracle: every pass the same, so the popped averages equal one pass's statistics
-    (1e-12, float64)."""
+@pytest.mark.parametrize("flush_every", [1, 2, 7])
+def test_backward_passes_in_several_threads_are_each_recorded_whole(flush_every):
+    """Backward passes run in three threads at once (as DataParallel's devices, or a user's threads, run them),
+    each on inputs of its own: every pass is recorded once, whole (a δ held while another thread reduced the
+    held ones was once counted and never added: averages 18-23% off). Oracle: the same passes one after the
+    other in one thread (the averages of 3 x 60 different passes, 1e-12, float64)."""
     import threading
 
     torch.manual_seed(14)
     model = torchbp.MLP([4, 3, 2], dtype=DT)
-    x, y = torch.randn(6, 4, dtype=DT), torch.rand(6, 2, dtype=DT)
-    with torchbp.DeltaMonitor(model, flush_every=2) as monitor:
-        model.cost(x, y).backward()
-        one = monitor.pop()
+    inputs = [[(torch.randn(6, 4, dtype=DT), torch.rand(6, 2, dtype=DT)) for _ in range(60)] for _ in range(3)]
+    with torchbp.DeltaMonitor(model, flush_every=flush_every) as monitor:
+        for x, y in (xy for batch in inputs for xy in batch):
+            model.cost(x, y).backward()
+        expected = monitor.pop()
 
-        def passes() -> None:
-            for _ in range(100):
+        def passes(batch) -> None:
+            for x, y in batch:
                 model.cost(x, y).backward()
 
-        threads = [threading.Thread(target=passes) for _ in range(2)]
+        threads = [threading.Thread(target=passes, args=(batch,)) for batch in inputs]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         popped = monitor.pop()
     for layer in ("0", "2"):
-        assert popped[layer] == pytest.approx(one[layer], rel=1e-12)
+        assert popped[layer] == pytest.approx(expected[layer], rel=1e-12)
 
 
 def test_a_copy_of_a_monitored_model_is_not_monitored():

@@ -60,6 +60,7 @@ What is recorded where:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import numbers
@@ -187,9 +188,10 @@ class DeltaMonitor:
         self._paused = 0  # paused() blocks open now, in any thread
         self._warned: set[str] = set()  # the kinds of pass skipped with a warning so far
         # Backward passes may run in several threads at once (DataParallel's devices, a user's threads): a
-        # pass's δ is held, and the held ones reduced and counted, one thread at a time.
+        # pass's δ is held without a lock (a deque's append is atomic), and the held ones are reduced and
+        # counted one thread at a time, each flush taking those held when it starts.
         self._lock = threading.Lock()
-        self._held: dict[str, list[Tensor]] = {name: [] for name in linears}
+        self._held: dict[str, collections.deque[Tensor]] = {name: collections.deque() for name in linears}
         self._held_bytes: dict[str, int] = dict.fromkeys(linears, 0)
         # Per layer: sums of (norm, sample_norm, max_abs) over passes, on δ's device; passes as ints.
         self._sums: dict[str, Tensor] = {}
@@ -222,13 +224,13 @@ class DeltaMonitor:
                 return  # a pass with no samples, or with no values (the meta device's): no δ to measure
             if delta.requires_grad:  # backward(create_graph=True): keep no graph alive
                 delta = delta.detach()
-            with self._lock:
-                if self.keep_last:
-                    self.last_delta[name] = delta
-                # Only a reference here, no op: the statistics are computed for many passes at once.
-                held.append(delta)
-                self._held_bytes[name] += nbytes
-                if len(held) >= self.flush_every or self._held_bytes[name] >= self.max_held_bytes:
+            if self.keep_last:
+                self.last_delta[name] = delta
+            # Only a reference here, no op: the statistics are computed for many passes at once.
+            held.append(delta)
+            self._held_bytes[name] += nbytes  # (threads may race on it: a flush then comes a pass late)
+            if len(held) >= self.flush_every or self._held_bytes[name] >= self.max_held_bytes:
+                with self._lock:
                     self._flush(name)
 
         return hook
@@ -240,19 +242,21 @@ class DeltaMonitor:
             warnings.warn(f"DeltaMonitor: {what}; this one and any like it are skipped", stacklevel=3)
 
     def _flush(self, name: str) -> None:
-        """Add the statistics of the held passes of layer ``name`` to its accumulator (under the lock)."""
+        """Add the statistics of the held passes of layer ``name`` to its accumulator (under the lock).
+
+        Those held when it starts: another thread's backward may hold one more meanwhile, for the next flush.
+        Taken out before they are reduced: a reduction that fails drops them, or every later backward
+        would fail on the same δ.
+        """
         held = self._held[name]
-        if not held:
-            return
-        try:
+        passes = [held.popleft() for _ in range(len(held))]
+        self._held_bytes[name] = 0
+        if passes:
             # A pop() inside torch.inference_mode() (logging in an eval block) must not make the
             # accumulator an inference tensor: a later flush, outside, could not add to it.
             with torch.inference_mode(False):
-                self._reduce(name, held)
-            self._passes[name] += len(held)
-        finally:
-            held.clear()  # (even if a reduction failed: every later backward would fail on the same δ)
-            self._held_bytes[name] = 0
+                self._reduce(name, passes)
+            self._passes[name] += len(passes)
 
     def _reduce(self, name: str, held: list[Tensor]) -> None:
         # Passes of the same shape, dtype and device are stacked and reduced together: (K, N, out).
