@@ -49,3 +49,10 @@ def oracle_cost(a, y, cost="quadratic", reduction="mean"):
     else:
         c = nn.functional.binary_cross_entropy(a, y, reduction="none").sum(-1)
     return {"mean": c.mean, "sum": c.sum, "none": lambda: c}[reduction]()
+
+
+def flat_views(flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The weights and biases of a [4, 3, 2] network as views of one flat tensor of 23 elements (a flat
+    parameter buffer): ([W^1 (3, 4), W^2 (2, 3)], [b^1 (3,), b^2 (2,)])."""
+    w1, b1, w2, b2 = flat.split([12, 3, 6, 2])
+    return [w1.view(3, 4), w2.view(2, 3)], [b1, b2]

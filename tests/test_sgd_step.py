@@ -13,7 +13,7 @@ import torchbp
 from torchbp import functional as F
 from torchbp import sgd
 
-from oracles import oracle_cost, sequential_like
+from oracles import flat_views, oracle_cost, sequential_like
 
 SIZES = [7, 5, 4, 3]
 LR = 0.5
@@ -537,14 +537,10 @@ def test_functional_step_trains_views_of_a_flat_parameter():
     flat = torch.randn(4 * 3 + 3 + 3 * 2 + 2, dtype=torch.float64, requires_grad=True)
     oracle = flat.detach().clone().requires_grad_()
 
-    def layers(t):
-        w1, b1, w2, b2 = t.split([12, 3, 6, 2])
-        return [w1.view(3, 4), w2.view(2, 3)], [b1, b2]
-
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.rand(5, 2, dtype=torch.float64)
-    sgd.mlp_sgd_step(x, y, *layers(flat), LR)
+    sgd.mlp_sgd_step(x, y, *flat_views(flat), LR)
     optimizer = torch.optim.SGD([oracle], lr=LR)
-    F.mlp_cost(x, y, *layers(oracle))[0].backward()
+    F.mlp_cost(x, y, *flat_views(oracle))[0].backward()
     optimizer.step()
     torch.testing.assert_close(flat.detach(), oracle.detach(), rtol=1e-12, atol=1e-12)
 

@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
 import torchbp
 from torchbp import functional as F
 
-from oracles import close, oracle_cost, sequential_like
+from oracles import close, flat_views, oracle_cost, sequential_like
 
 SIZES = [6, 5, 3]
 N = 4
@@ -440,15 +440,11 @@ def test_compiled_functional_step_trains_views_of_a_flat_parameter(fresh_dynamo)
     flat = torch.randn(4 * 3 + 3 + 3 * 2 + 2, dtype=torch.float64, requires_grad=True)
     eager_flat = flat.detach().clone().requires_grad_()
 
-    def layers(t):
-        w1, b1, w2, b2 = t.split([12, 3, 6, 2])
-        return [w1.view(3, 4), w2.view(2, 3)], [b1, b2]
-
     step = torch.compile(torchbp.sgd.mlp_sgd_step, fullgraph=True)
     start = flat.detach().clone()
     for i in range(2):
         x, y = torch.randn(5, 4, dtype=torch.float64), torch.rand(5, 2, dtype=torch.float64)
-        close(step(x, y, *layers(flat), 0.5), torchbp.sgd.mlp_sgd_step(x, y, *layers(eager_flat), 0.5),
+        close(step(x, y, *flat_views(flat), 0.5), torchbp.sgd.mlp_sgd_step(x, y, *flat_views(eager_flat), 0.5),
               COMPILE_TOL, f"cost of step {i}")
         close(flat.detach(), eager_flat.detach(), COMPILE_TOL, f"flat buffer after step {i}")
     assert not torch.equal(flat.detach(), start)
