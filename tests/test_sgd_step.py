@@ -450,7 +450,8 @@ def test_sgd_epoch_rejects_bad_input():
         with pytest.raises(ValueError, match=r"mlp_sgd_epoch\(\): batch_size must be a positive int, got "):
             model.sgd_epoch(x, y, LR, batch_size)
     for batch_size, name in ((2.0, "float"), (True, "bool"), (None, "NoneType"), ("2", "str")):
-        with pytest.raises(TypeError, match=rf"mlp_sgd_epoch\(\): batch_size must be a positive int, got {name} "):
+        with pytest.raises(TypeError,
+                           match=rf"mlp_sgd_epoch\(\): batch_size must be a positive int, got {name} "):
             model.sgd_epoch(x, y, LR, batch_size)
     with pytest.raises(ValueError, match=r"mlp_sgd_epoch\(\): input must have a leading samples dimension, "
                                          r"\(N, \*, in_features\), got shape \(4,\)"):
