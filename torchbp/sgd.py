@@ -79,11 +79,12 @@ def _check_sgd(
         raise ValueError(f"{fn}(): lr must be finite and at most {torch.finfo(dtype).max:.4g} (the largest "
                          f"{dtype}, the parameters' dtype), got {lr!r}")
     trains = [p is not None and p.requires_grad for p in params]
-    # (what a tensor is a view of, its hooks and addresses are checked in eager calls: while torch.compile
-    # traces, no part of a graph, and Dynamo cannot read a view's _base)
+    # (tensor hooks and addresses are checked in eager calls: while torch.compile traces, no part of a graph.
+    # Whether a non-leaf views a parameter it cannot tell from a computed tensor: the graph breaks there,
+    # and fullgraph=True refuses it)
     eager = not torch.compiler.is_compiling()
     for i, (p, train) in enumerate(zip(params, trains)):
-        if train and eager and not (p.is_leaf or p._is_view() and p._base.is_leaf):
+        if train and not (p.is_leaf or p._is_view() and p._base.is_leaf):
             # the step moves it in place: a view of a parameter (a flat parameter buffer) moves the
             # parameter, a computed tensor (a parametrization's weight, say) is a temporary and would not
             raise ValueError(f"{fn}(): {_param_name(i)} must be a parameter or a "
