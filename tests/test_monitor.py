@@ -7,6 +7,7 @@ float64, tolerance 1e-6 (relative and absolute).
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 import torchbp
+from torchbp.monitor import STATS
 
 from oracles import Unsorted, nn_sequential, oracle_cost
 
@@ -196,6 +198,169 @@ def test_a_failed_reduction_drops_its_passes_and_the_next_ones_count(monkeypatch
     torchbp.QuadraticCost()(model(x), y).backward()
     assert monitor._passes["0"] == monitor._passes["2"] == 1
     assert_close(monitor.pop(), oracle_stats(ref, x, y))
+    monitor.close()
+
+
+def test_a_reduction_failing_on_one_group_keeps_the_groups_before_it_whole(monkeypatch):
+    """A flush window holding a float32 pass and a float64 one (a model made .double() between pops) reduces
+    them as two groups; a failure on the second drops that group's pass and keeps the first's sums and count
+    together (the sums once stayed, the count did not, and the next pop doubled that pass). Oracle: a monitor
+    of the float32 pass alone."""
+    torch.manual_seed(8)
+    model = torchbp.MLP([4, 3, 2])
+    x, y = torch.randn(5, 4), torch.rand(5, 2)
+    with torchbp.DeltaMonitor(model) as first:
+        model.cost(x, y).backward()
+        expected = first.pop()
+    vector_norm = torch.linalg.vector_norm
+
+    def failing_in_float64(t, *args, **kwargs):
+        if t.dtype == torch.float64:
+            raise RuntimeError("reduction failed")
+        return vector_norm(t, *args, **kwargs)
+
+    with torchbp.DeltaMonitor(model) as monitor:
+        model.cost(x, y).backward()
+        model.double().cost(x.double(), y.double()).backward()
+        monkeypatch.setattr(torch.linalg, "vector_norm", failing_in_float64)
+        with pytest.raises(RuntimeError, match="reduction failed"):
+            monitor.pop()
+        monkeypatch.setattr(torch.linalg, "vector_norm", vector_norm)
+        popped = monitor.pop()
+    assert popped["0"] == expected["0"]
+    # (layer 2's flush never ran in the pop that failed on layer 0: it averages both passes, one input in
+    # float32 and in float64)
+    assert popped["2"] == pytest.approx(expected["2"], rel=1e-6)
+
+
+def test_passes_of_other_sizes_and_dtypes_in_one_window_are_each_reduced_as_theirs():
+    """One flush window holding passes of two batch sizes and two dtypes (float32, then the model made
+    .double()): each group is stacked and reduced apart, and the averages are those of the passes one by one.
+    Oracle: monitors with flush_every=1 of each pass alone, averaged by hand (1e-6: float32 passes)."""
+    torch.manual_seed(10)
+    model = torchbp.MLP([4, 3, 2])
+    batches = [(torch.randn(n, 4), torch.rand(n, 2)) for n in (5, 3, 5)]
+    state = copy.deepcopy(model.state_dict())
+
+    def passes(m):
+        for dtype in (torch.float32, torch.float64):
+            m.to(dtype)
+            for x, y in batches:
+                m.cost(x.to(dtype), y.to(dtype)).backward()
+
+    singles = []
+    for dtype in (torch.float32, torch.float64):
+        model.load_state_dict(state)
+        model.to(dtype)
+        for x, y in batches:
+            with torchbp.DeltaMonitor(model, flush_every=1) as one:
+                model.cost(x.to(dtype), y.to(dtype)).backward()
+                singles.append(one.pop())
+    model.float().load_state_dict(state)
+    with torchbp.DeltaMonitor(model) as monitor:
+        passes(model)
+        popped = monitor.pop()
+    for layer in ("0", "2"):
+        for stat in STATS:
+            mean = sum(p[layer][stat] for p in singles) / len(singles)
+            assert popped[layer][stat] == pytest.approx(mean, rel=1e-6), (layer, stat)
+
+
+def test_a_backward_under_fake_tensor_mode_is_not_recorded():
+    """A backward under FakeTensorMode (a memory or shape estimate) has no values: not held, not counted, and
+    the real passes around it are recorded as they are (a fake δ was held, and the next pop() gave 0.0 for
+    every statistic). Oracle: a monitor of the real pass alone."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(11)
+    model = torchbp.MLP([4, 3, 2])
+    x, y = torch.randn(5, 4), torch.rand(5, 2)
+    with torchbp.DeltaMonitor(model) as alone:
+        model.cost(x, y).backward()
+        expected = alone.pop()
+    with torchbp.DeltaMonitor(model) as monitor:
+        model.cost(x, y).backward()
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            model.cost(mode.from_tensor(x), mode.from_tensor(y)).backward()
+        assert len(monitor._held["0"]) == 1
+        assert monitor.pop() == expected
+
+
+def test_copies_and_pickles_of_a_monitor_while_another_thread_records():
+    """copy.deepcopy, copy.copy and pickle of a monitor while another thread's backward passes append to it:
+    each copy succeeds (the held δ are taken as they are; iterating the deque while it grew raised "deque
+    mutated during iteration"), closed."""
+    import pickle
+    import sys
+    import threading
+    import time
+
+    model = torchbp.MLP([4, 3, 2])
+    x, y = torch.randn(5, 4), torch.rand(5, 2)
+    with torchbp.DeltaMonitor(model, flush_every=300) as monitor:
+        done, errors = threading.Event(), []
+
+        def passes():
+            try:
+                while not done.is_set():
+                    model.cost(x, y).backward()
+            except Exception as error:  # (reported below: an exception in a thread fails nothing by itself)
+                errors.append(error)
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # threads switch as often as they can: the copies meet the appends
+        thread = threading.Thread(target=passes)
+        thread.start()
+        try:
+            while len(monitor._held["0"]) < 200 and thread.is_alive():
+                time.sleep(0.01)  # a long deque to copy
+            copies = [make(monitor) for _ in range(10)
+                      for make in (copy.deepcopy, copy.copy, lambda m: pickle.loads(pickle.dumps(m)))]
+        finally:
+            done.set()
+            thread.join(timeout=60)
+            sys.setswitchinterval(interval)
+    assert not errors and not thread.is_alive()
+    assert all("attached=False" in repr(c) for c in copies)
+
+
+def test_a_pause_ended_by_the_garbage_collector_during_a_flush_does_not_deadlock(monkeypatch):
+    """A generator left suspended inside ``with monitor.paused():``, in a reference cycle, is finalized by the
+    garbage collector, which may run in the middle of a flush, under the monitor's lock: the block's end then
+    takes the lock again in the same thread (a plain lock hung there for good)."""
+    import gc
+    import threading
+
+    model = torchbp.MLP([4, 3, 2])
+    x, y = torch.randn(5, 4), torch.rand(5, 2)
+    monitor = torchbp.DeltaMonitor(model)
+
+    def paused_forever():
+        with monitor.paused():
+            yield
+
+    generator = paused_forever()
+    next(generator)
+    cycle = [generator]
+    cycle.append(cycle)
+    del generator, cycle
+    reduce = monitor._reduce
+
+    def collect_then_reduce(*args):
+        gc.collect()  # stands in for a collection the flush's allocations trigger
+        return reduce(*args)
+
+    monkeypatch.setattr(monitor, "_reduce", collect_then_reduce)
+    assert monitor._paused == 1
+    monitor._paused = 0  # (recording on, to hold a pass; the block itself is still open)
+    model.cost(x, y).backward()
+    monitor._paused = 1
+    result = []
+    popper = threading.Thread(target=lambda: result.append(monitor.pop()), daemon=True)
+    popper.start()
+    popper.join(timeout=30)
+    assert not popper.is_alive(), "pop() hung"
+    assert set(result[0]) == {"0", "2"} and monitor._paused == 0
     monitor.close()
 
 
@@ -697,12 +862,15 @@ def test_pauses_overlapping_across_threads_keep_the_monitor_paused_until_the_las
                 b_in.set()
                 a_out.wait()
                 model.cost(x, y).backward()
+                ran.append(True)
 
+        ran = []
         threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=60)
+        assert ran == [True] and not any(t.is_alive() for t in threads)  # B's backward ran, inside its block
         assert monitor.pop() == {}
         model.cost(x, y).backward()
         assert set(monitor.pop()) == {"0", "2"}

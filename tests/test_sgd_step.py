@@ -216,7 +216,7 @@ def test_sgd_step_rejects_bad_input():
     with pytest.raises(ValueError, match=r"cost must be one of \('quadratic', 'cross_entropy'\), got 'hinge'"):
         model.sgd_step(torch.randn(2, 4), torch.rand(2, 3), LR, cost="hinge")
     for lr in (-0.1, float("nan")):
-        with pytest.raises(ValueError, match=r"lr must be a real number >= 0 \(not a tensor\), got "):
+        with pytest.raises(ValueError, match=r"lr must be a real number >= 0, got (-0\.1|nan)$"):
             model.sgd_step(torch.randn(2, 4), torch.rand(2, 3), lr)
     # not a number at all: a TypeError, as the README promises for a non-tensor argument of the wrong type
     for lr, name in ((torch.tensor(0.1), "Tensor"), (True, "bool"), ("0.1", "str"), (None, "NoneType")):

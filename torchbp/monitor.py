@@ -71,6 +71,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 from torch._C._functorch import is_functorch_wrapped_tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from torchbp.nn import Linear
 
@@ -189,8 +190,9 @@ class DeltaMonitor:
         self._warned: set[str] = set()  # the kinds of pass skipped with a warning so far
         # Backward passes may run in several threads at once (DataParallel's devices, a user's threads): a
         # pass's δ is held without a lock (a deque's append is atomic), and the held ones are reduced and
-        # counted one thread at a time, each flush taking those held when it starts.
-        self._lock = threading.Lock()
+        # counted one thread at a time, each flush taking those held when it starts. Reentrant: the garbage
+        # collector may end a paused() block (a generator left inside one) in the middle of a flush.
+        self._lock = threading.RLock()
         self._held: dict[str, collections.deque[Tensor]] = {name: collections.deque() for name in linears}
         self._held_bytes: dict[str, int] = dict.fromkeys(linears, 0)
         # Per layer: sums of (norm, sample_norm, max_abs) over passes, on δ's device; passes as ints.
@@ -220,15 +222,15 @@ class DeltaMonitor:
                            "is: each process its own)")
                 return
             nbytes = delta.nbytes
-            if nbytes == 0 or delta.is_meta:
-                return  # a pass with no samples, or with no values (the meta device's): no δ to measure
+            if nbytes == 0 or delta.is_meta or isinstance(delta, FakeTensor):
+                return  # a pass with no samples, or with no values (meta, FakeTensorMode): no δ to measure
             if delta.requires_grad:  # backward(create_graph=True): keep no graph alive
                 delta = delta.detach()
             if self.keep_last:
                 self.last_delta[name] = delta
             # Only a reference here, no op: the statistics are computed for many passes at once.
             held.append(delta)
-            self._held_bytes[name] += nbytes  # (threads may race on it: a flush then comes a pass late)
+            self._held_bytes[name] += nbytes  # (threads may race on it: a flush then comes a pass early or late)
             if len(held) >= self.flush_every or self._held_bytes[name] >= self.max_held_bytes:
                 with self._lock:
                     self._flush(name)
@@ -245,8 +247,8 @@ class DeltaMonitor:
         """Add the statistics of the held passes of layer ``name`` to its accumulator (under the lock).
 
         Those held when it starts: another thread's backward may hold one more meanwhile, for the next flush.
-        Taken out before they are reduced: a reduction that fails drops them, or every later backward
-        would fail on the same δ.
+        Taken out before they are reduced: the passes a reduction fails on are dropped, or every later
+        backward would fail on the same δ.
         """
         held = self._held[name]
         passes = [held.popleft() for _ in range(len(held))]
@@ -256,7 +258,6 @@ class DeltaMonitor:
             # accumulator an inference tensor: a later flush, outside, could not add to it.
             with torch.inference_mode(False):
                 self._reduce(name, passes)
-            self._passes[name] += len(passes)
 
     def _reduce(self, name: str, held: list[Tensor]) -> None:
         # Passes of the same shape, dtype and device are stacked and reduced together: (K, N, out).
@@ -286,6 +287,7 @@ class DeltaMonitor:
             # (3, K) -> (3,): each statistic summed over the passes (real: complex δ has real norms)
             sums = torch.stack([norm, sample_norm, max_abs.to(norm.dtype)]).sum(1)
             self._accumulator(name, sums.dtype, delta.device).add_(sums)
+            self._passes[name] += len(deltas)  # counted with their sums: a later group's failure leaves them be
 
     def _accumulator(self, name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
         """Layer ``name``'s sums of (norm, sample_norm, max_abs), wide enough for ``dtype``, on ``device``.
@@ -365,11 +367,16 @@ class DeltaMonitor:
         # A lock is neither copied nor pickled: a copy gets a lock of its own.
         state = {key: value for key, value in self.__dict__.items() if key != "_lock"}
         state["_handles"] = []
+        # The held δ as they are now: another thread's backward may append to a deque while it is copied.
+        # (list() of a deque runs without letting another thread in.)
+        state["_held"] = {name: list(held) for name, held in self._held.items()}
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        # deques, also from a monitor pickled when the held δ were lists
+        self._held = {name: collections.deque(held) for name, held in self._held.items()}
 
     def __repr__(self) -> str:
         return (

@@ -62,7 +62,7 @@ def _check_sgd(
     if not isinstance(lr, numbers.Real) or isinstance(lr, bool):
         raise TypeError(f"{fn}(): lr must be a real number >= 0 (not a tensor), got {type(lr).__name__} {lr!r}")
     if not lr >= 0:
-        raise ValueError(f"{fn}(): lr must be a real number >= 0 (not a tensor), got {lr!r}")
+        raise ValueError(f"{fn}(): lr must be a real number >= 0, got {lr!r}")
     _check_hook(fn, delta_hook, "delta_hook(l, delta)")
     x, target, params, autocast_dtype = _check_network_cost(fn, input, target, weights, biases, cost, reduction)
     if autocast_dtype is not None:
