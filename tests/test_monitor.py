@@ -50,6 +50,15 @@ def oracle_stats(model: nn.Module, x, y, reduction="mean"):
     return stats
 
 
+def popped_after(model: nn.Module, *passes) -> dict:
+    """What a fresh monitor of ``model`` pops after ``model.cost(x, y).backward()`` for each (x, y) of ``passes``,
+    in turn: the oracle of the tests whose monitor sees other passes too."""
+    with torchbp.DeltaMonitor(model) as monitor:
+        for x, y in passes:
+            model.cost(x, y).backward()
+        return monitor.pop()
+
+
 def assert_close(popped, expected):
     assert set(popped) == set(expected)
     for name, (norm, sample_norm, max_abs) in expected.items():
@@ -209,9 +218,7 @@ def test_a_reduction_failing_on_one_group_keeps_the_groups_before_it_whole(monke
     torch.manual_seed(8)
     model = torchbp.MLP([4, 3, 2])
     x, y = torch.randn(5, 4), torch.rand(5, 2)
-    with torchbp.DeltaMonitor(model) as first:
-        model.cost(x, y).backward()
-        expected = first.pop()
+    expected = popped_after(model, (x, y))
     vector_norm = torch.linalg.vector_norm
 
     def failing_in_float64(t, *args, **kwargs):
@@ -275,9 +282,7 @@ def test_a_backward_under_fake_tensor_mode_is_not_recorded():
     torch.manual_seed(11)
     model = torchbp.MLP([4, 3, 2])
     x, y = torch.randn(5, 4), torch.rand(5, 2)
-    with torchbp.DeltaMonitor(model) as alone:
-        model.cost(x, y).backward()
-        expected = alone.pop()
+    expected = popped_after(model, (x, y))
     with torchbp.DeltaMonitor(model) as monitor:
         model.cost(x, y).backward()
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -717,9 +722,7 @@ def test_a_copied_monitor_holds_what_was_recorded_and_is_closed():
 
     model = torchbp.MLP([4, 3, 2])
     x, x2, y = torch.randn(5, 4), 3 * torch.randn(5, 4), torch.rand(5, 2)
-    with torchbp.DeltaMonitor(model) as first_only:
-        model.cost(x, y).backward()
-        expected = first_only.pop()
+    expected = popped_after(model, (x, y))
     with torchbp.DeltaMonitor(model) as monitor:
         model.cost(x, y).backward()
         copies = [copy.deepcopy({"monitor": monitor})["monitor"], pickle.loads(pickle.dumps(monitor)),
@@ -885,10 +888,7 @@ def test_passes_on_the_meta_device_are_not_recorded():
     torch.manual_seed(9)
     model = torchbp.MLP([4, 3, 2], dtype=DT)
     x, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 2, dtype=DT)
-    with torchbp.DeltaMonitor(model) as cpu_only:
-        model.cost(x, y).backward()
-        model.cost(2 * x, y).backward()
-        expected = cpu_only.pop()
+    expected = popped_after(model, (x, y), (2 * x, y))
     with torchbp.DeltaMonitor(model, flush_every=2) as monitor:
         model.cost(x, y).backward()  # held: one δ on the CPU
         state = model.state_dict()
