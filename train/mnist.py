@@ -10,7 +10,8 @@ Every epoch logs the train loss, validation and test accuracy; every
 backward, so the steps in between run at full speed) and weight-gradient norms go to
 TensorBoard.
 The run folder (``--logdir``) holds the events, ``checkpoint.pt`` (after every
-epoch, atomically) and ``metrics.json``.
+epoch, atomically), ``metrics.json`` and ``.claimed``, the empty file by which
+a run takes a folder before it writes there.
 
 Recipes (every field can be overridden by its flag):
 
@@ -518,13 +519,27 @@ def default_folder(recipe: str, rank: int, world_size: int) -> str:
     return distributed.from_rank0(folder, world_size)
 
 
+# A new run's claim on its folder, made before it writes there (see open_writer)
+CLAIM = ".claimed"
+
+
 def open_writer(logdir: str, purge_step: int | None) -> SummaryWriter:
     """The run folder's SummaryWriter (rank 0 only); a resumed run's (``purge_step`` given) first removes the
-    temp files of a write its run was killed in."""
+    temp files of a write its run was killed in.
+
+    A new run first claims the folder with a file only one run can create: two runs given the same new
+    --logdir at once both pass its emptiness check (made before the data loads), and would write into one
+    folder; the second now stops here.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     try:
         os.makedirs(logdir, exist_ok=True)
+        if purge_step is None:
+            os.close(os.open(os.path.join(logdir, CLAIM), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        fail(f"--logdir {logdir} was taken by another run started at the same time; give a new or empty folder",
+             EXIT_DATA)
     except OSError as e:  # what --logdir's check cannot see ahead (a read-only mount, /proc)
         fail(f"--logdir {logdir} cannot be created: {e.strerror}", EXIT_DATA)
     if purge_step is not None:
