@@ -293,8 +293,8 @@ def test_a_backward_under_fake_tensor_mode_is_not_recorded():
 
 def test_copies_and_pickles_of_a_monitor_while_another_thread_records():
     """copy.deepcopy, copy.copy and pickle of a monitor while another thread's backward passes append to it:
-    each copy succeeds (the held δ are taken as they are; iterating the deque while it grew raised "deque
-    mutated during iteration"), closed."""
+    each copy succeeds (the held δ and a layer's first sums and last δ are taken as they are; iterating the
+    deque, or a dict, while it grew raised "... mutated during iteration"), closed."""
     import pickle
     import sys
     import threading
@@ -327,6 +327,20 @@ def test_copies_and_pickles_of_a_monitor_while_another_thread_records():
             sys.setswitchinterval(interval)
     assert not errors and not thread.is_alive()
     assert all("attached=False" in repr(c) for c in copies)
+    # A layer's first pass adds its sums and last δ: copies meet those additions too (a deep net, fresh monitors)
+    deep = torchbp.MLP([4] + [3] * 30 + [2])
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(10):
+            fresh = torchbp.DeltaMonitor(deep, keep_last=True, flush_every=1)
+            thread = threading.Thread(target=lambda: deep.cost(x, y).backward())
+            thread.start()
+            while thread.is_alive():
+                copy.deepcopy(fresh)
+            thread.join()
+            fresh.close()
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def test_a_pause_ended_by_the_garbage_collector_during_a_flush_does_not_deadlock(monkeypatch):

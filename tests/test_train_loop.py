@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import types
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -68,3 +69,43 @@ def test_ddp_ctrl_c_after_an_epochs_last_log_step_stops_at_its_end():
     assert steps == [2] * 10, "each rank takes its half of every global batch of 4, all 10 steps"
     assert stopped and train_loss == 1.0
     assert (progress.epoch, progress.step, progress.batch_in_epoch) == (1, 10, 0)  # the epoch is complete
+
+
+def test_two_runs_given_one_new_logdir_at_once_write_one_run(tmp_path, capsys):
+    """Both passed --logdir's emptiness check, made before the data loads: the first to open its writer
+    claims the folder (with a file of the mode any file the run writes has), the second stops there, naming
+    it (both wrote into one folder: two runs' events mixed, one checkpoint.pt overwritten by the other)."""
+    import os
+
+    logdir = str(tmp_path / "run")
+    writer = train.mnist.open_writer(logdir, None)
+    try:
+        with pytest.raises(SystemExit) as info:
+            train.mnist.open_writer(logdir, None)
+    finally:
+        writer.close()
+    assert info.value.code == 2
+    assert (f"--logdir {logdir} was taken by another run started at the same time; give a new or empty folder"
+            in capsys.readouterr().err)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(os.path.join(logdir, train.mnist.CLAIM)).st_mode & 0o777 == 0o666 & ~umask
+    train.mnist.open_writer(logdir, 1).close()  # a resumed run goes on in its own folder
+
+
+def test_a_logdir_holding_only_a_stale_claim_is_named_as_such(tmp_path, capsys):
+    """A run's folder cleared with `rm folder/*` keeps the hidden claim file: the refusal says that it is all
+    the folder holds and what to do (it said "not empty" of a folder ls shows empty). A file where the folder
+    should be is not called another run's claim."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / train.mnist.CLAIM).touch()
+    with pytest.raises(SystemExit):
+        train.mnist.run_folder(argparse.Namespace(resume=None, logdir=str(folder)))
+    assert (f"--logdir {folder} is not empty; it holds only {train.mnist.CLAIM}, the claim of a run that wrote "
+            "nothing more or whose files were removed; remove it if no run is using the folder, or give a new or "
+            "empty folder") in capsys.readouterr().err
+    (tmp_path / "a-file").touch()
+    with pytest.raises(SystemExit):
+        train.mnist.open_writer(str(tmp_path / "a-file"), None)
+    assert f"--logdir {tmp_path / 'a-file'} cannot be created: File exists" in capsys.readouterr().err

@@ -365,10 +365,11 @@ class DeltaMonitor:
         # A copy (copy.deepcopy, pickle) holds what was recorded, closed: the hooks stay with the original
         # monitor, which alone records into it (a copy that said it was attached recorded nothing).
         # A lock is neither copied nor pickled: a copy gets a lock of its own.
-        state = {key: value for key, value in self.__dict__.items() if key != "_lock"}
+        # Another thread's backward may add to the containers while they are copied (a held δ, a layer's
+        # first sums or last δ): each is taken as it is now, by one call that lets no other thread in.
+        state = {key: value.copy() if isinstance(value, (dict, set)) else value
+                 for key, value in self.__dict__.items() if key != "_lock"}
         state["_handles"] = []
-        # The held δ as they are now: another thread's backward may append to a deque while it is copied.
-        # (list() of a deque runs without letting another thread in.)
         state["_held"] = {name: list(held) for name, held in self._held.items()}
         return state
 

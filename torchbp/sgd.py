@@ -194,7 +194,9 @@ def mlp_sgd_step(
     is read as it was before the step. Eager or ``torch.compile``
     (``delta_hook`` in eager mode only; compiled, the memory is not checked:
     addresses are no part of a graph, so parameters sharing memory are not
-    refused); not under autocast.
+    refused; a weight or bias that views a parameter, as in a flat parameter
+    buffer, breaks the graph where the step checks it, which
+    ``fullgraph=True`` refuses: compile those without it); not under autocast.
 
     Shape:
         - input: ``(*, in_features)``; target: ``(*, out_features)``

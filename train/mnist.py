@@ -134,6 +134,7 @@ RECIPES: dict[str, dict] = {
 }
 EXIT_DATA, EXIT_INTERRUPTED, EXIT_DIVERGED = 2, 130, 1
 FINAL_EVENTS = ".final"  # the suffix of the event file holding a finished run's hparams and misclassified digits
+CLAIM = ".claimed"  # a new run's claim on its folder, made before it writes there (see open_writer)
 Step = Callable[[Tensor, Tensor], Tensor]  # one optimisation step on a batch (x, y); returns its cost
 
 
@@ -500,6 +501,9 @@ def run_folder(args: argparse.Namespace) -> str | None:
         # Another run's checkpoint.pt would be overwritten and its TensorBoard events mixed with this one's.
         ckpt = os.path.join(args.logdir, "checkpoint.pt")
         hint = f"continue that run with --resume {ckpt}, or " if os.path.exists(ckpt) else ""
+        if os.listdir(args.logdir) == [CLAIM]:  # (ls shows nothing: say what is there)
+            hint = (f"it holds only {CLAIM}, the claim of a run that wrote nothing more or whose files were "
+                    "removed; remove it if no run is using the folder, or ")
         fail(f"--logdir {args.logdir} is not empty; {hint}give a new or empty folder", EXIT_DATA)
     return args.logdir
 
@@ -519,10 +523,6 @@ def default_folder(recipe: str, rank: int, world_size: int) -> str:
     return distributed.from_rank0(folder, world_size)
 
 
-# A new run's claim on its folder, made before it writes there (see open_writer)
-CLAIM = ".claimed"
-
-
 def open_writer(logdir: str, purge_step: int | None) -> SummaryWriter:
     """The run folder's SummaryWriter (rank 0 only); a resumed run's (``purge_step`` given) first removes the
     temp files of a write its run was killed in.
@@ -536,11 +536,12 @@ def open_writer(logdir: str, purge_step: int | None) -> SummaryWriter:
     try:
         os.makedirs(logdir, exist_ok=True)
         if purge_step is None:
-            os.close(os.open(os.path.join(logdir, CLAIM), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        fail(f"--logdir {logdir} was taken by another run started at the same time; give a new or empty folder",
-             EXIT_DATA)
-    except OSError as e:  # what --logdir's check cannot see ahead (a read-only mount, /proc)
+            # (0o666 less the umask, as any file the run writes)
+            os.close(os.open(os.path.join(logdir, CLAIM), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except OSError as e:  # what --logdir's check cannot see ahead (a read-only mount, /proc), or the claim
+        if e.filename == os.path.join(logdir, CLAIM) and isinstance(e, FileExistsError):
+            fail(f"--logdir {logdir} was taken by another run started at the same time; give a new or empty "
+                 "folder", EXIT_DATA)
         fail(f"--logdir {logdir} cannot be created: {e.strerror}", EXIT_DATA)
     if purge_step is not None:
         checkpoint.remove_leftovers(logdir, ("checkpoint.pt", "metrics.json"))  # of a run killed mid-write
