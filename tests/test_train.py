@@ -64,6 +64,20 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
+@pytest.fixture(autouse=True)
+def event_files_numbered_as_in_a_fresh_process(monkeypatch):
+    """Each test's in-process runs name their event files as a command-line run does, in a fresh process.
+
+    TensorBoard numbers a process's event files with one counter, written into the names, which it reads
+    in name order: ``<second>.<host>.<pid>.10`` comes before ``<second>.<host>.<pid>.9``. A short run
+    resumed in the second it started, after tens of writers in the same process, then had its records
+    read out of order, and TensorBoard dropped those whose step went back.
+    """
+    from tensorboard.summary.writer import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(0))
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     """Run A: RESUME_RUN from start to end, the reference of the resume tests."""
