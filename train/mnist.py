@@ -497,11 +497,12 @@ def run_folder(args: argparse.Namespace) -> str | None:
         return args.logdir  # the checkpoint's folder
     if args.logdir is None:
         return None
-    if os.path.isdir(args.logdir) and os.listdir(args.logdir):
+    entries = os.listdir(args.logdir) if os.path.isdir(args.logdir) else []
+    if entries:
         # Another run's checkpoint.pt would be overwritten and its TensorBoard events mixed with this one's.
         ckpt = os.path.join(args.logdir, "checkpoint.pt")
         hint = f"continue that run with --resume {ckpt}, or " if os.path.exists(ckpt) else ""
-        if os.listdir(args.logdir) == [CLAIM]:  # (ls shows nothing: say what is there)
+        if entries == [CLAIM]:  # (ls shows nothing: say what is there)
             hint = (f"it holds only {CLAIM}, the claim of a run that wrote nothing more or whose files were "
                     "removed; remove it if no run is using the folder, or ")
         fail(f"--logdir {args.logdir} is not empty; {hint}give a new or empty folder", EXIT_DATA)
@@ -533,13 +534,14 @@ def open_writer(logdir: str, purge_step: int | None) -> SummaryWriter:
     """
     from torch.utils.tensorboard import SummaryWriter
 
+    claim = os.path.join(logdir, CLAIM)
     try:
         os.makedirs(logdir, exist_ok=True)
         if purge_step is None:
             # (0o666 less the umask, as any file the run writes)
-            os.close(os.open(os.path.join(logdir, CLAIM), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     except OSError as e:  # what --logdir's check cannot see ahead (a read-only mount, /proc), or the claim
-        if e.filename == os.path.join(logdir, CLAIM) and isinstance(e, FileExistsError):
+        if e.filename == claim and isinstance(e, FileExistsError):
             fail(f"--logdir {logdir} was taken by another run started at the same time; give a new or empty "
                  "folder", EXIT_DATA)
         fail(f"--logdir {logdir} cannot be created: {e.strerror}", EXIT_DATA)
