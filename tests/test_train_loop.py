@@ -109,3 +109,16 @@ def test_a_logdir_holding_only_a_stale_claim_is_named_as_such(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.mnist.open_writer(str(tmp_path / "a-file"), None)
     assert f"--logdir {tmp_path / 'a-file'} cannot be created: File exists" in capsys.readouterr().err
+
+
+def test_sizes_too_large_for_memory_stop_with_a_message(capsys):
+    """--sizes whose parameters no machine can allocate (285 TB for the first layer's weight, past the 128 TiB
+    of a process's address space) stop with a message naming the flag and the size, not the allocator's
+    traceback."""
+    args = argparse.Namespace(sizes=[784, 10**11, 10], init="default")
+    with pytest.raises(SystemExit) as stopped:
+        train.mnist.build_model(args, torch.device("cpu"))
+    assert stopped.value.code == train.mnist.EXIT_DATA
+    err = capsys.readouterr().err
+    assert "--sizes 784 100000000000 10" in err and "79,500,000,000,010 parameters" in err
+    assert "do not fit in the memory of cpu" in err and "Traceback" not in err

@@ -76,6 +76,15 @@ def _missing(raw: str) -> list[str]:
     return [f for f in FILES[True] + FILES[False] if not os.path.isfile(os.path.join(raw, f))]
 
 
+def _meant(root: str) -> str | None:
+    """The DIR whose MNIST/raw holds the files where ``root`` is DIR/MNIST or DIR/MNIST/raw itself, else None."""
+    root = os.path.abspath(root)
+    for up in (os.path.dirname(root), os.path.dirname(os.path.dirname(root))):
+        if up != root and not _missing(_raw(up)):
+            return up
+    return None
+
+
 def _folders_to_create(path: str) -> list[str]:
     """``path`` and those of its parents that do not exist yet, deepest first: what ``os.makedirs`` would make."""
     path, absent = os.path.abspath(path), []
@@ -129,11 +138,13 @@ def _read(root: str, train: bool, hint: str):
     except RuntimeError as e:
         if "Dataset not found" not in str(e):
             raise _corrupt(raw, split, e, hint) from None
-        missing = _missing(raw)
+        missing, meant = _missing(raw), _meant(root)
         raise DataError(
             f"MNIST files not found: looked in {os.path.abspath(raw)}, missing "
-            f"{', '.join(missing) or '(unreadable files)'}. Put the four IDX files ({FILE_LIST}) "
-            f"in DIR/MNIST/raw/ and pass --data-dir DIR{', ' + hint if hint else ''}."
+            f"{', '.join(missing) or '(unreadable files)'}. "
+            + (f"They are in {_raw(meant)}: pass --data-dir {meant}, the folder that holds MNIST/raw/." if meant else
+               f"Put the four IDX files ({FILE_LIST}) in DIR/MNIST/raw/ and pass --data-dir DIR"
+               f"{', ' + hint if hint else ''}.")
         ) from None
     except (AssertionError, KeyError, TypeError, ValueError, IndexError, OSError) as e:
         # read_image_file / read_label_file: bad magic number (assert, typemap KeyError),

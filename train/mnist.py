@@ -434,7 +434,14 @@ def load_data(args: argparse.Namespace, device: torch.device, rank: int, world_s
 
 def build_model(args: argparse.Namespace, device: torch.device) -> torchbp.MLP:
     """The network of ``--sizes``, initialised as ``--init`` says from the global torch RNG."""
-    model = torchbp.MLP(args.sizes, fused=True, device=device)
+    try:
+        model = torchbp.MLP(args.sizes, fused=True, device=device)
+    except RuntimeError as e:  # CUDA's OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
+        if not isinstance(e, torch.cuda.OutOfMemoryError) and "allocate" not in str(e):
+            raise
+        n = sum((n_in + 1) * n_out for n_in, n_out in zip(args.sizes[:-1], args.sizes[1:]))  # weights and biases
+        fail(f"--sizes {' '.join(map(str, args.sizes))}: the network's {n:,} parameters ({n * 4 / 2**30:,.1f} GiB "
+             f"in float32) do not fit in the memory of {device}", EXIT_DATA)
     if args.init == "normal":
         with torch.no_grad():
             for layer in model.linears:
