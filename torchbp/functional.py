@@ -183,6 +183,8 @@ def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
 def _sized(seq: object) -> bool:
     """A sequence of per-layer tensors: not a generator (read once, no len), one tensor (its rows), a set (no
     order), a dict (its keys) nor a string."""
+    if type(seq) in (list, tuple):  # the common case, without the isinstance test of an abstract class (µs a call)
+        return True
     return (hasattr(seq, "__len__") and hasattr(seq, "__getitem__")
             and not isinstance(seq, (Tensor, Mapping, str, bytes)))
 
@@ -206,10 +208,12 @@ def _network_ok(
         return False
     dtype, device, features = x.dtype, x.device, x.shape[-1]
     for weight, bias in zip(weights, biases or [None] * len(weights)):
-        if not (isinstance(weight, Tensor) and weight.dtype == dtype and weight.device == device
-                and weight.dim() == 2 and weight.shape[1] == features):
+        if not (isinstance(weight, Tensor) and weight.dtype == dtype and weight.device == device):
             return False
-        features = weight.shape[0]
+        shape = weight.shape  # (read once: each read builds a torch.Size)
+        if len(shape) != 2 or shape[1] != features:
+            return False
+        features = shape[0]
         if bias is not None and not (isinstance(bias, Tensor) and bias.dtype == dtype and bias.device == device
                                      and bias.shape == (features,)):
             return False

@@ -225,6 +225,10 @@ class CrossEntropyCost(_Cost):
         return cross_entropy_cost(input, target, self.reduction)
 
 
+# The layers MLP.__init__ builds, in turn: Linear, Sigmoid, Linear, ...
+_BUILT = (Linear, Sigmoid)
+
+
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` runs forward (pre-)hooks or backward hooks of its own."""
     return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
@@ -337,8 +341,16 @@ class MLP(nn.Module):
         and hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook``
         and its kin).
         """
-        return (not self.fused or _global_hooks() or self._replaced() is not None
-                or any(_has_hooks(m) for m in self._modules.values()))
+        if not self.fused or _global_hooks():
+            return True
+        # _replaced() and _has_hooks() of every child in one pass: this runs on every forward
+        modules = self._modules
+        if len(modules) != 2 * (len(self.sizes) - 1):
+            return True
+        for i, m in enumerate(modules.values()):
+            if type(m) is not _BUILT[i % 2] or "forward" in m.__dict__ or _has_hooks(m):
+                return True
+        return False
 
     def _replaced(self) -> str | None:
         """What differs from the Linear, Sigmoid, Linear, ... that __init__ built, or None if nothing does.
@@ -349,7 +361,7 @@ class MLP(nn.Module):
         if len(modules) != 2 * (len(self.sizes) - 1):
             return f"it has {len(modules)} layers where it was built with {2 * (len(self.sizes) - 1)}"
         for i, (name, m) in enumerate(modules.items()):
-            built = Sigmoid if i % 2 else Linear
+            built = _BUILT[i % 2]
             if type(m) is not built:
                 got = f"{type(m).__module__}.{type(m).__qualname__}"
                 return f"layer {name} is a {got} where it was built with a torchbp.{built.__name__}"
