@@ -617,14 +617,19 @@ def _apply_cost(
     fn: str, function: type, classic: type, traced: type, a: Tensor, y: Tensor, reduction: str,
     unit_interval: bool = False,
 ) -> Tensor:
-    if not unit_interval:
-        y = _float_target("quadratic", a, y)
-    _check_cost_args(fn, a, y, reduction)
-    if not unit_interval and a.dtype != y.dtype:
-        # As mse_loss: a and y of two floating dtypes promote to the wider one (binary_cross_entropy,
-        # the cross-entropy's twin, refuses them; the check below says so)
-        dtype = torch.promote_types(a.dtype, y.dtype)
-        a, y = _as(a, dtype), _as(y, dtype)
+    # The common case in one cheap pass: dense tensors of one shape, floating dtype and device
+    common = (isinstance(a, Tensor) and isinstance(y, Tensor) and a.dtype == y.dtype and a.is_floating_point()
+              and a.device == y.device and a.dim() >= 1 and a.shape == y.shape and not (a.is_nested or y.is_nested)
+              and reduction in REDUCTIONS)
+    if not common:
+        if not unit_interval:
+            y = _float_target("quadratic", a, y)
+        _check_cost_args(fn, a, y, reduction)
+        if not unit_interval and a.dtype != y.dtype:
+            # As mse_loss: a and y of two floating dtypes promote to the wider one (binary_cross_entropy,
+            # the cross-entropy's twin, refuses them; the check below says so)
+            dtype = torch.promote_types(a.dtype, y.dtype)
+            a, y = _as(a, dtype), _as(y, dtype)
     if unit_interval:  # the cross-entropy's a (logits, say, would give nan) and y (labels, pixels)
         _assert_unit_interval(fn, "input", a, "a sigmoid's output")
         _assert_unit_interval(fn, "target", y, "a probability")
@@ -633,7 +638,8 @@ def _apply_cost(
     autocast = _autocast_dtype(a) is not None
     if autocast:
         a, y = _cast(torch.float32, a, y)
-    _check_same(fn, "input", a, "target", y)
+    if not common:
+        _check_same(fn, "input", a, "target", y)
     function = _pick(function, classic, traced)
     if not autocast:
         return function.apply(a, y, reduction)
