@@ -606,6 +606,25 @@ def test_parameters_sharing_memory_are_refused(tie):
         assert all(torch.equal(w, b) for w, b in zip(weights, before))
 
 
+@pytest.mark.parametrize("step", ["mlp_sgd_step", "mlp_sgd_epoch"])
+@pytest.mark.parametrize("view", ["expand", "as_strided windows"])
+def test_a_trained_weight_whose_elements_share_memory_is_refused_before_anything_moves(step, view):
+    """A trained weight that is a view of a parameter but holds one element in several places (a row
+    expanded to 4 rows, stride 0; a Toeplitz weight of as_strided windows, strides (1, 1), whose overlap
+    the strides alone do not tell) cannot be updated in place: refused before any step, and every tensor,
+    the later layer's too, as it was. The expanded one once moved W^2 and b^2, then failed in the update."""
+    torch.manual_seed(11)
+    x, y = torch.rand(6, 5, dtype=torch.float64), torch.rand(6, 3, dtype=torch.float64)
+    leaf = torch.rand(1 if view == "expand" else 8, 5, dtype=torch.float64, requires_grad=True)
+    w1 = leaf.expand(4, 5) if view == "expand" else leaf.view(-1).as_strided((4, 5), (1, 1))
+    w2, b2 = (torch.rand(*shape, dtype=torch.float64, requires_grad=True) for shape in ((3, 4), (3,)))
+    before = [t.detach().clone() for t in (leaf, w2, b2)]
+    args = (x, y, [w1, w2], [None, b2], LR) + ((2,) if step == "mlp_sgd_epoch" else ())
+    with pytest.raises(ValueError, match=re.escape(f"{step}(): weights[0] has elements that are one in memory")):
+        getattr(sgd, step)(*args)
+    assert all(torch.equal(t.detach(), b) for t, b in zip((leaf, w2, b2), before))
+
+
 def test_interleaved_views_and_aliasing_frozen_tensors_train_as_autograd_does():
     """Column blocks of one parameter (interleaved in memory, no element shared) and two frozen biases that
     alias one element (expanded): nothing trained shares memory, so the step takes them and moves the

@@ -89,6 +89,12 @@ def _check_sgd(
             # parameter, a computed tensor (a parametrization's weight, say) is a temporary and would not
             raise ValueError(f"{fn}(): {_param_name(i)} must be a parameter or a "
                              f"view of one to be trained in place, got one computed by {type(p.grad_fn).__name__}")
+        if train and eager and _overlaps_itself(p):
+            # an update in place would add to one element twice, or fail partway (foreach refuses it)
+            raise ValueError(f"{fn}(): {_param_name(i)} has elements that are one in memory (shape "
+                             f"{tuple(p.shape)}, strides {p.stride()}: expand() or as_strided() made it), which a "
+                             "step in place cannot update; "
+                             "train it with mlp_cost(...).backward() and an optimizer, which update its base")
         if train and eager and any(_grad_hooks(t) for t in (p, p._base) if t is not None):
             raise ValueError(f"{fn}(): {_param_name(i)} has gradient hooks (Tensor.register_hook, "
                              "register_post_accumulate_grad_hook), which a step by hand, forming no gradient, "
@@ -162,14 +168,23 @@ def _share_an_element(p: Tensor, q: Tensor) -> bool:
     """Whether two tensors whose spans of memory overlap have an element in common (exact, by address)."""
     if p.is_contiguous() and q.is_contiguous():
         return True  # a contiguous span is every one of its elements
+    return bool(torch.isin(_addresses(p), _addresses(q)).any())
 
-    def addresses(t: Tensor) -> Tensor:
-        offsets = torch.zeros((), dtype=torch.int64)
-        for size, stride in zip(t.shape, t.stride()):  # (…) -> (…, size): each dimension's steps added
-            offsets = offsets.unsqueeze(-1) + torch.arange(size) * stride
-        return t.data_ptr() + offsets.flatten() * t.element_size()
 
-    return bool(torch.isin(addresses(p), addresses(q)).any())
+def _overlaps_itself(p: Tensor) -> bool:
+    """Whether two elements of ``p`` are one in memory: a stride 0 (``expand``), or ``as_strided`` windows."""
+    if p.is_meta:
+        return False
+    overlap = torch._debug_has_internal_overlap(p)  # 0: no, 1: yes, 2: the strides alone cannot tell
+    return overlap == 1 or overlap == 2 and len(_addresses(p).unique()) < p.numel()
+
+
+def _addresses(t: Tensor) -> Tensor:
+    """The address of every element of ``t``, (numel,)."""
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride()):  # (…) -> (…, size): each dimension's steps added
+        offsets = offsets.unsqueeze(-1) + torch.arange(size) * stride
+    return t.data_ptr() + offsets.flatten() * t.element_size()
 
 
 @torch.no_grad()
