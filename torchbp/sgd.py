@@ -205,10 +205,11 @@ def mlp_sgd_step(
     a weight or bias that does not require grad stays as it is, as a frozen
     parameter does there. A tensor passed twice, or two sharing memory (tied
     weights), is refused: its gradient would be the sum over its uses, which
-    the step does not form. An input or target in a trained parameter's memory
+    the step does not form; so is a trained view whose elements share memory
+    (``expand()``, ``as_strided()`` windows). An input or target in a trained parameter's memory
     is read as it was before the step. Eager or ``torch.compile``
     (``delta_hook`` in eager mode only; compiled, the memory is not checked:
-    addresses are no part of a graph, so parameters sharing memory are not
+    addresses are no part of a graph, so tensors sharing memory are not
     refused; a weight or bias that views a parameter, as in a flat parameter
     buffer, breaks the graph where the step checks it, which
     ``fullgraph=True`` refuses: compile those without it); not under autocast.
