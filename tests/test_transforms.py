@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -237,6 +238,34 @@ def test_grad_of_vmap_of_a_model_ensemble_matches_torch_nn():
         return grad(total)(params)
 
     close(ensemble_grad(models), ensemble_grad(references))
+
+
+def test_grad_of_vmap_of_a_fused_ensemble_past_a_block_runs_batched(monkeypatch):
+    """The ensembling recipe on fused MLPs whose batch is larger than the fused backward's block of samples
+    (made 2 samples here): under vmap the backward takes all the samples at once, since its blocks' in-place
+    addmm_ has no batching rule (torch warned and looped over the batch, 2-2.6x slower at real sizes); no
+    warning, and the cost's gradients equal the nn.Linear ensemble's (float64, 1e-12)."""
+    monkeypatch.setattr(F, "_BLOCK_ELEMENTS", 2 * max(SIZES))
+    torch.manual_seed(24)
+    models = [torchbp.MLP(SIZES, fused=True, dtype=torch.float64) for _ in range(3)]
+    references = [sequential_like(m) for m in models]
+    x = torch.randn(4 * N, SIZES[0], dtype=torch.float64)
+    y = torch.rand(4 * N, SIZES[-1], dtype=torch.float64)
+
+    def ensemble_grad(models, cost):
+        params, buffers = torch.func.stack_module_state(models)
+        base = copy.deepcopy(models[0]).to("meta")
+
+        def total(params):
+            costs = vmap(lambda p, b: cost(functional_call(base, (p, b), (x,)), y))(params, buffers)
+            return costs.sum()
+
+        return grad(total)(params)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # vmap's fallback to a loop over the batch warns
+        ours = ensemble_grad(models, F.quadratic_cost)
+    close(ours, ensemble_grad(references, oracle_cost))
 
 
 # --------------------------------------------------------------------------

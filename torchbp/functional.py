@@ -832,8 +832,10 @@ def _backprop(
     and δ^{l-1} at once.
     """
     # (compiled, all samples at once too: a Python loop over blocks would fix the batch size in the graph,
-    # one recompile per size; the compiler plans the graph's memory itself)
-    whole = needs[0] or hook is not None or torch.compiler.is_compiling()
+    # one recompile per size; the compiler plans the graph's memory itself. Under torch.func transforms
+    # too: vmap has no batching rule for the blocks' addmm_, and falls back to a loop over the batch)
+    whole = (needs[0] or hook is not None or torch.compiler.is_compiling()
+             or torch._C._are_functorch_transforms_active())
     samples = 0 if whole else len(_rows(a[1]))  # (a jagged batch's packed rows: its count is a plain int)
     # (a^0 is None where W^1 is frozen: saved only for ∇_{W^1} C)
     block = max(1, _BLOCK_ELEMENTS // max(1, *(t.shape[-1] for t in a if t is not None)))
