@@ -141,7 +141,7 @@ def _check_layer(fn: str, i: int, input: Tensor, a_features: int, weight: object
                 f"{fn}(): input must have last dimension {weight.shape[0]} (weight's in_features), "
                 f"got shape {tuple(input.shape)}"
             )
-        if bias is not None:  # torch refuses it too (its addmm wants a 2-D weight)
+        if bias is not None:  # torch takes a 0-D one for some inputs only (1-D, 3-D or more; not a 2-D batch)
             raise TensorValueError(f"{fn}(): bias must be None for a 1-D weight, got shape {tuple(bias.shape)}")
         return
     if weight.dim() != 2:
