@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import torchbp
 from torchbp import functional as F
@@ -157,6 +158,33 @@ def test_sgd_step_without_bias_and_with_delta_hooks():
     for layer, delta in zip(model.linears, expected):
         torch.testing.assert_close(seen[id(layer)], delta, rtol=0, atol=1e-12)
     assert model[0].bias is None
+
+
+@pytest.mark.parametrize("method", ["sgd_step", "sgd_epoch"])
+def test_delta_hooks_of_a_float16_step_see_the_delta_autograd_sees(method):
+    """In float16 the step by hand carries δ without the mean's 1/N (applied in the update instead, so that
+    small δ do not underflow); its hooks still see δ^l = ∂C/∂z^l of the mean cost. Oracle: torch.autograd.grad
+    on the torch.nn twin in float64, to float16's rounding (rtol 1e-2, atol 1e-3 of δ's largest entry); one
+    mini-batch of all 8 samples."""
+    torch.manual_seed(12)
+    model = torchbp.MLP([6, 4, 2], dtype=torch.float16)
+    reference = sequential_like(model).double()
+    x, y = torch.randn(8, 6, dtype=torch.float16), torch.rand(8, 2, dtype=torch.float16)
+    seen = {}
+    for l, layer in enumerate(model.linears):
+        layer.register_delta_hook(lambda m, d, l=l: seen.__setitem__(l, d.double()))
+    z = []
+    for m in reference:
+        if isinstance(m, nn.Linear):
+            m.register_forward_hook(lambda m, inp, out: z.append(out))
+    expected = torch.autograd.grad(oracle_cost(reference(x.double()), y.double()), z)
+    if method == "sgd_step":
+        model.sgd_step(x, y, LR)
+    else:
+        model.sgd_epoch(x, y, LR, batch_size=8)
+    for l, delta in enumerate(expected):
+        scale = delta.abs().max().item()
+        torch.testing.assert_close(seen[l], delta, rtol=1e-2, atol=1e-3 * scale)
 
 
 @pytest.mark.parametrize("method", ["sgd_step", "sgd_epoch"])
