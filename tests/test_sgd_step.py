@@ -44,16 +44,15 @@ def assert_equals_book(model: torchbp.MLP, book) -> None:
 def test_a_float16_step_over_many_samples_stays_finite_as_autograd_does(method):
     """float16, 200,000 samples, each δ^L = a − y about 1 (cross-entropy, an output near 1, target 0): the
     sums over samples are those of the mean's δ^L, as autograd forms them, far inside float16's range; the
-    unscaled sums (about 196,000 > 65,504) went to inf, and the parameters with them. Oracle: the fused
-    cost + torch.optim.SGD, to float16's rounding."""
+    unscaled sums (about 196,000 > 65,504) went to inf, and the parameters with them. Oracle: the torch.nn
+    twin's binary_cross_entropy + torch.optim.SGD, to float16's rounding."""
     model = torchbp.MLP([1, 1], dtype=torch.float16)
     with torch.no_grad():
         model[0].weight.fill_(0.5)
         model[0].bias.fill_(4.0)
-    reference = torchbp.MLP([1, 1], fused=True, dtype=torch.float16)
-    reference.load_state_dict(model.state_dict())
+    reference = sequential_like(model)
     x, y = torch.ones(200_000, 1, dtype=torch.float16), torch.zeros(200_000, 1, dtype=torch.float16)
-    reference.cost(x, y, "cross_entropy").backward()
+    oracle_cost(reference(x), y, "cross_entropy").backward()
     torch.optim.SGD(reference.parameters(), lr=0.1).step()
     if method == "sgd_step":
         model.sgd_step(x, y, 0.1, "cross_entropy")
@@ -69,13 +68,15 @@ def test_a_small_step_over_many_samples_moves_every_parameter_as_torch_sgd_does(
     """float32, 65,536 samples, lr 1e-3: each parameter's update is as close to the float64 truth as
     autograd + torch.optim.SGD's (relative error at most 1.5 times SGD's, which is 1e-4 to 4e-3 here). The
     step once added the samples into the parameters block by block, rounding them each time, and
-    left 83-100% of the parameters where they were (relative error 1.0). Oracle: the same step in float64."""
+    left 83-100% of the parameters where they were (relative error 1.0). Oracle: the torch.nn twin's
+    backward() + torch.optim.SGD in float64."""
     torch.manual_seed(0)
     model = torchbp.MLP([4, 3, 2])
     x, y, lr = torch.rand(65536, 4), torch.rand(65536, 2), 1e-3
     before = [p.detach().double() for p in model.parameters()]
-    truth = copy.deepcopy(model).double()
-    truth.sgd_step(x.double(), y.double(), lr)
+    truth = sequential_like(model).double()
+    oracle_cost(truth(x.double()), y.double()).backward()
+    torch.optim.SGD(truth.parameters(), lr=lr).step()
     reference = copy.deepcopy(model)
     reference.cost(x, y).backward()
     torch.optim.SGD(reference.parameters(), lr=lr).step()
