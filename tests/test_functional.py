@@ -888,13 +888,16 @@ def test_linear_under_autocast_with_a_broadcast_bias_takes_or_refuses_as_torch(d
 
 def test_mlp_cost_under_autocast_takes_a_target_of_another_dtype():
     """Under autocast the cost runs in float32 whatever the target's dtype (torch's losses take a bf16
-    target with float32 inputs); oracle: the per-layer composition, same bf16 activations, 1e-6."""
+    target with float32 inputs); oracle: torch's own ops, the activations under autocast (bf16) and the cost
+    in float32 as autocast runs mse_loss, 1e-6."""
     torch.manual_seed(4)
     x, y = torch.randn(5, 3), torch.rand(5, 2)
     w, b = [torch.randn(4, 3), torch.randn(2, 4)], [torch.randn(4), torch.randn(2)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         c = F.mlp_cost(x, y.bfloat16(), w, b)[0]
-        expected = F.quadratic_cost(F.mlp(x, w, b), y.bfloat16())
+        a = torch.sigmoid(TF.linear(torch.sigmoid(TF.linear(x, w[0], b[0])), w[1], b[1]))
+    assert a.dtype == torch.bfloat16
+    expected = oracle_cost(a.float(), y.bfloat16().float())
     assert c.dtype == torch.float32
     torch.testing.assert_close(c, expected, rtol=1e-6, atol=0)
 
