@@ -3,7 +3,9 @@
 The oracle captures every nn.Linear output z with forward hooks and asks
 torch.autograd for ∂C/∂z; from it the statistics are formed by hand. All in
 float64, tolerance 1e-10 (relative and absolute): the two sum in other orders, float32's rounding (1e-7)
-would fail it.
+would fail it. Tests of what a monitor records among other passes (threads, copies, pauses, flush windows)
+compare it with a fresh monitor given only the passes it should record (``popped_after``): a consistency
+check, resting on the tests against the oracle.
 """
 
 from __future__ import annotations

@@ -56,12 +56,13 @@ def expected_deltas(ref: nn.Sequential, x, y) -> dict[str, torch.Tensor]:
 
 
 def write_run(logdir, steps=(0, 1, 2, 3), hist_every=2):
-    """Train-like loop: one backward per step, log_deltas at every step; returns the expected scalars."""
+    """Train-like loop: one backward per step, log_deltas at every step; returns the expected scalars
+    {(tag, step): value} and histograms {(layer, step): (min, max, sum) of δ}."""
     torch.manual_seed(0)
     ref = nn_sequential(SIZES, dtype=DT)
     model = torchbp.MLP(SIZES, dtype=DT)
     model.load_state_dict(ref.state_dict())
-    expected = {}
+    expected, histograms = {}, {}
     writer = SummaryWriter(os.fspath(logdir))
     with torchbp.DeltaMonitor(model, keep_last=True) as monitor:
         for step in steps:
@@ -74,14 +75,15 @@ def write_run(logdir, steps=(0, 1, 2, 3), hist_every=2):
                 expected[f"delta/sample_norm/{name}", step] = (delta.norm(dim=1) * len(x)).mean().item()
                 expected[f"delta/max_abs/{name}", step] = delta.abs().max().item()
                 expected[f"grad/weight_norm/{name}", step] = model.get_submodule(name).weight.grad.norm().item()
+                histograms[name, step] = (delta.min().item(), delta.max().item(), delta.sum().item())
             log_deltas(writer, monitor, step, model=model, hist_every=hist_every)
     writer.close()
-    return expected
+    return expected, histograms
 
 
 @pytest.mark.parametrize("hist_every", [2, np.int64(2)], ids=["int", "numpy-int"])
 def test_event_files_hold_tags_steps_values_histograms_layout_in_one_run(tmp_path, hist_every):
-    expected = write_run(tmp_path, hist_every=hist_every)
+    expected, histograms = write_run(tmp_path, hist_every=hist_every)
     runs = {os.path.dirname(os.path.relpath(p, tmp_path)) for p in map(str, tmp_path.rglob("events.out.tfevents.*"))}
     assert runs == {""}, f"expected one run folder (the logdir itself), got {runs}"
 
@@ -93,12 +95,16 @@ def test_event_files_hold_tags_steps_values_histograms_layout_in_one_run(tmp_pat
         (event,) = [e for e in acc.Scalars(tag) if e.step == step]
         assert event.value == pytest.approx(value, rel=1e-5, abs=1e-12), (tag, step)
 
-    # Histograms at steps 0 and 2 (hist_every=2), of the last δ: its count is N · out.
+    # Histograms at steps 0 and 2 (hist_every=2), of that step's δ: its count is N · out, its min, max and
+    # sum those of autograd's δ (histograms hold float64 sums, 1e-9)
     assert set(tags["histograms"]) == {f"delta/hist/{n}" for n in LAYERS}
     for name, out in zip(LAYERS, SIZES[1:]):
         hists = acc.Histograms(f"delta/hist/{name}")
         assert [h.step for h in hists] == [0, 2]
         assert all(h.histogram_value.num == 8 * out for h in hists)
+        for h in hists:
+            got = (h.histogram_value.min, h.histogram_value.max, h.histogram_value.sum)
+            assert got == pytest.approx(histograms[name, h.step], rel=1e-9, abs=1e-12), (name, h.step)
 
     # The layout, once: one category, a multiline chart per statistic whose tag regex takes exactly that
     # statistic's tags, every layer's (as TensorBoard matches them: re.search).
@@ -137,7 +143,7 @@ def test_live_tensorboard_serves_the_delta_tags(tmp_path):
     statistic's chart must appear once (charts that listed each run's layers appeared once per depth).
     """
     run = tmp_path / "mlp"
-    expected = write_run(run, steps=(0, 1), hist_every=0)
+    expected, _ = write_run(run, steps=(0, 1), hist_every=0)
     shallow = torchbp.MLP([6, 3])
     with torchbp.DeltaMonitor(shallow) as monitor, SummaryWriter(os.fspath(tmp_path / "shallow")) as writer:
         shallow.cost(torch.randn(8, 6), torch.rand(8, 3)).backward()
