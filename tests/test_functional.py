@@ -384,7 +384,8 @@ def test_quadratic_cost_promotes_mixed_dtypes_as_mse_loss(a_dtype, y_dtype, redu
     refs = torch.autograd.grad(ref.sum(), (a, y))
     for g, r, t in zip(grads, refs, (a, y)):
         assert g.dtype == r.dtype == t.dtype
-        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+        tol = 1e-12 if c.dtype == g.dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol)
 
 
 def test_quadratic_cost_of_a_large_float32_batch_keeps_float32_precision():
