@@ -56,3 +56,15 @@ def flat_views(flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tenso
     parameter buffer): ([W^1 (3, 4), W^2 (2, 3)], [b^1 (3,), b^2 (2,)])."""
     w1, b1, w2, b2 = flat.split([12, 3, 6, 2])
     return [w1.view(3, 4), w2.view(2, 3)], [b1, b2]
+
+
+def nn_deltas(ref: nn.Module, x, y) -> dict[str, torch.Tensor]:
+    """δ = ∂C/∂z of every nn.Linear of ``ref`` (by name) for the mean quadratic cost, from torch's autograd."""
+    zs = {}
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: zs.__setitem__(n, o))
+               for n, m in ref.named_modules() if isinstance(m, nn.Linear)]
+    c = oracle_cost(ref(x), y)
+    deltas = dict(zip(zs, torch.autograd.grad(c, list(zs.values()))))
+    for h in handles:
+        h.remove()
+    return deltas

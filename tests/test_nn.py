@@ -21,7 +21,7 @@ from torch import nn
 import torchbp
 from torchbp import functional as F
 
-from oracles import close, oracle_cost, sequential_like
+from oracles import close, nn_deltas, oracle_cost, sequential_like
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}  # same operations, only rounding may differ
 SIZES = [6, 5, 4, 3]  # a three-layer network, as in the notes' examples
@@ -1434,24 +1434,23 @@ def test_fused_backward_with_only_a_lower_bias_training():
 def test_delta_hooks_see_whole_deltas_where_the_fused_backward_runs_in_blocks(monkeypatch):
     """A fused backward over many samples runs on blocks of them; with a delta hook it must run on all at
     once and call the hook with each whole δ^l. Blocks of 4 samples here (the widest layer is 6 wide);
-    oracle: the δ the per-layer network's hooks get, and its gradients, 1e-12 in float64."""
+    oracle: torch's autograd on the torch.nn twin, its δ and gradients, 1e-12 in float64."""
     monkeypatch.setattr(F, "_BLOCK_ELEMENTS", 24)
     torch.manual_seed(10)
     fused = torchbp.MLP(SIZES, fused=True, dtype=torch.float64)
-    unfused = copy.deepcopy(fused)
-    unfused.fused = False
-    seen = {"fused": {}, "unfused": {}}
-    for key, model in (("fused", fused), ("unfused", unfused)):
-        for i, layer in enumerate(model.linears):
-            layer.register_delta_hook(lambda m, delta, i=i, key=key: seen[key].__setitem__(i, delta.clone()))
+    reference = sequential_like(fused)
+    seen = {}
+    for name, layer in fused.named_children():
+        if isinstance(layer, torchbp.Linear):
+            layer.register_delta_hook(lambda m, delta, name=name: seen.__setitem__(name, delta.clone()))
     x, y = torch.randn(20, SIZES[0], dtype=torch.float64), torch.rand(20, SIZES[-1], dtype=torch.float64)
+    expected = nn_deltas(reference, x, y)
     fused.cost(x, y).backward()
-    unfused.cost(x, y).backward()
-    assert set(seen["fused"]) == set(range(len(SIZES) - 1))
-    for i, delta in seen["unfused"].items():
-        assert seen["fused"][i].shape == (20, SIZES[i + 1])
-        close(seen["fused"][i], delta, what=f"δ of layer {i}")
-    for p, q in zip(fused.parameters(), unfused.parameters()):
+    oracle_cost(reference(x), y).backward()
+    assert set(seen) == set(expected)
+    for name, delta in expected.items():
+        close(seen[name], delta, what=f"δ of layer {name}")
+    for p, q in zip(fused.parameters(), reference.parameters()):
         close(p.grad, q.grad)
 
 

@@ -35,24 +35,12 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from torchbp.tensorboard import log_deltas  # noqa: E402
 
-from oracles import Unsorted, nn_sequential  # noqa: E402
+from oracles import Unsorted, nn_deltas, nn_sequential  # noqa: E402
 
 DT = torch.float64
 SIZES = [6, 5, 4, 3]
 LAYERS = ("0", "2", "4")
 STATS = ("norm", "sample_norm", "max_abs")
-
-
-def expected_deltas(ref: nn.Sequential, x, y) -> dict[str, torch.Tensor]:
-    """δ of every nn.Linear of ``ref`` for the mean quadratic cost, from torch's autograd."""
-    zs = {}
-    handles = [m.register_forward_hook(lambda mod, i, o, n=n: zs.__setitem__(n, o))
-               for n, m in ref.named_children() if isinstance(m, nn.Linear)]
-    c = 0.5 * ((ref(x) - y) ** 2).sum(-1).mean()
-    deltas = dict(zip(zs, torch.autograd.grad(c, list(zs.values()))))
-    for h in handles:
-        h.remove()
-    return deltas
 
 
 def write_run(logdir, steps=(0, 1, 2, 3), hist_every=2):
@@ -67,7 +55,7 @@ def write_run(logdir, steps=(0, 1, 2, 3), hist_every=2):
     with torchbp.DeltaMonitor(model, keep_last=True) as monitor:
         for step in steps:
             x, y = torch.randn(8, 6, dtype=DT), torch.rand(8, 3, dtype=DT)
-            deltas = expected_deltas(ref, x, y)
+            deltas = nn_deltas(ref, x, y)
             model.zero_grad()
             model.cost(x, y).backward()
             for name, delta in deltas.items():
