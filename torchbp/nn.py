@@ -256,8 +256,9 @@ class MLP(nn.Module):
         fused: If ``True``, the whole network is one autograd node
             (:class:`torchbp.functional.MLPFunction`) whose backward runs the
             notes' recursion over all layers in one call; same parameters and
-            gradients, less overhead and, where the input needs no gradient,
-            less memory (the backward then runs on blocks of samples).
+            gradients, less overhead and, where the input needs no gradient and
+            no delta hook is attached, less memory (the backward then runs on
+            blocks of samples; not under torch.compile or torch.func transforms).
             While hooks must see the layers (forward or backward hooks on a
             layer, or registered for every module) it runs layer by layer.
             Default: ``False``
