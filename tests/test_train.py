@@ -132,9 +132,17 @@ def test_short_run_metrics_checkpoint_and_tensorboard(tmp_path):
         assert key in metrics
     assert metrics["epochs"] == 2 and metrics["steps"] == 2 * 200
     assert metrics["args"]["lr"] == 3.0 and metrics["args"]["sizes"] == [784, 30, 10]
-    assert metrics["best_val_accuracy"] == max(h["val_accuracy"] for h in metrics["history"])
+    # The summary fields from the per-epoch history, as the README defines them
+    history = metrics["history"]
+    best = max(history, key=lambda h: h["val_accuracy"])
+    assert metrics["best_val_accuracy"] == best["val_accuracy"]
+    assert metrics["test_accuracy_at_best_val"] == best["test_accuracy"]
+    assert metrics["best_test_accuracy"] == max(h["test_accuracy"] for h in history)
+    assert metrics["test_accuracy"] == history[-1]["test_accuracy"]
+    assert metrics["final_train_loss"] == history[-1]["train_loss"]
 
-    # The checkpoint's weights in torch.nn.Sequential give the reported test accuracy (pixels in [0, 1]).
+    # The checkpoint's weights in torch.nn.Sequential give the reported test accuracy, and the last epoch's
+    # validation accuracy on training images 50,000-59,999 (pixels in [0, 1]).
     state = load(tmp_path / "checkpoint.pt")
     test = datasets.MNIST(DATA_DIR, train=False)
     with torch.no_grad():
@@ -142,6 +150,11 @@ def test_short_run_metrics_checkpoint_and_tensorboard(tmp_path):
     accuracy = (out.argmax(1) == test.targets).double().mean().item()
     assert metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
     assert accuracy > 0.3, "it learns: chance is 10% (this run measured 57%)"
+    training = datasets.MNIST(DATA_DIR, train=True)
+    with torch.no_grad():
+        val_out = sequential(state)(training.data[50_000:].reshape(-1, 784).float() / 255)
+    val_accuracy = (val_out.argmax(1) == training.targets[50_000:]).double().mean().item()
+    assert history[-1]["val_accuracy"] == pytest.approx(val_accuracy, abs=1e-9)
 
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     events.Reload()
@@ -167,6 +180,41 @@ def test_short_run_metrics_checkpoint_and_tensorboard(tmp_path):
     for t, p in zip(test.targets.tolist(), out.argmax(1).tolist()):
         expected[t, p] += 1
     assert torch.equal(matrix, expected)
+
+
+@pytest.mark.parametrize("normalization", ["unit", "standard"])
+def test_the_data_is_what_the_flags_say(normalization):
+    """train.mnist's training data as its flags give it: --limit-train 300 the first 300 training images,
+    their pixels as --normalization says, targets one-hot in --target-range; validation the images
+    50,000-59,999, test the 10,000 test images. Oracle: torchvision's MNIST read here, normalised (by the
+    mean and std of the first 50,000 training pixels for "standard") and one-hot by hand; 1e-5."""
+    import argparse
+
+    from torchvision import datasets
+
+    import train.mnist
+
+    args = argparse.Namespace(data_dir=DATA_DIR, download=False, normalization=normalization, limit_train=300,
+                              batch_size=100, target_range=[0.1, 0.9], dry_run=False)
+    _, batches, val, test = train.mnist.load_data(args, torch.device("cpu"), 0, 1)
+    training, testing = datasets.MNIST(DATA_DIR, train=True), datasets.MNIST(DATA_DIR, train=False)
+
+    def pixels(images):
+        x = images.reshape(-1, 784).double() / 255
+        if normalization == "standard":
+            first = training.data[:50_000].double() / 255
+            x = (x - first.mean()) / first.std()
+        return x
+
+    tol = dict(rtol=0, atol=1e-5)
+    torch.testing.assert_close(batches.split.x.double(), pixels(training.data[:300]), **tol)
+    targets = torch.full((300, 10), 0.1)
+    targets[torch.arange(300), training.targets[:300]] = 0.9
+    torch.testing.assert_close(batches.split.y, targets, rtol=0, atol=0)
+    torch.testing.assert_close(val.x.double(), pixels(training.data[50_000:]), **tol)
+    assert torch.equal(val.y, training.targets[50_000:])
+    torch.testing.assert_close(test.x.double(), pixels(testing.data), **tol)
+    assert torch.equal(test.y, testing.targets)
 
 
 def test_resume_after_sigkill_gives_bitwise_equal_weights(tmp_path, uninterrupted):

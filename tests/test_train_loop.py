@@ -122,3 +122,67 @@ def test_sizes_too_large_for_memory_stop_with_a_message(capsys):
     err = capsys.readouterr().err
     assert "--sizes 784 100000000000 10" in err and "79,500,000,000,010 parameters" in err
     assert "do not fit in the memory of cpu" in err and "Traceback" not in err
+
+
+def _one_process_run(step, epochs, steps_per_epoch, stop):
+    """A Run of train.mnist's loop in one process with no log step: ``step(x, y)`` stands in for training."""
+    return train.mnist.Run(
+        args=argparse.Namespace(log_every=1000, no_monitor=True, delta_hist_every=0, logdir="run"), model=None,
+        optimizer=None, scheduler=None, train_step=step, fast_step=step, writer=types.SimpleNamespace(close=lambda: None),
+        stop=stop, device=torch.device("cpu"), rank=0, world_size=1, epochs=epochs,
+        steps_per_epoch=steps_per_epoch, log_every=1000, interactive=False,
+    )
+
+
+def test_each_epoch_takes_the_samples_in_an_order_of_its_own():
+    """Two epochs of the loop on 12 numbered samples, batches of 4: epoch 1 takes them in the order of the
+    first torch.randperm(12) drawn from the seeded batch generator, epoch 2 in that of the second (epochs that
+    all reused the first order passed every run-against-run test). Oracle: torch.randperm on a generator
+    seeded alike."""
+    seen = []
+
+    def step(x, y):
+        seen.append(y.clone())
+        return torch.ones(())
+
+    batches = Batches(Split(torch.zeros(12, 1), torch.arange(12)), batch_size=4)
+    run = _one_process_run(step, 2, len(batches), types.SimpleNamespace(requested=False))
+    progress = train.mnist.Progress(epoch_generator_state=torch.Generator().manual_seed(5).get_state())
+    generator = torch.Generator()
+    for _ in range(2):
+        train.mnist.train(run, progress, batches, generator)
+    oracle = torch.Generator().manual_seed(5)
+    assert torch.equal(torch.cat(seen), torch.cat([torch.randperm(12, generator=oracle) for _ in range(2)]))
+
+
+def test_ctrl_c_at_an_epochs_last_step_ends_the_run_with_130_after_that_epoch(monkeypatch, capsys):
+    """A Ctrl-C during the last step of epoch 1 (of 3): the epoch completes, is evaluated and checkpointed,
+    and the run exits with 130 (interrupted, as the module docstring promises), not 0 (finished)."""
+    done = []
+    monkeypatch.setattr(train.mnist, "evaluate", lambda run, progress, *args: done.append(("evaluate", progress.epoch)))
+    monkeypatch.setattr(train.mnist, "save_checkpoint", lambda run, progress: done.append(("save", progress.epoch)))
+    stop = types.SimpleNamespace(requested=False)
+    steps = []
+
+    def step(x, y):
+        steps.append(x.shape[0])
+        stop.requested = len(steps) == 3  # the epoch's last step
+        return torch.ones(())
+
+    batches = Batches(Split(torch.zeros(12, 1), torch.zeros(12, 2)), batch_size=4)
+    run = _one_process_run(step, 3, len(batches), stop)
+    progress = train.mnist.Progress(epoch_generator_state=torch.Generator().manual_seed(0).get_state())
+    assert train.mnist.train_epochs(run, progress, None, batches, torch.Generator(), None, None) == 130
+    assert steps == [4, 4, 4] and done == [("evaluate", 1), ("save", 1)]
+    assert (progress.epoch, progress.batch_in_epoch) == (1, 0)
+    assert "interrupted after epoch 1; checkpoint written to run" in capsys.readouterr().out
+
+
+def test_summary_takes_the_test_accuracy_at_the_best_validation_epoch():
+    """metrics.json's figures from a history whose best validation accuracy (epoch 2) is not its last epoch
+    nor its best test accuracy (epoch 3), values by hand."""
+    history = [dict(epoch=1, train_loss=0.9, val_accuracy=0.90, test_accuracy=0.80),
+               dict(epoch=2, train_loss=0.5, val_accuracy=0.95, test_accuracy=0.85),
+               dict(epoch=3, train_loss=0.3, val_accuracy=0.93, test_accuracy=0.90)]
+    assert train.mnist.summary(history) == dict(test_accuracy=0.90, test_accuracy_at_best_val=0.85,
+                                                best_test_accuracy=0.90, final_train_loss=0.3, epochs=3)

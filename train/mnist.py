@@ -889,6 +889,20 @@ def interrupted_mid_epoch(run: Run, progress: Progress) -> int:
     return EXIT_INTERRUPTED
 
 
+def summary(history: list[dict]) -> dict:
+    """metrics.json's figures from the per-epoch history: the last epoch's, and the test accuracy at the best
+    validation accuracy (the first epoch to reach it)."""
+    last = history[-1]
+    best = max(history, key=lambda h: h["val_accuracy"])
+    return dict(
+        test_accuracy=last["test_accuracy"],
+        test_accuracy_at_best_val=best["test_accuracy"],
+        best_test_accuracy=max(h["test_accuracy"] for h in history),
+        final_train_loss=last["train_loss"],
+        epochs=last["epoch"],
+    )
+
+
 def finish(run: Run, progress: Progress, data: MNIST, test: Split, ranks_identical: bool | None) -> None:
     """Final metrics: misclassified digits, hparams and metrics.json (rank 0)."""
     from torch.utils.tensorboard import SummaryWriter
@@ -897,15 +911,9 @@ def finish(run: Run, progress: Progress, data: MNIST, test: Split, ranks_identic
 
     args, writer, history, step = run.args, run.writer, progress.history, progress.step
     best_val, train_seconds = progress.best_val_accuracy, progress.train_seconds
-    last = history[-1]
-    best = max(history, key=lambda h: h["val_accuracy"])
     metrics = dict(
-        test_accuracy=last["test_accuracy"],
+        **summary(history),
         best_val_accuracy=best_val,
-        test_accuracy_at_best_val=best["test_accuracy"],
-        best_test_accuracy=max(h["test_accuracy"] for h in history),
-        final_train_loss=last["train_loss"],
-        epochs=last["epoch"],
         steps=step,
         train_seconds=train_seconds,
         steps_per_second=step / train_seconds if train_seconds > 0 else 0.0,
