@@ -112,15 +112,15 @@ def test_a_logdir_holding_only_a_stale_claim_is_named_as_such(tmp_path, capsys):
 
 
 def test_sizes_too_large_for_memory_stop_with_a_message(capsys):
-    """--sizes whose parameters no machine can allocate (285 TB for the first layer's weight, past the 128 TiB
-    of a process's address space) stop with a message naming the flag and the size, not the allocator's
-    traceback."""
-    args = argparse.Namespace(sizes=[784, 10**11, 10], init="default")
+    """--sizes whose parameters no machine can allocate (314 PB for the first layer's weight, past the 128 PiB
+    of a process's largest address space, so overcommit cannot grant it) stop with a message naming the flag
+    and the size, not the allocator's traceback."""
+    args = argparse.Namespace(sizes=[784, 10**14, 10], init="default")
     with pytest.raises(SystemExit) as stopped:
         train.mnist.build_model(args, torch.device("cpu"))
     assert stopped.value.code == train.mnist.EXIT_DATA
     err = capsys.readouterr().err
-    assert "--sizes 784 100000000000 10" in err and "79,500,000,000,010 parameters" in err
+    assert "--sizes 784 100000000000000 10" in err and "79,500,000,000,000,010 parameters" in err
     assert "do not fit in the memory of cpu" in err and "Traceback" not in err
 
 
