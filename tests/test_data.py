@@ -351,18 +351,20 @@ def test_data_cli_without_the_files_exits_2_with_one_message(tmp_path, capsys):
     assert str(missing / "MNIST" / "raw") in err and "--download" in err and not missing.exists()
 
 
-@pytest.mark.parametrize("inside", [("MNIST",), ("MNIST", "raw")])
-def test_data_dir_given_inside_the_folder_names_the_folder_meant(tmp_path, capsys, inside):
-    """--data-dir DIR/MNIST or DIR/MNIST/raw, where the files are (file names only: never read), is answered
-    with the --data-dir meant, DIR."""
+@pytest.mark.parametrize("given", ["data/MNIST", "data/MNIST/raw", "link"])
+def test_data_dir_given_inside_the_folder_names_the_folder_meant(tmp_path, capsys, given):
+    """--data-dir DIR/MNIST or DIR/MNIST/raw, or a link to DIR/MNIST, where the files are (file names only:
+    never read), is answered with the --data-dir meant, DIR."""
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name in data_module.FILES[True] + data_module.FILES[False]:
         (raw / name).touch()
-    assert data_module.main(["--data-dir", str(tmp_path / "data" / os.path.join(*inside)), "--repeats", "1"]) == 2
+    (tmp_path / "link").symlink_to(tmp_path / "data" / "MNIST")
+    assert data_module.main(["--data-dir", str(tmp_path / given), "--repeats", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("train.data: error: MNIST files not found") and err.count("\n") == 1
-    assert f"They are in {raw}: pass --data-dir {tmp_path / 'data'}," in err
+    data = os.path.realpath(tmp_path / "data")
+    assert f"They are in {os.path.join(data, 'MNIST', 'raw')}: pass --data-dir {data}," in err
 
 
 def test_data_cli_download_offline_exits_2_reporting_the_download(tmp_path, monkeypatch, capsys):

@@ -807,6 +807,20 @@ BAD_INPUTS = {
     "linear strided nested input": (lambda: F.linear(torch.nested.nested_tensor([_t(2, 3), _t(4, 3)]), w32),
                                     F.TensorTypeError, "linear(): a nested input must have layout=torch.jagged, "
                                                        "got torch.strided"),
+    # (strided nested tensors have no shape: read, it raised torch's "Internal error: ... doesn't support sizes")
+    "quadratic strided nested input": (lambda: F.quadratic_cost(torch.nested.nested_tensor([_t(2, 3), _t(4, 3)]),
+                                                                _t(6, 3)),
+                                       F.TensorTypeError, "quadratic_cost(): a nested input must have "
+                                                          "layout=torch.jagged, got torch.strided"),
+    "cross entropy strided nested target": (lambda: F.cross_entropy_cost(
+        _t(2, 3).sigmoid(), torch.nested.nested_tensor([_t(3).sigmoid(), _t(3).sigmoid()])), F.TensorTypeError,
+        "cross_entropy_cost(): a nested target must have layout=torch.jagged, got torch.strided"),
+    "mlp strided nested weight": (lambda: F.mlp(_t(5, 3), [torch.nested.nested_tensor([_t(2, 3), _t(2, 3)])]),
+                                  F.TensorTypeError, "mlp(): a nested weights[0] must have layout=torch.jagged, "
+                                                     "got torch.strided"),
+    "mlp strided nested bias": (lambda: F.mlp(_t(5, 3), [_t(2, 3)], [torch.nested.nested_tensor([_t(1), _t(1)])]),
+                                F.TensorTypeError, "mlp(): a nested biases[0] must have layout=torch.jagged, "
+                                                   "got torch.strided"),
     "quadratic jagged": (lambda: F.quadratic_cost(*[torch.nested.as_nested_tensor([_t(2, 3), _t(4, 3)],
                                                                                    layout=torch.jagged)] * 2),
                          F.TensorValueError, "quadratic_cost(): input must be a dense tensor, got a nested one"),

@@ -111,16 +111,19 @@ def test_a_logdir_holding_only_a_stale_claim_is_named_as_such(tmp_path, capsys):
     assert f"--logdir {tmp_path / 'a-file'} cannot be created: File exists" in capsys.readouterr().err
 
 
-def test_sizes_too_large_for_memory_stop_with_a_message(capsys):
-    """--sizes whose parameters no machine can allocate (314 PB for the first layer's weight, past the 128 PiB
-    of a process's largest address space, so overcommit cannot grant it) stop with a message naming the flag
-    and the size, not the allocator's traceback."""
-    args = argparse.Namespace(sizes=[784, 10**14, 10], init="default")
+@pytest.mark.parametrize("width", [10**14, 2**61], ids=["past-the-address-space", "past-int64-bytes"])
+def test_sizes_too_large_for_memory_stop_with_a_message(capsys, width):
+    """--sizes whose parameters no machine can allocate stop with a message naming the flag and the size, not
+    torch's traceback: 314 PB for the first layer's weight, past the 128 PiB of a process's largest address
+    space (so that no overcommit setting grants it), and a width whose bytes overflow int64 (torch's
+    "Storage size calculation overflowed")."""
+    args = argparse.Namespace(sizes=[784, width, 10], init="default")
     with pytest.raises(SystemExit) as stopped:
         train.mnist.build_model(args, torch.device("cpu"))
     assert stopped.value.code == train.mnist.EXIT_DATA
     err = capsys.readouterr().err
-    assert "--sizes 784 100000000000000 10" in err and "79,500,000,000,000,010 parameters" in err
+    parameters = 785 * width + (width + 1) * 10  # each layer's weights and biases
+    assert f"--sizes 784 {width} 10" in err and f"{parameters:,} parameters" in err
     assert "do not fit in the memory of cpu" in err and "Traceback" not in err
 
 

@@ -208,14 +208,15 @@ def _network_ok(
         return False
     dtype, device, features = x.dtype, x.device, x.shape[-1]
     for weight, bias in zip(weights, biases or [None] * len(weights)):
-        if not (isinstance(weight, Tensor) and weight.dtype == dtype and weight.device == device):
+        if not (isinstance(weight, Tensor) and weight.dtype == dtype and weight.device == device
+                and not weight.is_nested):
             return False
         shape = weight.shape  # (read once: each read builds a torch.Size)
         if len(shape) != 2 or shape[1] != features:
             return False
         features = shape[0]
         if bias is not None and not (isinstance(bias, Tensor) and bias.dtype == dtype and bias.device == device
-                                     and bias.shape == (features,)):
+                                     and not bias.is_nested and bias.shape == (features,)):
             return False
     return target is _NO_TARGET or (isinstance(target, Tensor) and target.dtype == dtype and target.device == device
                                     and target.shape == (*x.shape[:-1], features))
@@ -619,7 +620,7 @@ def _apply_cost(
 ) -> Tensor:
     # The common case in one cheap pass: dense tensors of one shape, floating dtype and device
     common = (isinstance(a, Tensor) and isinstance(y, Tensor) and a.dtype == y.dtype and a.is_floating_point()
-              and a.device == y.device and a.dim() >= 1 and a.shape == y.shape and not (a.is_nested or y.is_nested)
+              and a.device == y.device and not (a.is_nested or y.is_nested) and a.dim() >= 1 and a.shape == y.shape
               and reduction in REDUCTIONS)
     if not common:
         if not unit_interval:

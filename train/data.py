@@ -78,7 +78,7 @@ def _missing(raw: str) -> list[str]:
 
 def _meant(root: str) -> str | None:
     """The DIR whose MNIST/raw holds the files where ``root`` is DIR/MNIST or DIR/MNIST/raw itself, else None."""
-    root = os.path.abspath(root)
+    root = os.path.realpath(root)  # (a link to DIR/MNIST: its parent is DIR's, not the link's)
     for up in (os.path.dirname(root), os.path.dirname(os.path.dirname(root))):
         if up != root and not _missing(_raw(up)):
             return up

@@ -437,7 +437,8 @@ def build_model(args: argparse.Namespace, device: torch.device) -> torchbp.MLP:
     try:
         model = torchbp.MLP(args.sizes, fused=True, device=device)
     except RuntimeError as e:  # CUDA's OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
-        if not isinstance(e, torch.cuda.OutOfMemoryError) and "allocate" not in str(e):
+        if not (isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate" in str(e)
+                or "not enough memory" in str(e) or "Storage size calculation overflowed" in str(e)):
             raise
         n = sum((n_in + 1) * n_out for n_in, n_out in zip(args.sizes[:-1], args.sizes[1:]))  # weights and biases
         fail(f"--sizes {' '.join(map(str, args.sizes))}: the network's {n:,} parameters ({n * 4 / 2**30:,.1f} GiB "
@@ -911,9 +912,11 @@ def finish(run: Run, progress: Progress, data: MNIST, test: Split, ranks_identic
 
     args, writer, history, step = run.args, run.writer, progress.history, progress.step
     best_val, train_seconds = progress.best_val_accuracy, progress.train_seconds
+    figures = summary(history)
     metrics = dict(
-        **summary(history),
+        test_accuracy=figures.pop("test_accuracy"),
         best_val_accuracy=best_val,
+        **figures,
         steps=step,
         train_seconds=train_seconds,
         steps_per_second=step / train_seconds if train_seconds > 0 else 0.0,
