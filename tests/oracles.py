@@ -58,12 +58,13 @@ def flat_views(flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tenso
     return [w1.view(3, 4), w2.view(2, 3)], [b1, b2]
 
 
-def nn_deltas(ref: nn.Module, x, y) -> dict[str, torch.Tensor]:
-    """δ = ∂C/∂z of every nn.Linear of ``ref`` (by name) for the mean quadratic cost, from torch's autograd."""
+def nn_deltas(ref: nn.Module, x, y, cost="quadratic", reduction="mean") -> dict[str, torch.Tensor]:
+    """δ = ∂C/∂z of every nn.Linear of ``ref`` (by name, in the order they run) for :func:`oracle_cost`, from
+    torch's autograd, z caught by forward hooks."""
     zs = {}
     handles = [m.register_forward_hook(lambda mod, i, o, n=n: zs.__setitem__(n, o))
                for n, m in ref.named_modules() if isinstance(m, nn.Linear)]
-    c = oracle_cost(ref(x), y)
+    c = oracle_cost(ref(x), y, cost, reduction)
     deltas = dict(zip(zs, torch.autograd.grad(c, list(zs.values()))))
     for h in handles:
         h.remove()

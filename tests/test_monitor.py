@@ -11,6 +11,7 @@ check, resting on the tests against the oracle.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 
@@ -21,7 +22,7 @@ from torch import nn
 import torchbp
 from torchbp.monitor import STATS
 
-from oracles import Unsorted, nn_sequential, oracle_cost
+from oracles import Unsorted, nn_deltas, nn_sequential, oracle_cost
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 DT = torch.float64
@@ -29,20 +30,9 @@ DT = torch.float64
 
 def oracle_stats(model: nn.Module, x, y, reduction="mean"):
     """{name: (norm, sample_norm, max_abs)} of one backward pass of the quadratic cost, from torch's own autograd."""
-    zs = {}
-    handles = [
-        m.register_forward_hook(lambda mod, inp, out, name=name: zs.__setitem__(name, out))
-        for name, m in model.named_modules() if isinstance(m, nn.Linear)
-    ]
-    a = model(x)
-    per_sample = 0.5 * ((a - y) ** 2).sum(-1)
-    c = per_sample.mean() if reduction == "mean" else per_sample.sum()
-    deltas = torch.autograd.grad(c, list(zs.values()))
-    for h in handles:
-        h.remove()
-    n = per_sample.numel()
+    n = math.prod(y.shape[:-1])  # samples
     stats = {}
-    for name, delta in zip(zs, deltas):
+    for name, delta in nn_deltas(model, x, y, reduction=reduction).items():
         rows = delta.reshape(-1, delta.shape[-1])  # (*, out) -> (N, out)
         factor = n if reduction == "mean" else 1
         stats[name] = (
@@ -463,13 +453,7 @@ def test_paused_skips_gradcheck_and_keep_last_holds_delta():
             assert torch.autograd.gradcheck(lambda w: model[0](x) @ w, torch.randn(3, 2, dtype=DT, requires_grad=True))
         assert_close(monitor.pop(), oracle_stats(ref, x, y))
         assert not monitor.last_delta["0"].requires_grad
-        zs = {}
-        handles = [m.register_forward_hook(lambda mod, i, o, n=n: zs.__setitem__(n, o)) for n, m in ref.named_children()
-                   if isinstance(m, nn.Linear)]
-        c = 0.5 * ((ref(x) - y) ** 2).sum(-1).mean()
-        deltas = dict(zip(zs, torch.autograd.grad(c, list(zs.values()))))
-        for h in handles:
-            h.remove()
+        deltas = nn_deltas(ref, x, y)
         for name in ("0", "2"):
             torch.testing.assert_close(monitor.last_delta[name], deltas[name], **TOL)
 

@@ -8,13 +8,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import torchbp
 from torchbp import functional as F
 from torchbp import sgd
 
-from oracles import flat_views, oracle_cost, sequential_like
+from oracles import flat_views, nn_deltas, oracle_cost, sequential_like
 
 SIZES = [7, 5, 4, 3]
 LR = 0.5
@@ -172,20 +171,18 @@ def test_delta_hooks_of_a_float16_step_see_the_delta_autograd_sees(method):
     reference = sequential_like(model).double()
     x, y = torch.randn(8, 6, dtype=torch.float16), torch.rand(8, 2, dtype=torch.float16)
     seen = {}
-    for l, layer in enumerate(model.linears):
-        layer.register_delta_hook(lambda m, d, l=l: seen.__setitem__(l, d.double()))
-    z = []
-    for m in reference:
-        if isinstance(m, nn.Linear):
-            m.register_forward_hook(lambda m, inp, out: z.append(out))
-    expected = torch.autograd.grad(oracle_cost(reference(x.double()), y.double()), z)
+    for name, layer in model.named_children():
+        if isinstance(layer, torchbp.Linear):
+            layer.register_delta_hook(lambda m, d, name=name: seen.__setitem__(name, d.double()))
+    expected = nn_deltas(reference, x.double(), y.double())
     if method == "sgd_step":
         model.sgd_step(x, y, LR)
     else:
         model.sgd_epoch(x, y, LR, batch_size=8)
-    for l, delta in enumerate(expected):
+    assert set(seen) == set(expected)
+    for name, delta in expected.items():
         scale = delta.abs().max().item()
-        torch.testing.assert_close(seen[l], delta, rtol=1e-2, atol=1e-3 * scale)
+        torch.testing.assert_close(seen[name], delta, rtol=1e-2, atol=1e-3 * scale)
 
 
 @pytest.mark.parametrize("method", ["sgd_step", "sgd_epoch"])
