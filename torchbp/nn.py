@@ -342,16 +342,8 @@ class MLP(nn.Module):
         and hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook``
         and its kin).
         """
-        if not self.fused or _global_hooks():
-            return True
-        # _replaced() and _has_hooks() of every child in one pass: this runs on every forward
-        modules = self._modules
-        if len(modules) != 2 * (len(self.sizes) - 1):
-            return True
-        for i, m in enumerate(modules.values()):
-            if type(m) is not _BUILT[i % 2] or "forward" in m.__dict__ or _has_hooks(m):
-                return True
-        return False
+        return (not self.fused or _global_hooks() or self._replaced() is not None
+                or any(map(_has_hooks, self._modules.values())))
 
     def _replaced(self) -> str | None:
         """What differs from the Linear, Sigmoid, Linear, ... that __init__ built, or None if nothing does.
