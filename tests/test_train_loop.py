@@ -13,6 +13,17 @@ import train.mnist
 from train.data import Batches, Split
 
 
+def _loop_run(step, stop, epochs, steps_per_epoch, log_every=1000, rank=0, world_size=1):
+    """A Run of train.mnist's loop with no model: ``step(x, y)`` stands in for training (one process and no log
+    step unless told otherwise)."""
+    return train.mnist.Run(
+        args=argparse.Namespace(log_every=log_every, no_monitor=True, delta_hist_every=0, logdir="run"), model=None,
+        optimizer=None, scheduler=None, train_step=step, fast_step=step, writer=types.SimpleNamespace(close=lambda: None),
+        stop=stop, device=torch.device("cpu"), rank=rank, world_size=world_size, epochs=epochs,
+        steps_per_epoch=steps_per_epoch, log_every=log_every, interactive=False,
+    )
+
+
 def _ddp_epoch(stop_at_step: int, monkeypatch=None, other_rank_stops_at_log: int | None = None):
     """One epoch of train.mnist's loop as rank 1 of 2 (a one-process gloo group stands in for the ranks),
     10 steps of 2 samples, log steps 4 and 8; Ctrl-C on this rank during step ``stop_at_step`` (0: never),
@@ -36,11 +47,7 @@ def _ddp_epoch(stop_at_step: int, monkeypatch=None, other_rank_stops_at_log: int
             any_rank = train.mnist.distributed.any_rank
             monkeypatch.setattr(train.mnist.distributed, "any_rank", lambda flag, *args: any_rank(
                 flag or len(steps) >= other_rank_stops_at_log, *args))
-        run = train.mnist.Run(
-            args=argparse.Namespace(log_every=4, no_monitor=True, delta_hist_every=0), model=None, optimizer=None,
-            scheduler=None, train_step=step, fast_step=step, writer=None, stop=stop, device=torch.device("cpu"),
-            rank=1, world_size=2, epochs=3, steps_per_epoch=len(batches), log_every=4, interactive=False,
-        )
+        run = _loop_run(step, stop, 3, len(batches), log_every=4, rank=1, world_size=2)
         progress = train.mnist.Progress(epoch_generator_state=torch.Generator().manual_seed(0).get_state())
         train_loss, stopped = train.mnist.train(run, progress, batches, torch.Generator())
     finally:
@@ -127,16 +134,6 @@ def test_sizes_too_large_for_memory_stop_with_a_message(capsys, width):
     assert "do not fit in the memory of cpu" in err and "Traceback" not in err
 
 
-def _one_process_run(step, epochs, steps_per_epoch, stop):
-    """A Run of train.mnist's loop in one process with no log step: ``step(x, y)`` stands in for training."""
-    return train.mnist.Run(
-        args=argparse.Namespace(log_every=1000, no_monitor=True, delta_hist_every=0, logdir="run"), model=None,
-        optimizer=None, scheduler=None, train_step=step, fast_step=step, writer=types.SimpleNamespace(close=lambda: None),
-        stop=stop, device=torch.device("cpu"), rank=0, world_size=1, epochs=epochs,
-        steps_per_epoch=steps_per_epoch, log_every=1000, interactive=False,
-    )
-
-
 def test_each_epoch_takes_the_samples_in_an_order_of_its_own():
     """Two epochs of the loop on 12 numbered samples, batches of 4: epoch 1 takes them in the order of the
     first torch.randperm(12) drawn from the seeded batch generator, epoch 2 in that of the second (epochs that
@@ -149,7 +146,7 @@ def test_each_epoch_takes_the_samples_in_an_order_of_its_own():
         return torch.ones(())
 
     batches = Batches(Split(torch.zeros(12, 1), torch.arange(12)), batch_size=4)
-    run = _one_process_run(step, 2, len(batches), types.SimpleNamespace(requested=False))
+    run = _loop_run(step, types.SimpleNamespace(requested=False), 2, len(batches))
     progress = train.mnist.Progress(epoch_generator_state=torch.Generator().manual_seed(5).get_state())
     generator = torch.Generator()
     for _ in range(2):
@@ -173,7 +170,7 @@ def test_ctrl_c_at_an_epochs_last_step_ends_the_run_with_130_after_that_epoch(mo
         return torch.ones(())
 
     batches = Batches(Split(torch.zeros(12, 1), torch.zeros(12, 2)), batch_size=4)
-    run = _one_process_run(step, 3, len(batches), stop)
+    run = _loop_run(step, stop, 3, len(batches))
     progress = train.mnist.Progress(epoch_generator_state=torch.Generator().manual_seed(0).get_state())
     assert train.mnist.train_epochs(run, progress, None, batches, torch.Generator(), None, None) == 130
     assert steps == [4, 4, 4] and done == [("evaluate", 1), ("save", 1)]
